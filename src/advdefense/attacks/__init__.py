@@ -1,0 +1,26 @@
+"""Attacks: one class per file, all following :class:`~advdefense.attacks.base.Attack`.
+
+``build_attack(name, **kwargs)`` builds one by registry name.
+"""
+
+from __future__ import annotations
+
+from ..errors import unknown_name
+from .base import Attack, EOTResult, Objective, eot_loss_grad, eval_mode, project
+from .pgd import FGSM, PGD, CWLinf
+
+ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CWLinf}
+
+
+def register_attack(name: str, cls: type[Attack]) -> None:
+    ATTACKS[name] = cls
+
+
+def build_attack(name: str, **kwargs) -> Attack:
+    if name not in ATTACKS:
+        raise unknown_name("attack", name, ATTACKS)
+    return ATTACKS[name](**kwargs)
+
+
+__all__ = ["ATTACKS", "Attack", "EOTResult", "Objective", "CWLinf", "FGSM", "PGD", "build_attack",
+           "eot_loss_grad", "eval_mode", "project", "register_attack"]

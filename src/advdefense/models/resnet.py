@@ -1,0 +1,86 @@
+"""CIFAR ResNets: ResNet-18 (He et al. 2016, 3x3 stem as in the RNA/CAS code) and ResNet-20.
+
+Both take a norm factory so another normalization (RNA, GN, ...) can replace BatchNorm.
+ResNet-20 uses 1x1-conv projection shortcuts with a norm layer (option B) rather than the
+parameter-free zero-padding shortcut of the PNI code, so every norm layer is a factory product.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn import functional as F
+
+from .layers import InputNormalization, NormFactory, batchnorm
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2471, 0.2435, 0.2616)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: NormFactory) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = norm(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet of :class:`BasicBlock` stages; ``forward`` returns logits."""
+
+    def __init__(
+        self,
+        blocks_per_stage: list[int],
+        widths: list[int],
+        *,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        norm: NormFactory = batchnorm,
+        block: type[nn.Module] = BasicBlock,
+    ) -> None:
+        super().__init__()
+        self.normalize = InputNormalization(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = norm(widths[0])
+        stages, cin = [], widths[0]
+        for i, (n, w) in enumerate(zip(blocks_per_stage, widths, strict=True)):
+            layers = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(block(cin, w, stride, norm))
+                cin = w
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.ModuleList(stages)
+        self.linear = nn.Linear(cin, num_classes)
+
+    def features(self, x):
+        out = F.relu(self.bn1(self.conv1(self.normalize(x))))
+        for stage in self.stages:
+            out = stage(out)
+        return out
+
+    def forward(self, x):
+        out = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+        return self.linear(out)
+
+
+def resnet18(**kw) -> ResNet:
+    """ResNet-18 for 32x32 inputs: stages of 2 blocks, widths 64-128-256-512."""
+    return ResNet([2, 2, 2, 2], [64, 128, 256, 512], **kw)
+
+
+def resnet20(**kw) -> ResNet:
+    """ResNet-20 for 32x32 inputs: 3 stages of 3 blocks, widths 16-32-64."""
+    return ResNet([3, 3, 3], [16, 32, 64], **kw)
