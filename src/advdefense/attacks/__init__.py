@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..errors import unknown_name
 from .base import Attack, EOTResult, Objective, eot_loss_grad, eval_mode, project
+from .objectives import HeadsObjective
 from .pgd import FGSM, PGD, CWLinf
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CWLinf}
@@ -22,5 +23,5 @@ def build_attack(name: str, **kwargs) -> Attack:
     return ATTACKS[name](**kwargs)
 
 
-__all__ = ["ATTACKS", "Attack", "EOTResult", "Objective", "CWLinf", "FGSM", "PGD", "build_attack",
+__all__ = ["ATTACKS", "Attack", "EOTResult", "HeadsObjective", "Objective", "CWLinf", "FGSM", "PGD", "build_attack",
            "eot_loss_grad", "eval_mode", "project", "register_attack"]
