@@ -1,0 +1,464 @@
+"""Experiment configuration: YAML -> typed dataclasses (DESIGN.md, contract 6).
+
+A config file has the sections ``name, seed, output_dir, data, model, defense, train, eval``::
+
+    name: pgd_at_mnist5k
+    seed: 0
+    data: {name: mnist5k, batch_size: 100}
+    model: {name: smallcnn, norm: bn}
+    defense: {}                      # {rna|noise|cas: options}, validated by each defense
+    train:
+      recipe: pgd_at
+      epochs: 8
+      optimizer: {name: adam, lr: 0.001}
+      attack: {eps: 0.3, steps: 10, step_size: 0.075}
+    eval: {}                          # passed to advdefense.evaluation as is
+
+Unknown keys are errors that list the valid keys; values are type-checked (an int is accepted
+where a float is expected). ``load_config(path, ["train.epochs=3", "data.limit=500"])`` applies
+``--set`` style overrides (values parsed with ``yaml.safe_load``) before validation.
+``defense``, ``eval``, ``model.kwargs`` and ``train.recipe_args`` are free-form mappings,
+validated by the component that consumes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import AdvDefenseError, ConfigError
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "AttackConfig",
+    "MonitorAttackConfig",
+    "TrainConfig",
+    "ExperimentConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "to_dict",
+    "save_config",
+    "build_from_config",
+]
+
+
+@dataclass
+class DataConfig:
+    """Which data to train on and how to batch it.
+
+    ``batch_size`` is the *global* batch: with ``N`` processes each one gets ``batch_size / N``.
+    ``monitor_size`` examples of ``monitor_split`` are used for the per-epoch clean/PGD
+    accuracy (0 disables the monitor). ``limit`` keeps the first examples of the training split.
+    """
+
+    name: str = "mnist5k"
+    root: str = "data"
+    download: bool = False
+    train_split: str = "train"
+    monitor_split: str = "test"
+    monitor_size: int = 500
+    batch_size: int = 100
+    augment: bool = False
+    limit: int | None = None
+    num_workers: int = 0
+
+    def validate(self, where: str) -> None:
+        from .data import INFO, SPLITS
+
+        _choice(f"{where}.name", self.name, INFO)
+        _choice(f"{where}.train_split", self.train_split, SPLITS)
+        _choice(f"{where}.monitor_split", self.monitor_split, SPLITS)
+        _at_least(f"{where}.batch_size", self.batch_size, 1)
+        _at_least(f"{where}.monitor_size", self.monitor_size, 0)
+        _at_least(f"{where}.num_workers", self.num_workers, 0)
+        if self.limit is not None:
+            _at_least(f"{where}.limit", self.limit, 1)
+
+
+@dataclass
+class ModelConfig:
+    """A registered model (``advdefense.models.MODELS``), its norm layer and extra kwargs."""
+
+    name: str = "smallcnn"
+    norm: str = "bn"
+    kwargs: dict = field(default_factory=dict)
+
+    def validate(self, where: str) -> None:
+        from .models import MODELS
+
+        _choice(f"{where}.name", self.name, MODELS)
+        _choice(f"{where}.norm", self.norm, ("bn", "in", "ln", "gn"))
+
+
+@dataclass
+class OptimizerConfig:
+    """``sgd`` (momentum, nesterov) or ``adam``; parameters marked ``_no_weight_decay`` get none."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.name", self.name, ("sgd", "adam"))
+        _positive(f"{where}.lr", self.lr)
+        _at_least(f"{where}.momentum", self.momentum, 0.0)
+        _at_least(f"{where}.weight_decay", self.weight_decay, 0.0)
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ConfigError(f"{where}.nesterov needs name: sgd and momentum > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule stepped at the end of every epoch: ``none``, ``step``, ``cosine``."""
+
+    name: str = "none"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.name", self.name, ("none", "step", "cosine"))
+        _positive(f"{where}.gamma", self.gamma)
+        if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"{where}.milestones must be increasing epochs >= 1, "
+                              f"got {self.milestones}")
+
+
+@dataclass
+class AttackConfig:
+    """The training recipe's inner maximization (PGD-style), in [0, 1] pixel units.
+
+    ``step_size: null`` means ``eps / 4``. ``eot_samples > 1`` averages the loss over that many
+    draws of the model's randomness (EPGD fine-tuning).
+    """
+
+    eps: float = 8 / 255
+    steps: int = 10
+    step_size: float | None = None
+    norm: str = "linf"
+    eot_samples: int = 1
+    random_start: bool = True
+
+    def validate(self, where: str) -> None:
+        _at_least(f"{where}.eps", self.eps, 0.0)
+        _at_least(f"{where}.steps", self.steps, 1)
+        if self.step_size is not None:
+            _positive(f"{where}.step_size", self.step_size)
+        _choice(f"{where}.norm", self.norm, ("linf", "l2"))
+        _at_least(f"{where}.eot_samples", self.eot_samples, 1)
+
+    def resolved_step_size(self) -> float:
+        return self.eps / 4 if self.step_size is None else float(self.step_size)
+
+
+@dataclass
+class MonitorAttackConfig:
+    """PGD used for the per-epoch robust accuracy on the monitor split.
+
+    ``eps: null`` takes ``train.attack.eps``; ``step_size: null`` means ``eps / 4``;
+    ``steps: 0`` skips the robust monitor (clean accuracy only).
+    """
+
+    eps: float | None = None
+    steps: int = 10
+    step_size: float | None = None
+
+    def validate(self, where: str) -> None:
+        if self.eps is not None:
+            _at_least(f"{where}.eps", self.eps, 0.0)
+        _at_least(f"{where}.steps", self.steps, 0)
+        if self.step_size is not None:
+            _positive(f"{where}.step_size", self.step_size)
+
+
+@dataclass
+class TrainConfig:
+    """How to train: recipe + its arguments, epochs, optimizer, schedule and speed options.
+
+    ``adv_start_epoch``: epochs before it use the ``standard`` recipe (PNI's ``epoch_delay``).
+    ``amp``: ``null``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA only, with a GradScaler).
+    ``grad_clip``: max global gradient L2 norm (``null`` = no clipping).
+    """
+
+    recipe: str = "standard"
+    epochs: int = 10
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    recipe_args: dict = field(default_factory=dict)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    monitor_attack: MonitorAttackConfig = field(default_factory=MonitorAttackConfig)
+    amp: str | None = None
+    channels_last: bool = False
+    compile: bool = False
+    grad_clip: float | None = None
+    adv_start_epoch: int = 0
+
+    def validate(self, where: str) -> None:
+        from .training.recipes import RECIPES
+
+        _choice(f"{where}.recipe", self.recipe, RECIPES)
+        _at_least(f"{where}.epochs", self.epochs, 1)
+        if self.amp is not None:
+            _choice(f"{where}.amp", self.amp, ("bf16", "fp16"))
+        if self.grad_clip is not None:
+            _positive(f"{where}.grad_clip", self.grad_clip)
+        _at_least(f"{where}.adv_start_epoch", self.adv_start_epoch, 0)
+        if self.schedule.milestones and self.schedule.name != "step":
+            raise ConfigError(f"{where}.schedule.milestones only apply to name: step")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment. ``output_dir`` defaults to ``runs/<name>``."""
+
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    defense: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / self.name)
+
+    def validate(self, where: str = "") -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not valid; choose one of: "
+                          f"{', '.join(str(a) for a in allowed)}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one YAML value against a (possibly optional/generic) annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        raise ConfigError(f"{key} must be {names}" + (" or null" if type(None) in args else "")
+                          + f", got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if value is None:
+            return []
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # pragma: no cover
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            place = f"{where}." if where else ""
+            raise ConfigError(f"unknown config key {place}{key}; valid keys"
+                              f"{' of ' + where if where else ''}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{where}.{name}" if where else name)
+    obj = cls(**kwargs)
+    obj.validate(where)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def config_from_dict(raw: Mapping[str, Any] | None) -> ExperimentConfig:
+    """Validate a plain dict (parsed YAML) into an :class:`ExperimentConfig`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    return _build(ExperimentConfig, raw, "")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a raw config dict (in place; also returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        path, text = item.split("=", 1)
+        keys = [k.strip() for k in path.split(".")]
+        if not all(keys):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_first_line(exc)})"
+                              ) from None
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if not isinstance(child, dict):
+                child = {}
+                node[k] = child
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML config, apply overrides and validate it.
+
+    ``name`` defaults to the file's stem. Raises :class:`ConfigError` (one line) for a missing
+    file, malformed YAML, unknown keys or invalid values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {_first_line(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, "
+                          f"got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    apply_overrides(raw, overrides)
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain dicts/lists/scalars (YAML- and ``weights_only``-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically) and return the path."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_from_config(cfg: ExperimentConfig):
+    """Build the (defended) model a config describes; returns ``(model, dataset_info)``.
+
+    The model is built with :func:`advdefense.models.build_model` for the dataset's shape and
+    statistics, then :func:`advdefense.defenses.apply_defenses` applies ``cfg.defense``.
+    Parameter initialization draws from the global torch RNG (seed it first for reproducibility).
+    """
+    from .data import dataset_info
+    from .defenses import apply_defenses
+    from .models import build_model
+
+    info = dataset_info(cfg.data.name)
+    try:
+        model = build_model(cfg.model.name, num_classes=info.num_classes,
+                            in_channels=info.in_channels, image_size=info.image_size,
+                            mean=info.mean, std=info.std, norm=cfg.model.norm,
+                            **cfg.model.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.kwargs {cfg.model.kwargs} rejected by {cfg.model.name}: "
+                          f"{exc}") from None
+    try:
+        model = apply_defenses(model, cfg.defense, info)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, AdvDefenseError):
+            raise
+        raise ConfigError(f"defense {cfg.defense}: {exc}") from None
+    return model, info

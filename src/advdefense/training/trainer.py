@@ -1,0 +1,435 @@
+"""The Trainer: one loop for every recipe, defense and speed option (DESIGN.md, contract 5).
+
+``Trainer(cfg).fit(resume=False) -> metrics`` trains ``cfg.train.epochs`` epochs and, after
+every epoch,
+
+* appends one JSON line to ``<output_dir>/metrics.jsonl``: ``epoch``, ``lr``, ``train_loss``,
+  ``train_acc``, the recipe's other logs (``train_adv_acc``, ``train_kl``, ...),
+  ``monitor_clean_acc`` and ``monitor_pgd_acc`` (single-draw accuracies on the first
+  ``data.monitor_size`` examples of ``data.monitor_split``, PGD per ``train.monitor_attack``)
+  and ``seconds``;
+* atomically writes ``<output_dir>/last.pt`` (model, optimizer, schedule, every RNG state,
+  config, epoch, metrics history); ``config.yaml`` is written next to it at the start.
+
+``fit(resume=True)`` continues from ``last.pt`` and reaches exactly the weights of an
+uninterrupted run: every RNG (torch, numpy, Python, the loader's generator, and per-rank states
+in multi-process runs) is saved and restored; the data order of epoch ``e`` depends only on
+``(seed, e)`` (``DistributedSampler.set_epoch``, also used with one process); the monitor runs
+under a forked RNG, so it never shifts the training stream.
+
+Seeding: ``cfg.seed`` seeds Python, numpy and torch before the model is built (the same
+initial weights in every process); the training stream is then seeded with ``seed + rank``
+(different RNA/PNI draws and attack starts per process).
+
+Defense hooks: recipe arguments a defense asks for (``model.recipe_defaults``, e.g. CAS's
+``aux_weight``) are merged under ``cfg.train.recipe_args``.
+
+Speed options (``train.amp``, ``train.channels_last``, ``train.compile``): ``amp: bf16`` runs
+the recipe under ``torch.autocast`` (CPU or CUDA); ``fp16`` adds a GradScaler and needs CUDA.
+``compile`` applies ``torch.compile`` to the model used by the recipe; TRADES/MART need no
+double backward here (their inner maximization differentiates with respect to the inputs only,
+via ``torch.autograd.grad``), so the compiled graph is the ordinary forward/backward. If
+compilation fails at the first step the Trainer logs a warning and continues eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from ..attacks import PGD, eval_mode
+from ..config import ExperimentConfig, build_from_config, save_config, to_dict
+from ..data import as_tensors, load_split
+from ..errors import AdvDefenseError, CheckpointError, ConfigError
+from ..models.heads import forward_with_aux
+from ..randomness import is_stochastic, seeded
+from . import distributed as D
+from .checkpoint import capture_rng, load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
+from .optim import build_optimizer, build_schedule
+from .recipes import Recipe, StandardRecipe, build_recipe, recipe_defaults
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "seed_everything", "TrainingError"]
+
+CHECKPOINT_NAME = "last.pt"
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.yaml"
+
+
+class TrainingError(AdvDefenseError):
+    """Training diverged or cannot continue."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python ``random``, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _AuxModule(nn.Module):
+    """Lets DistributedDataParallel run ``forward_with_aux`` through its own forward, so the
+    auxiliary heads' gradients are synchronized too."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, y=None, with_aux: bool = False):
+        if with_aux:
+            return forward_with_aux(self.inner, x, y)
+        return self.inner(x)
+
+    def forward_with_aux(self, x, y=None):
+        return forward_with_aux(self.inner, x, y)
+
+
+class _AuxDDP(nn.parallel.DistributedDataParallel):
+    def forward_with_aux(self, x, y=None):
+        return self(x, y, with_aux=True)
+
+
+class Trainer:
+    """Train the model a config describes (see the module docstring).
+
+    ``device``: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA if available). ``progress``: show tqdm
+    bars (default: only when stderr is a terminal, on rank 0).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, *, device: str | torch.device | None = None,
+                 progress: bool | None = None) -> None:
+        self.cfg = cfg
+        tc = cfg.train
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if tc.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.amp=fp16 needs a CUDA device (it uses a GradScaler); "
+                              "use train.amp=bf16 on CPU")
+        self.dist = D.init_from_env(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.is_main = self.dist.is_main
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
+        self.output_dir = Path(cfg.output_dir or Path("runs") / cfg.name)
+
+        seed_everything(cfg.seed)
+        model, self.info = build_from_config(cfg)
+        self.model = model.to(self.device)
+        if tc.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+        args = {**recipe_defaults(self.model), **tc.recipe_args}
+        self.recipe: Recipe = build_recipe(tc.recipe, tc.attack, **args)
+        self.warmup_recipe: Recipe | None = None
+        if tc.adv_start_epoch > 0 and self.recipe.adversarial:
+            self.warmup_recipe = StandardRecipe(aux_weight=self.recipe.aux_weight,
+                                                draw=self.recipe.draw)
+        self.optimizer = build_optimizer(self.model, tc.optimizer)
+        self.schedule = build_schedule(self.optimizer, tc.schedule, epochs=tc.epochs)
+        self.scaler = torch.amp.GradScaler("cuda") if tc.amp == "fp16" else None
+
+        self._setup_data()
+        self.train_model = self._wrap(self.model, compile_=tc.compile)
+        self._compile_checked = not tc.compile
+        # Training stream: one per process (RNA/PNI draws, attack starts differ by rank).
+        seed_everything(cfg.seed + self.dist.rank)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+
+    # -- setup ----------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        dc = self.cfg.data
+        world = self.dist.world_size
+        if dc.batch_size % world:
+            raise ConfigError(f"data.batch_size={dc.batch_size} (the global batch) must be "
+                              f"divisible by the number of processes ({world})")
+        self.train_set = load_split(dc.name, dc.train_split, root=dc.root, download=dc.download,
+                                    augment=dc.augment, limit=dc.limit)
+        # The order of epoch e depends only on (seed, e); one process is world size 1.
+        self.sampler = DistributedSampler(self.train_set, num_replicas=world,
+                                          rank=self.dist.rank, shuffle=True,
+                                          seed=self.cfg.seed, drop_last=False)
+        self.loader_generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.loader = DataLoader(self.train_set, batch_size=dc.batch_size // world,
+                                 sampler=self.sampler, num_workers=dc.num_workers,
+                                 generator=self.loader_generator,
+                                 pin_memory=self.device.type == "cuda")
+        self.monitor_x = self.monitor_y = None
+        if dc.monitor_size > 0:
+            mon = load_split(dc.name, dc.monitor_split, root=dc.root, download=dc.download,
+                             augment=False, limit=dc.monitor_size)
+            self.monitor_x, self.monitor_y = as_tensors(mon)
+
+    def _wrap(self, model: nn.Module, *, compile_: bool) -> nn.Module:
+        train_model: nn.Module = model
+        if compile_:
+            try:
+                train_model = torch.compile(model)
+            except Exception as exc:  # noqa: BLE001 - any backend failure -> eager
+                log.warning("torch.compile failed (%s); training eagerly", exc)
+                train_model = model
+        if self.dist.enabled:
+            find_unused = is_stochastic(model) or hasattr(model, "forward_with_aux")
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            train_model = _AuxDDP(_AuxModule(train_model), device_ids=ids,
+                                  find_unused_parameters=find_unused)
+        return train_model
+
+    def _rng_generators(self) -> dict[str, torch.Generator]:
+        return {"loader": self.loader_generator}
+
+    # -- one epoch ------------------------------------------------------------------------
+    def _autocast(self):
+        amp = self.cfg.train.amp
+        if amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _step(self, recipe: Recipe, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        tc = self.cfg.train
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss, logs = recipe.loss(self.train_model, x, y)
+        if not torch.isfinite(loss.detach()):
+            raise TrainingError(f"the training loss became {float(loss)}; lower "
+                                "train.optimizer.lr or set train.grad_clip")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if tc.grad_clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if tc.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            self.optimizer.step()
+        return logs
+
+    def _first_step(self, recipe: Recipe, x, y) -> dict[str, float]:
+        """First step with ``compile``: fall back to eager if compilation fails."""
+        self._compile_checked = True
+        try:
+            return self._step(recipe, x, y)
+        except AdvDefenseError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - compiler/backend errors vary widely
+            log.warning("torch.compile failed at the first step (%s: %s); training eagerly",
+                        type(exc).__name__, " ".join(str(exc).split())[:200])
+            self.train_model = self._wrap(self.model, compile_=False)
+            return self._step(recipe, x, y)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        recipe = (self.warmup_recipe if self.warmup_recipe is not None
+                  and epoch < self.cfg.train.adv_start_epoch else self.recipe)
+        self.model.train()
+        self.train_model.train()
+        self.sampler.set_epoch(epoch)
+        sums: dict[str, float] = defaultdict(float)
+        count = 0
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.cfg.train.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            step = self._step if self._compile_checked else self._first_step
+            logs = step(recipe, x, y)
+            b = int(y.shape[0])
+            count += b
+            for k, v in logs.items():
+                sums[k] += float(v) * b
+            if self.progress:
+                bar.set_postfix(loss=f"{logs.get('loss', float('nan')):.3f}",
+                                acc=f"{logs.get('acc', float('nan')):.3f}")
+        bar.close()
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64,
+                              device=self.device)
+        D.all_reduce_sum(totals)
+        n = max(float(totals[-1]), 1.0)
+        return {f"train_{k}": float(totals[i]) / n for i, k in enumerate(keys)}
+
+    @torch.no_grad()
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).argmax(1)
+
+    def monitor(self, epoch: int) -> dict[str, float]:
+        """Clean and PGD accuracy on the monitor examples (sharded over processes).
+
+        Runs under a forked RNG (seeded by seed, epoch and rank), so it never changes the
+        training stream. For a stochastic model these are single-draw accuracies.
+        """
+        if self.monitor_x is None:
+            return {}
+        cfg, tc = self.cfg, self.cfg.train
+        idx = D.shard_indices(len(self.monitor_y))
+        xs, ys = self.monitor_x[idx], self.monitor_y[idx]
+        eps = tc.attack.eps if tc.monitor_attack.eps is None else tc.monitor_attack.eps
+        do_pgd = tc.monitor_attack.steps > 0
+        attack = None
+        if do_pgd:
+            step = tc.monitor_attack.step_size
+            attack = PGD(eps=eps, steps=tc.monitor_attack.steps,
+                         step_size=eps / 4 if step is None else step)
+        bs = self.cfg.data.batch_size
+        clean = torch.zeros((), dtype=torch.float64, device=self.device)
+        robust = torch.zeros((), dtype=torch.float64, device=self.device)
+        with seeded(cfg.seed * 1_000_003 + 7919 * (epoch + 1) + self.dist.rank), \
+                eval_mode(self.model):
+            for i in range(0, len(ys), bs):
+                xb = xs[i:i + bs].to(self.device)
+                yb = ys[i:i + bs].to(self.device)
+                clean += (self._predict(xb) == yb).sum()
+                if attack is not None:
+                    with torch.enable_grad():
+                        xa = attack(self.model, xb, yb)
+                    robust += (self._predict(xa) == yb).sum()
+        totals = D.all_reduce_sum(torch.stack([clean, robust]))
+        n = len(self.monitor_y)
+        out = {"monitor_clean_acc": float(totals[0]) / n}
+        if do_pgd:
+            out["monitor_pgd_acc"] = float(totals[1]) / n
+            out["monitor_eps"] = float(eps)
+        return out
+
+    # -- files ----------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / CHECKPOINT_NAME
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / METRICS_NAME
+
+    def _write_metrics_file(self) -> None:
+        text = "".join(json.dumps(rec) + "\n" for rec in self.history)
+        self.metrics_path.write_text(text)
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _save(self, epoch: int) -> None:
+        rng = capture_rng(self._rng_generators())
+        extra: dict[str, Any] = {"world_size": self.dist.world_size}
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            states: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(states, rng)
+            extra["rng_ranks"] = states
+        if self.scaler is not None:
+            extra["grad_scaler"] = self.scaler.state_dict()
+        if not self.is_main:
+            return
+        ckpt = make_checkpoint(config=to_dict(self.cfg), model=self.model,
+                               optimizer=self.optimizer, scheduler=self.schedule, epoch=epoch,
+                               rng=rng, metrics={"last": self.history[-1] if self.history
+                                                 else {}, "history": self.history},
+                               extra=extra)
+        save_checkpoint(ckpt, self.checkpoint_path)
+
+    def _resume(self) -> None:
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise CheckpointError(f"cannot resume: {path} not found; train without --resume "
+                                  "or pass the --output of the interrupted run")
+        ckpt = load_checkpoint(path, map_location=self.device)
+        saved = dict(ckpt["config"])
+        mine = to_dict(self.cfg)
+        changed = [k for k in mine if k not in ("train", "output_dir", "eval", "name")
+                   and saved.get(k) != mine[k]]
+        if changed:
+            raise CheckpointError(f"cannot resume {path}: config sections {', '.join(changed)} "
+                                  "differ from the checkpoint's; use the saved config.yaml")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            if ckpt.get("optimizer") is not None:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scheduler") is not None:
+                self.schedule.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot resume {path}: its state does not fit this config "
+                                  f"({' '.join(str(exc).split())[:160]})") from None
+        extra = ckpt.get("extra") or {}
+        if self.scaler is not None and "grad_scaler" in extra:
+            self.scaler.load_state_dict(extra["grad_scaler"])
+        rng = ckpt["rng"]
+        ranks = extra.get("rng_ranks")
+        if self.dist.enabled:
+            if ranks and len(ranks) == self.dist.world_size:
+                rng = ranks[self.dist.rank]
+            else:
+                log.warning("checkpoint was written by %s processes, resuming with %d: "
+                            "per-process randomness will differ from an uninterrupted run",
+                            extra.get("world_size", 1), self.dist.world_size)
+        restore_rng(rng, self._rng_generators())
+        self.start_epoch = int(ckpt["epoch"])
+        self.history = list((ckpt.get("metrics") or {}).get("history", []))
+        log.info("resuming %s at epoch %d", path, self.start_epoch)
+
+    # -- main loop ------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``cfg.train.epochs`` (continuing from ``last.pt`` with ``resume=True``) and
+        return the last epoch's metrics."""
+        cfg = self.cfg
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        if resume:
+            self._resume()
+        elif self.is_main and self.checkpoint_path.exists():
+            log.warning("%s exists and will be overwritten (pass --resume to continue it)",
+                        self.checkpoint_path)
+        if self.is_main:
+            save_config(cfg, self.output_dir / CONFIG_NAME)
+            self._write_metrics_file()
+        try:
+            for epoch in range(self.start_epoch, cfg.train.epochs):
+                t0 = time.perf_counter()
+                lr = self.schedule.get_last_lr()[0]
+                train_logs = self._train_epoch(epoch)
+                self.schedule.step()
+                train_seconds = time.perf_counter() - t0
+                mon = self.monitor(epoch)
+                record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+                record.update(train_logs)
+                record.update(mon)
+                record["seconds"] = round(time.perf_counter() - t0, 3)
+                record["train_seconds"] = round(train_seconds, 3)
+                self.history.append(record)
+                self._save(epoch + 1)
+                if self.is_main:
+                    self._append_metrics(record)
+                log.info("epoch %d/%d %s", epoch + 1, cfg.train.epochs,
+                         " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                                  if isinstance(v, float) and not math.isnan(v)))
+                D.barrier()
+        finally:
+            if self.dist.initialized_here:
+                D.barrier()
+        return dict(self.history[-1]) if self.history else {}
+
+    def close(self) -> None:
+        """Leave the process group if this Trainer joined it."""
+        D.cleanup(self.dist)
