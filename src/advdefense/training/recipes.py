@@ -180,7 +180,7 @@ class PGDATRecipe(Recipe):
     ``clean_weight`` (default 0 = Madry)
         loss ``(1 - w) * CE_adv + w * CE_clean``; ``0.5`` is PNI's objective (He et al. 2019,
         reference ``main.py``: 0.5 clean + 0.5 adversarial).
-    ``attack_label`` (``true`` | ``predicted``)
+    ``attack_label`` (``true`` | ``predicted``; YAML's boolean ``true`` is accepted)
         ``predicted`` crafts PGD against the model's clean prediction (PNI, against label
         leaking); the training loss always uses the true label.
     ``draw`` (``fresh`` | ``shared`` | ``independent``)
@@ -202,11 +202,13 @@ class PGDATRecipe(Recipe):
     name = "pgd_at"
 
     def __init__(self, attack_cfg: Any = None, *, clean_weight: float = 0.0,
-                 attack_label: str = "true", aux_weight: float = 0.0, draw: str = "fresh",
+                 attack_label: str | bool = "true", aux_weight: float = 0.0, draw: str = "fresh",
                  max_batch: int = 4096) -> None:
         super().__init__(attack_cfg, aux_weight=aux_weight, draw=draw, max_batch=max_batch)
         if not 0.0 <= float(clean_weight) <= 1.0:
             raise ConfigError(f"recipe_args.clean_weight must be in [0, 1], got {clean_weight}")
+        if attack_label is True:  # YAML reads an unquoted `true` as a boolean
+            attack_label = "true"
         if attack_label not in ("true", "predicted"):
             raise ConfigError(f"recipe_args.attack_label: {attack_label!r} is not valid; "
                               "choose one of: true, predicted")
