@@ -24,7 +24,6 @@ import os
 import pickle
 import random
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -184,10 +183,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        msg = " ".join(str(exc).split())[:200]
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely (weights_only): "
-                              f"{msg}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        text = " ".join(str(exc).split())
+        if "global" in text.lower():  # a pickled class/function: refused by weights_only
+            detail = text[text.lower().find("unsupported global"):][:160] or text[:160]
+            raise CheckpointError(f"checkpoint {path} holds pickled code that weights_only "
+                                  f"loading refuses ({detail}); only load files you trust "
+                                  "with torch.load(weights_only=False)") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({text[:160]}); "
+                              "re-train or use another checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for damaged files
         msg = " ".join(str(exc).split())[:160]
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({msg}); "
                               "re-train or use another checkpoint") from None
