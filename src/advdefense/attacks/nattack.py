@@ -1,0 +1,118 @@
+"""NAttack (Li, Li, Wang, Zhang & Gong, "NATTACK: Learning the Distributions of Adversarial
+Examples", ICML 2019, Algorithm 1): a black-box, score-based L-inf attack.
+
+It learns the mean ``mu`` of an isotropic Gaussian ``N(mu, sigma^2 I)`` over a perturbation
+``z`` in tanh space. A candidate is
+
+    ``x' = x + clip_eps(0.5 * (tanh(arctanh(2x - 1) + z) + 1) - x)``, ``z = mu + sigma * e_i``
+
+and each iteration draws a population of ``b`` candidates, scores them with the margin loss on
+log-probabilities ``f = max(log p_y - max_{c != y} log p_c, 0)`` (0 = adversarial), z-scores
+the losses ``A_i = (f_i - mean f) / std f`` and takes the NES step
+``mu <- mu - lr / (b * sigma) * sum_i A_i e_i``. Success is checked on the candidate at ``mu``
+every ``check_every`` (10) iterations; examples that succeed stop. Defaults are the paper's:
+``population=300``, ``sigma=0.1``, ``lr=0.02``, 500 iterations.
+
+Only model outputs are used (no gradients), so it detects gradient masking. The population is
+evaluated batched: ``n * population`` rows in chunks of ``max_batch``. If the model declares
+``outputs_probabilities = True`` (e.g. a :class:`SmoothedClassifier`, whose output is its
+m-sample vote) its outputs are taken as probabilities, else as logits. Departures from the
+reference code (``Cold-Winter/Nattack``): batched over examples instead of one example at a
+time; ``mu`` is initialised to zero (the reference uses ``0.001 * N(0, 1)``); L-inf only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import AdvDefenseError
+from .base import Attack
+
+
+class NAttack(Attack):
+    """``NAttack(eps=0.031, population=300, sigma=0.1, lr=0.02, steps=500)``."""
+
+    name = "nattack"
+
+    def __init__(self, *, eps: float, steps: int = 500, population: int = 300,
+                 sigma: float = 0.1, lr: float = 0.02, check_every: int = 10, **common) -> None:
+        super().__init__(eps=eps, **common)
+        if self.norm != "linf":
+            raise AdvDefenseError("NAttack is an L-inf attack; use norm='linf'")
+        if self.targeted:
+            raise AdvDefenseError("this NAttack implementation is untargeted")
+        if int(population) < 2 or int(steps) < 1 or sigma <= 0 or lr <= 0 or check_every < 1:
+            raise AdvDefenseError("NAttack needs population >= 2, steps >= 1, sigma > 0, lr > 0,"
+                                  " check_every >= 1")
+        self.steps, self.population = int(steps), int(population)
+        self.sigma, self.lr, self.check_every = float(sigma), float(lr), int(check_every)
+        self.queries = 0
+
+    def _log_probs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], self.max_batch):
+                outs.append(model(x[start : start + self.max_batch]))
+        out = torch.cat(outs)
+        self.queries += x.shape[0]
+        if getattr(model, "outputs_probabilities", False):
+            return torch.log(out.clamp_min(1e-12))
+        return F.log_softmax(out, dim=1)
+
+    @staticmethod
+    def _margin(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        true = logp.gather(1, y[:, None]).squeeze(1)
+        other = logp.clone()
+        other.scatter_(1, y[:, None], float("-inf"))
+        return (true - other.max(1).values).clamp_min(0)
+
+    def _candidates(self, x_atanh, x, z):
+        cand = 0.5 * (torch.tanh(x_atanh + z) + 1)
+        return (x + (cand - x).clamp(-self.eps, self.eps)).clamp(0, 1)
+
+    def run(self, model, x, y, target):
+        self.queries = 0
+        n, shape = x.shape[0], x.shape[1:]
+        b = self.population
+        x_atanh = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
+        mu = torch.zeros_like(x)
+        best = x.clone()
+        active = torch.ones(n, dtype=torch.bool, device=x.device)
+        ever = torch.zeros(n, dtype=torch.bool, device=x.device)
+        for step in range(self.steps):
+            if step % self.check_every == 0:
+                x_mu = self._candidates(x_atanh, x, mu)
+                wrong = self._log_probs(model, x_mu).argmax(1) != y
+                newly = active & wrong
+                best[newly] = x_mu[newly]
+                ever |= newly
+                active &= ~wrong
+                if not active.any():
+                    break
+            idx = active.nonzero().squeeze(1)
+            na = idx.numel()
+            eps_noise = torch.randn(na, b, *shape, device=x.device)
+            z = mu[idx, None] + self.sigma * eps_noise
+            cand = self._candidates(x_atanh[idx, None], x[idx, None], z)
+            logp = self._log_probs(model, cand.reshape(na * b, *shape))
+            loss = self._margin(logp, y[idx].repeat_interleave(b)).view(na, b)
+            self.trace.losses.append(loss.mean(1))
+            adv = loss.eq(0)
+            if adv.any():  # a population member already succeeded: keep it
+                hit = adv.any(1)
+                first = adv.float().argmax(1)
+                rows = idx[hit]
+                best[rows] = cand[hit, first[hit]]
+                ever[rows] = True
+                active[rows] = False
+            a = (loss - loss.mean(1, keepdim=True)) / (loss.std(1, keepdim=True) + 1e-7)
+            step_dir = (a.view(na, b, *([1] * len(shape))) * eps_noise).sum(1)
+            mu[idx] = mu[idx] - self.lr / (b * self.sigma) * step_dir
+        still = active
+        if still.any():
+            best[still] = self._candidates(x_atanh, x, mu)[still]
+        self.trace.ever_adversarial = ever
+        self.trace.returned_adversarial = ever.clone()
+        return best

@@ -1,0 +1,58 @@
+"""Transfer attack (Papernot et al. 2017; the smoothing paper's black-box evaluation, Sec. 5):
+adversarial examples are crafted on an independently trained **substitute** model with an
+inner white-box attack and then given to the target model unchanged.
+
+``TransferAttack(substitute=model_or_checkpoint, attack=PGD(eps=0.3, steps=20))`` and then
+``x_adv = attack(target_model, x, y)``; the target model is never queried. The reference
+(SIAM ``run_attack_transfer.py``) transfers PGD-7 from a same-architecture substitute; here
+any inner attack and any substitute work. ``attack`` may be an :class:`Attack` or a registry
+name with ``attack_options``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdvDefenseError
+from .base import Attack
+
+
+class TransferAttack(Attack):
+    """Craft on ``substitute`` with ``attack``; return those points for the target model."""
+
+    name = "transfer"
+
+    def __init__(self, *, substitute: nn.Module | str, attack: Attack | str = "pgd",
+                 attack_options: dict[str, Any] | None = None, eps: float | None = None,
+                 **common) -> None:
+        if isinstance(attack, str):
+            from . import build_attack
+            options = dict(attack_options or {})
+            if eps is not None:
+                options.setdefault("eps", eps)
+            if "eps" not in options:
+                raise AdvDefenseError("TransferAttack needs eps (or an Attack instance)")
+            options.setdefault("seed", common.get("seed"))
+            attack = build_attack(attack, **options)
+        if not isinstance(attack, Attack):
+            raise AdvDefenseError(f"inner attack must be an Attack, got {type(attack).__name__}")
+        common.setdefault("norm", attack.norm)
+        super().__init__(eps=attack.eps, **common)
+        if isinstance(substitute, str):
+            from ..training.checkpoint import load_model_from_checkpoint
+            substitute, _ = load_model_from_checkpoint(substitute)
+        if not isinstance(substitute, nn.Module):
+            raise AdvDefenseError("substitute must be a model or a checkpoint path")
+        self.substitute = substitute
+        self.inner = attack
+
+    def run(self, model, x, y, target):
+        x_adv = self.inner(self.substitute, x, y, target=target)
+        self.trace = self.inner.trace
+        return x_adv.detach()
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target=None):
+        return super().__call__(model, x, y, target=target)

@@ -1,0 +1,158 @@
+"""SmoothedClassifier votes, sampling and Cohen et al. certification."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import beta, norm
+from torch import nn
+
+from advdefense.defenses.noise import inject
+from advdefense.defenses.smoothing import (SmoothedClassifier, certify, clopper_pearson_lower,
+                                           sample_logits, vote_scores)
+from advdefense.errors import AdvDefenseError
+from advdefense.randomness import is_stochastic
+
+from .conftest import make_smallcnn
+
+# three samples, one example, four classes
+LOGITS = torch.tensor([[[3.0, 2.0, 1.0, 0.0]],
+                       [[0.0, 5.0, 4.0, 1.0]],
+                       [[0.0, 9.0, 1.0, 2.0]]])
+
+
+def test_prediction_vote_by_hand():
+    torch.testing.assert_close(vote_scores(LOGITS, "prediction"),
+                               torch.tensor([[1 / 3, 2 / 3, 0.0, 0.0]]))
+
+
+def test_weighted_vote_by_hand():
+    # ranks: s0 -> [0,1,2,3]; s1 -> [3,0,1,2]; s2 -> [3,0,2,1]; weight 2^-rank
+    w = torch.tensor([1 + 1 / 8 + 1 / 8, 1 / 2 + 1 + 1, 1 / 4 + 1 / 2 + 1 / 4,
+                      1 / 8 + 1 / 4 + 1 / 2])
+    got = vote_scores(LOGITS, "weighted")
+    torch.testing.assert_close(got, (w / w.sum())[None])
+    torch.testing.assert_close(got.sum(), torch.tensor(1.0))
+
+
+def test_topk_vote_by_hand():
+    # top-2 of each sample: {0,1}, {1,2}, {1,3}
+    torch.testing.assert_close(vote_scores(LOGITS, "topk", k=2),
+                               torch.tensor([[1, 3, 1, 1]]) / 6.0)
+
+
+def test_soft_vote_is_mean_softmax_not_mean_logits():
+    got = vote_scores(LOGITS, "soft")
+    torch.testing.assert_close(got, LOGITS.softmax(2).mean(0))
+    assert got.argmax() == 1
+    # one over-confident draw dominates a mean of logits but not a mean of probabilities
+    logits = torch.tensor([[[2.0, 0.0]], [[2.0, 0.0]], [[2.0, 0.0]], [[-10.0, 0.0]]])
+    assert vote_scores(logits, "soft").argmax() == 0
+    assert logits.mean(0).argmax() == 1
+
+
+def test_weighted_and_prediction_can_disagree():
+    # class 0 wins 3 of 5 hard votes (weight 3 + 2/8) but class 1 is second there and first
+    # in the other two (weight 3/2 + 2)
+    a, b = [2.0, 1.9, 0.0, -1.0], [-5.0, 3.0, 2.0, 1.0]
+    logits = torch.tensor([[a], [a], [a], [b], [b]])
+    assert vote_scores(logits, "prediction").argmax() == 0
+    assert vote_scores(logits, "weighted").argmax() == 1
+
+
+def test_sigma_zero_deterministic_base_equals_base(standard_model, mnist_test):
+    x = mnist_test[0][:50]
+    base_pred = standard_model(x).argmax(1)
+    for vote in ("prediction", "weighted", "topk", "soft"):
+        # (top-k with k > 1 ties the top k classes when every sample is identical)
+        smooth = SmoothedClassifier(standard_model, sigma=0.0, m=4, vote=vote, k=1,
+                                    max_batch=64)
+        with torch.no_grad():
+            assert torch.equal(smooth(x).argmax(1), base_pred)
+    assert is_stochastic(SmoothedClassifier(standard_model, sigma=0.1, m=2))
+
+
+def test_samples_are_independent_and_chunking_is_consistent():
+    model = inject(make_smallcnn(), kind="pni").eval()
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        logits = sample_logits(model, x, sigma=0.1, m=7, max_batch=5)
+    assert logits.shape == (7, 3, 10)
+    assert not torch.allclose(logits[0], logits[1])
+    # with sigma = 0 and a deterministic base every sample is the same, whatever the chunking
+    base = make_smallcnn().eval()
+    with torch.no_grad():
+        a = sample_logits(base, x, sigma=0.0, m=5, max_batch=2)
+    torch.testing.assert_close(a, a[:1].expand_as(a))
+
+
+def test_forward_scores_normalised_and_gradient_available():
+    model = make_smallcnn().eval()
+    x = torch.rand(2, 1, 28, 28, requires_grad=True)
+    smooth = SmoothedClassifier(model, sigma=0.1, m=6, vote="prediction", max_batch=4)
+    scores = smooth(x)
+    torch.testing.assert_close(scores.detach().sum(1), torch.ones(2))
+    assert torch.allclose(scores.detach() * 6, (scores.detach() * 6).round())
+    scores[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_predict_abstains_on_a_coin_flip_and_not_on_a_sure_class():
+    class Coin(nn.Module):
+        def forward(self, x):
+            flip = (torch.rand(x.shape[0]) < 0.5).float()
+            return torch.stack([flip, 1 - flip, torch.full_like(flip, -1)], 1)
+
+    class Sure(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0, -1.0]]).repeat(x.shape[0], 1)
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 4, 4)
+    coin = SmoothedClassifier(Coin(), sigma=0.1, m=200, abstain_alpha=0.001)
+    assert (coin.predict(x) == -1).all()
+    sure = SmoothedClassifier(Sure(), sigma=0.1, m=50, abstain_alpha=0.001)
+    assert (sure.predict(x) == 1).all()
+
+
+def test_certify_matches_direct_clopper_pearson():
+    class Threshold(nn.Module):
+        """class 1 iff the noisy mean pixel exceeds 0.5: p_A is known in closed form."""
+
+        def forward(self, x):
+            s = x.flatten(1).mean(1)
+            return torch.stack([0.5 - s, s - 0.5], 1) * 10
+
+    torch.manual_seed(0)
+    d = 16
+    x = torch.full((3, 1, 4, 4), 0.5)
+    x[0] += 0.05
+    x[1] -= 0.2
+    x[2] += 0.0  # coin flip: should abstain
+    sigma, n, alpha = 0.5, 2000, 0.001
+    res = certify(Threshold(), x, sigma=sigma, n0=100, n=n, alpha=alpha, batch_samples=500)
+    for i in range(3):
+        na = int(res.count[i])
+        direct = beta.ppf(alpha, na, n - na + 1) if na > 0 else 0.0
+        assert abs(res.p_lower[i].item() - direct) < 1e-6
+        if direct > 0.5:
+            assert abs(res.radius[i].item() - sigma * norm.ppf(direct)) < 1e-5
+        else:
+            assert res.prediction[i] == -1 and res.radius[i] == 0
+    # the true p_A of example 0 is Phi(0.05 / (sigma / sqrt(d))); its bound must be below it
+    true_p = norm.cdf(0.05 / (sigma / d**0.5))
+    assert res.prediction[0] == 1 and res.p_lower[0] < true_p
+    assert res.prediction[1] == 0 and res.radius[1] > 0
+    assert res.prediction[2] == -1
+    assert clopper_pearson_lower(0, 10, 0.01) == 0.0
+
+
+def test_bad_arguments():
+    with pytest.raises(AdvDefenseError):
+        SmoothedClassifier(nn.Identity(), sigma=-1, m=2)
+    with pytest.raises(AdvDefenseError):
+        SmoothedClassifier(nn.Identity(), sigma=0.1, m=0)
+    with pytest.raises(AdvDefenseError):
+        SmoothedClassifier(nn.Identity(), sigma=0.1, vote="mean")
+    with pytest.raises(AdvDefenseError):
+        certify(nn.Identity(), torch.zeros(1, 1, 2, 2), sigma=0.0)
