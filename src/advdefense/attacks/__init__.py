@@ -25,3 +25,11 @@ def build_attack(name: str, **kwargs) -> Attack:
 
 __all__ = ["ATTACKS", "Attack", "EOTResult", "HeadsObjective", "Objective", "CWLinf", "FGSM", "PGD", "build_attack",
            "eot_loss_grad", "eval_mode", "project", "register_attack"]
+
+# smoothing attacks (EPGD, SmoothAdv, NAttack, transfer)
+from .epgd import EPGD, SmoothAdv  # noqa: E402
+from .nattack import NAttack  # noqa: E402
+from .transfer import TransferAttack  # noqa: E402
+
+ATTACKS.update({"epgd": EPGD, "smoothadv": SmoothAdv, "nattack": NAttack,
+                "transfer": TransferAttack})
