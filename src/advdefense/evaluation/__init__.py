@@ -1,0 +1,16 @@
+"""Honest evaluation: per-example results, repeated stochastic verdicts, confidence intervals,
+AutoAttack-style suites, attack-failure checks and reports.
+
+``evaluate(model, data, specs)`` (:mod:`.harness`), ``run_suite(model, data, suite=...)``
+(:mod:`.suite`), ``run_checks`` (:mod:`.checks`), ``write_report`` (:mod:`.report`).
+"""
+
+from .checks import CheckResult, format_checks, run_checks
+from .harness import (AttackSpec, EntryResult, EvalResult, TraceSummary, evaluate, load_data,
+                      standard_attack_specs)
+from .protocols import PROTOCOLS, Verdict, run_protocol, verdict
+from .stats import Accuracy, accuracy, clopper_pearson
+
+__all__ = ["PROTOCOLS", "Accuracy", "AttackSpec", "CheckResult", "EntryResult", "EvalResult",
+           "TraceSummary", "Verdict", "accuracy", "clopper_pearson", "evaluate", "format_checks",
+           "load_data", "run_checks", "run_protocol", "standard_attack_specs", "verdict"]
