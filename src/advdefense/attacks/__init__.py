@@ -9,8 +9,14 @@ from ..errors import unknown_name
 from .base import Attack, EOTResult, Objective, eot_loss_grad, eval_mode, project
 from .objectives import HeadsObjective
 from .pgd import FGSM, PGD, CWLinf
+from .apgd import APGD, APGDDLR, APGDT
+from .bpda import BPDA
+from .fab import FAB, FABT
+from .square import Square
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CWLinf}
+ATTACKS.update({"apgd-ce": APGD, "apgd-dlr": APGDDLR, "apgd-t": APGDT, "fab": FAB, "fab-t": FABT,
+                "square": Square})
 
 
 def register_attack(name: str, cls: type[Attack]) -> None:
@@ -24,7 +30,8 @@ def build_attack(name: str, **kwargs) -> Attack:
 
 
 __all__ = ["ATTACKS", "Attack", "EOTResult", "HeadsObjective", "Objective", "CWLinf", "FGSM", "PGD", "build_attack",
-           "eot_loss_grad", "eval_mode", "project", "register_attack"]
+           "eot_loss_grad", "eval_mode", "project", "register_attack",
+           "APGD", "APGDDLR", "APGDT", "BPDA", "FAB", "FABT", "Square"]
 
 # smoothing attacks (EPGD, SmoothAdv, NAttack, transfer)
 from .epgd import EPGD, SmoothAdv  # noqa: E402

@@ -1,0 +1,324 @@
+"""Auto-PGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an
+ensemble of diverse parameter-free attacks", ICML, Algorithm 1), L-inf and L2, with batched EOT.
+
+Algorithm 1 of the paper, per example:
+
+* ``z = P(x_k + eta_k * s(grad f(x_k)))`` and
+  ``x_{k+1} = P(x_k + alpha (z - x_k) + (1 - alpha)(x_k - x_{k-1}))`` with momentum
+  ``alpha = 0.75`` (``alpha = 1`` for the first step), ``s = sign`` (L-inf) or ``g/||g||_2``
+  (L2), ``P`` the projection onto the eps-ball intersected with [0, 1];
+* initial step ``eta_0 = 2 eps``; checkpoints ``w_j = ceil(p_j N)`` with ``p_0 = 0``,
+  ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``
+  (:func:`step_checkpoints`);
+* at a checkpoint the step is halved and the iterate restarts from the best point ``x_max``
+  when (condition 1) the number of steps since the previous checkpoint that increased the loss
+  is below ``rho (w_j - w_{j-1})``, ``rho = 0.75``, or (condition 2) the step was not halved
+  at the previous checkpoint and the best loss did not improve since then;
+* losses: cross-entropy (``apgd-ce``), DLR (eq. 6, ``apgd-dlr``) and, for APGD-T
+  (``apgd-t``), the targeted DLR loss (eq. 7) run once per target class among the 9 classes
+  with the highest clean logits other than the true one (``n_target_classes = 9``, as in
+  AutoAttack's standard version).
+
+Per example we keep ``x_max`` (highest loss, drives the restarts of the schedule) and the
+returned point: the best iterate over all runs by (fraction of EOT draws adversarial, then
+loss), so an adversarial point, once found, is never lost.
+
+Departures from the reference code (``fra31/auto-attack``, ``autopgd_base.py``), on purpose:
+
+* the random start is uniform in the eps-ball (:func:`~.base.random_start`); the reference
+  scales a uniform cube sample to the L-inf sphere (a Gaussian direction on the L2 sphere);
+* condition 1 uses the paper's strict ``<`` (the code uses ``<=``) and counts exactly the
+  ``w_j - w_{j-1}`` steps of the interval (the code's first interval reads one stale entry);
+  condition 2 can already fire at the first checkpoint, as in the paper (the code treats the
+  start as "step just reduced"); the checkpoints themselves are those of the code
+  (22, 41, 57, 70, 80, 87, 93, 99 for 100 iterations);
+* after a restart from ``x_max`` the loss used to count successful steps is ``f(x_max)``;
+* EOT (``eot_samples = k``) evaluates the k draws batched along the batch dimension
+  (:func:`~.base.eot_loss_grad`) and the step-size logic uses the **mean** loss over draws;
+  AutoAttack's ``rand`` version loops ``eot_iter = 20`` times and uses the last draw's loss;
+  success means adversarial on *all* k draws (AutoAttack: one stochastic forward pass);
+* APGD-T picks its targets by masking the true class and sorting the (EOT-mean) clean logits;
+  the code takes ranks 2..10 of the sorted logits, which is the same for correctly classified
+  points.
+
+Example::
+
+    x_adv = APGD(eps=0.3, seed=0)(model, x, y)            # APGD-CE, 100 iterations
+    x_adv = APGDT(eps=0.3, seed=0)(model, x, y)           # APGD-T, 9 targets
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from ..errors import AdvDefenseError
+from .base import (
+    Attack,
+    EOTResult,
+    Objective,
+    as_objective,
+    eot_loss_grad,
+    normalize_step,
+    project,
+    random_start,
+)
+from .losses import LossFn
+
+log = logging.getLogger(__name__)
+
+__all__ = ["APGD", "APGDDLR", "APGDT", "step_checkpoints"]
+
+
+def step_checkpoints(n_iter: int, *, p1: float = 0.22, decay: float = 0.03,
+                     min_length: float = 0.06) -> list[int]:
+    """Checkpoints ``w_j = ceil(p_j * n_iter)`` of APGD's step-size schedule (paper, Sec. 3.2).
+
+    ``p_0 = 0``, ``p_1 = p1``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - decay, min_length)``,
+    for all ``p_j <= 1``. ``p_j * n_iter`` is rounded to 9 decimals before ``ceil`` so float
+    noise (``0.22 * 100 = 22.000000000000004``) does not shift a checkpoint.
+    """
+    if int(n_iter) < 1:
+        raise AdvDefenseError(f"n_iter must be >= 1, got {n_iter}")
+    p = [0.0, p1]
+    while True:
+        nxt = p[-1] + max(p[-1] - p[-2] - decay, min_length)
+        if nxt > 1.0 + 1e-12:
+            break
+        p.append(nxt)
+    points = sorted({math.ceil(round(pj * n_iter, 9)) for pj in p if pj <= 1.0 + 1e-12})
+    return [w for w in points if w <= n_iter]
+
+
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein 2020, Algorithm 1), untargeted (or targeted with ``target=``).
+
+    Keyword-only hyper-parameters (paper/AutoAttack defaults): ``n_iter=100`` (``steps`` is an
+    alias), ``loss="ce"`` (``"dlr"``, any loss of :mod:`.losses` or an :class:`Objective`),
+    ``rho=0.75``, ``momentum=0.75``, ``initial_step=2.0`` (times eps), ``restarts=1``; plus the
+    common ones of :class:`~.base.Attack` (``eps``, ``norm``, ``eot_samples``, ``max_batch``,
+    ``seed``, ``targeted``). Restarts after the first run only on examples not yet
+    adversarial. ``x``: (N, C, H, W) in [0, 1]; ``y``: (N,).
+    """
+
+    name = "apgd-ce"
+    default_loss = "ce"
+
+    def __init__(
+        self,
+        *,
+        eps: float,
+        norm: str = "linf",
+        n_iter: int | None = None,
+        steps: int | None = None,
+        loss: str | LossFn | Objective | None = None,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        initial_step: float = 2.0,
+        **common,
+    ) -> None:
+        super().__init__(eps=eps, norm=norm, **common)
+        if n_iter is not None and steps is not None and int(n_iter) != int(steps):
+            raise AdvDefenseError(f"give n_iter or steps, not both ({n_iter} vs {steps})")
+        n = n_iter if n_iter is not None else (steps if steps is not None else 100)
+        if int(n) < 1:
+            raise AdvDefenseError(f"n_iter must be >= 1, got {n}")
+        if not 0.0 < rho <= 1.0:
+            raise AdvDefenseError(f"rho must be in (0, 1], got {rho}")
+        if not 0.0 < momentum <= 1.0:
+            raise AdvDefenseError(f"momentum must be in (0, 1], got {momentum}")
+        self.n_iter = int(n)
+        self.rho = float(rho)
+        self.momentum = float(momentum)
+        self.initial_step = float(initial_step)
+        self.objective = as_objective(self.default_loss if loss is None else loss)
+        self.checkpoints = step_checkpoints(self.n_iter)
+
+    @property
+    def steps(self) -> int:
+        """Iterations per run (read by the evaluation's convergence check)."""
+        return self.n_iter
+
+    # -- the shared bookkeeping ------------------------------------------------------------
+    def _init_state(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        self._best_x = x.clone()
+        self._best_frac = torch.full((n,), -1.0, device=x.device)
+        self._best_loss = torch.full((n,), float("-inf"), device=x.device)
+        self._ever = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self._last_loss = torch.zeros(n, device=x.device)
+        self._last_gn = torch.zeros(n, device=x.device)
+
+    def _keep(self, idx: torch.Tensor, x_cur: torch.Tensor, res: EOTResult,
+              y: torch.Tensor, user_target: torch.Tensor | None) -> None:
+        """Update the returned point of examples ``idx`` with the iterate ``x_cur``."""
+        frac = res.wrong_fraction(y, user_target)
+        better = (frac > self._best_frac[idx]) | (
+            (frac == self._best_frac[idx]) & (res.loss > self._best_loss[idx]))
+        sel = idx[better]
+        self._best_x[sel] = x_cur[better]
+        self._best_frac[sel] = frac[better]
+        self._best_loss[sel] = res.loss[better]
+        self._ever[idx] |= frac == 1.0
+
+    def _record(self, idx: torch.Tensor, res: EOTResult) -> torch.Tensor:
+        """Append full-length (n,) trace rows; examples not in ``idx`` repeat their last value.
+        Returns the gradient with non-finite entries zeroed."""
+        grad = res.grad
+        assert grad is not None
+        bad = ~torch.isfinite(grad)
+        nbad = int(bad.sum())
+        if nbad:
+            self.trace.nonfinite += nbad
+            grad = torch.where(bad, torch.zeros_like(grad), grad)
+        self._last_loss = self._last_loss.clone()
+        self._last_loss[idx] = res.loss
+        self._last_gn = self._last_gn.clone()
+        self._last_gn[idx] = grad.flatten(1).norm(dim=1)
+        self.trace.losses.append(self._last_loss)
+        self.trace.grad_norms.append(self._last_gn)
+        return grad
+
+    def _eot(self, model, x, y, target, k):
+        try:
+            return eot_loss_grad(model, x, y, self.objective, eot_samples=k,
+                                 max_batch=self.max_batch, target=target)
+        except ValueError as err:  # e.g. the DLR loss with too few classes
+            raise AdvDefenseError(f"{self.name}: {err}; use loss='ce'") from err
+
+    # -- one run of Algorithm 1 -------------------------------------------------------------
+    def _single_run(self, model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
+                    idx: torch.Tensor, loss_target: torch.Tensor | None,
+                    user_target: torch.Tensor | None, k: int) -> None:
+        x, y = x_all[idx], y_all[idx]
+        lt = None if loss_target is None else loss_target[idx]
+        ut = None if user_target is None else user_target[idx]
+        m = x.shape[0]
+        view = (m,) + (1,) * (x.dim() - 1)
+
+        x_cur = random_start(x, self.eps, self.norm)
+        res = self._eot(model, x_cur, y, lt, k)
+        self._keep(idx, x_cur, res, y, ut)
+        grad = self._record(idx, res)
+        loss_cur = res.loss.clone()
+        x_prev = x_cur.clone()
+
+        x_max, f_max, grad_max = x_cur.clone(), loss_cur.clone(), grad.clone()
+        step = torch.full((m,), self.initial_step * self.eps, device=x.device)
+        checkpoints = set(self.checkpoints) - {0}
+        last_w = 0
+        successes = torch.zeros(m, device=x.device)
+        f_max_last = f_max.clone()
+        halved_last = torch.zeros(m, dtype=torch.bool, device=x.device)
+
+        for t in range(1, self.n_iter + 1):
+            alpha = 1.0 if t == 1 else self.momentum
+            z = project(x_cur + step.view(view) * normalize_step(grad, self.norm), x,
+                        self.eps, self.norm)
+            x_new = project(x_cur + alpha * (z - x_cur) + (1.0 - alpha) * (x_cur - x_prev), x,
+                            self.eps, self.norm)
+            res = self._eot(model, x_new, y, lt, k)
+            self._keep(idx, x_new, res, y, ut)
+            grad_new = self._record(idx, res)
+            loss_new = res.loss
+            successes += (loss_new > loss_cur).float()
+            improved = loss_new > f_max
+            x_max[improved] = x_new[improved]
+            f_max = torch.where(improved, loss_new, f_max)
+            grad_max[improved] = grad_new[improved]
+            x_prev, x_cur, loss_cur, grad = x_cur, x_new, loss_new.clone(), grad_new
+
+            if t in checkpoints:
+                cond1 = successes < self.rho * (t - last_w)
+                cond2 = ~halved_last & (f_max <= f_max_last)
+                halve = cond1 | cond2
+                step = torch.where(halve, step / 2.0, step)
+                if bool(halve.any()):
+                    x_cur = x_cur.clone()
+                    grad = grad.clone()
+                    x_cur[halve] = x_max[halve]
+                    grad[halve] = grad_max[halve]
+                    loss_cur = torch.where(halve, f_max, loss_cur)
+                halved_last = halve
+                f_max_last = f_max.clone()
+                successes.zero_()
+                last_w = t
+
+    def _still_robust(self) -> torch.Tensor:
+        return (self._best_frac < 1.0).nonzero().squeeze(1)
+
+    def run(self, model: nn.Module, x, y, target):
+        k = self.effective_eot(model)
+        self._init_state(x)
+        for r in range(self.restarts):
+            idx = (torch.arange(x.shape[0], device=x.device) if r == 0
+                   else self._still_robust())
+            if idx.numel() == 0:
+                break
+            self._single_run(model, x, y, idx, target, target, k)
+        return self._finish()
+
+    def _finish(self) -> torch.Tensor:
+        self.trace.ever_adversarial = self._ever
+        self.trace.returned_adversarial = self._best_frac == 1.0
+        return self._best_x
+
+
+class APGDDLR(APGD):
+    """APGD with the DLR loss (Croce & Hein 2020, eq. 6); needs at least 3 classes."""
+
+    name = "apgd-dlr"
+    default_loss = "dlr"
+
+
+class APGDT(APGD):
+    """APGD-T (Croce & Hein 2020, Sec. 4): APGD on the targeted DLR loss (eq. 7), one run per
+    target class; the targets are the ``n_target_classes`` (default 9) classes with the highest
+    clean logits other than the true class, each run only on examples not yet misclassified.
+    The goal stays misclassification (``targeted`` must be False). Needs >= 4 classes.
+    ``restarts`` runs are made per target.
+    """
+
+    name = "apgd-t"
+    default_loss = "dlr"
+
+    def __init__(self, *, eps: float, n_target_classes: int = 9, **kwargs) -> None:
+        if kwargs.get("targeted"):
+            raise AdvDefenseError("apgd-t picks its own targets; use apgd-ce/apgd-dlr with "
+                                  "targeted=True for a given target")
+        super().__init__(eps=eps, **kwargs)
+        if int(n_target_classes) < 1:
+            raise AdvDefenseError(f"n_target_classes must be >= 1, got {n_target_classes}")
+        self.n_target_classes = int(n_target_classes)
+
+    def run(self, model: nn.Module, x, y, target):
+        k = self.effective_eot(model)
+        clean = eot_loss_grad(model, x, y, "ce", eot_samples=k, max_batch=self.max_batch,
+                              need_grad=False)
+        logits = clean.logits.mean(dim=0)
+        n_classes = logits.shape[1]
+        if n_classes < 4:
+            raise AdvDefenseError(
+                f"apgd-t needs at least 4 classes (targeted DLR loss), the model has "
+                f"{n_classes}; use apgd-ce or apgd-dlr")
+        n_targets = min(self.n_target_classes, n_classes - 1)
+        if n_targets < self.n_target_classes:
+            log.info("apgd-t: %d classes, using %d target classes", n_classes, n_targets)
+        masked = logits.clone()
+        masked.scatter_(1, y[:, None], float("-inf"))
+        ranked = masked.argsort(dim=1, descending=True)[:, :n_targets]
+
+        self._init_state(x)
+        first = True
+        for j in range(n_targets):
+            tgt = ranked[:, j].contiguous()
+            for _ in range(self.restarts):
+                idx = torch.arange(x.shape[0], device=x.device) if first else self._still_robust()
+                first = False
+                if idx.numel() == 0:
+                    break
+                self._single_run(model, x, y, idx, tgt, None, k)
+        return self._finish()
