@@ -4,12 +4,13 @@ The raw limit of a PGD-20 call is 20 x (one forward + one backward to the input)
 model on the same batch, with nothing else (no projection, no bookkeeping). Compared, per
 model, at the same eps / step size / steps / random start / batch:
 
-* ``ours``      ``advdefense.attacks.PGD`` (keeps the best iterate, one extra forward at the end)
+* ``ours``      ``advdefense.attacks.PGD`` (keeps the best iterate: one extra gradient-free
+  forward after the last step)
 * ``ta``        ``torchattacks.PGD``
 * ``limit``     20 x forward+backward-to-input
 * ``ours_cl``   ours with model and input in channels_last
-* ``ours_cmp``  ours on ``torch.compile(model)`` (compile time excluded by the warm-up;
-  skipped with ``--no-compile`` and in ``--quick`` mode)
+* ``ours_cmp``  ours on ``torch.compile(model)``, and ``limit_cmp`` the limit of the compiled
+  model (compile time excluded; skipped with ``--no-compile`` and in ``--quick`` mode)
 
 Run: ``flock /work/cpu.lock python benchmarks/bench_pgd.py``
 """
@@ -17,6 +18,7 @@ Run: ``flock /work/cpu.lock python benchmarks/bench_pgd.py``
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,13 +33,12 @@ from advdefense.attacks import PGD  # noqa: E402
 EPS, ALPHA = 8 / 255, 2 / 255
 
 
-def limit_fn(model, x, y, steps):
-    def run():
-        for _ in range(steps):
-            xr = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(model(xr), y), xr)
-        return g
-    return run
+def limit(model, x, y, steps):
+    """``steps`` x (forward + backward to the input): the floor of any PGD implementation."""
+    for _ in range(steps):
+        xr = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xr), y), xr)
+    return g
 
 
 def main(argv=None) -> int:
@@ -55,45 +56,34 @@ def main(argv=None) -> int:
         x, y = common.batch(name, args.batch)
         ours = PGD(eps=EPS, steps=args.steps, step_size=ALPHA, random_start=True, seed=0)
         ta = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=args.steps, random_start=True)
-        fns = {
-            "ours": lambda m=model: ours(m, x, y),
-            "ta": lambda: ta(x, y),
-            "limit": limit_fn(model, x, y, args.steps),
-        }
         model_cl = common.build(name).to(memory_format=torch.channels_last)
         x_cl = x.contiguous(memory_format=torch.channels_last)
-        fns["ours_cl"] = lambda: ours(model_cl, x_cl, y)
+        fns = {"ours": partial(ours, model, x, y), "ta": partial(ta, x, y),
+               "limit": partial(limit, model, x, y, args.steps),
+               "ours_cl": partial(ours, model_cl, x_cl, y)}
         if not args.no_compile:
             model_cmp = torch.compile(common.build(name))
-            fns["ours_cmp"] = lambda: ours(model_cmp, x, y)
-            fns["limit_cmp"] = limit_fn(model_cmp, x, y, args.steps)
-            # compile outside the timed rounds, whatever --warmup says
-            fns["ours_cmp"]()
+            fns["ours_cmp"] = partial(ours, model_cmp, x, y)
+            fns["limit_cmp"] = partial(limit, model_cmp, x, y, args.steps)
+            fns["ours_cmp"]()  # compile outside the timed rounds, whatever --warmup says
         times = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
-        ips = {k: args.batch / common.median(v) for k, v in times.items()}
         setting = f"batch {args.batch}, {args.steps} steps, eps 8/255"
-        base = dict(benchmark=f"PGD-{args.steps}", model=name, metric="img/s",
+        lim = f"limit {args.steps}x(fwd+bwd)"
+        base = dict(benchmark=f"PGD-{args.steps}", model=name, metric="img/s", n=args.batch,
                     seconds=times)
-        rows.append(common.row(**base, setting=setting, ours=ips["ours"], reference="torchattacks.PGD",
-                               ref_value=ips["ta"], ratio=common.speed_ratio(times, "ours", "ta"),
-                               goal=1.0))
-        rows.append(common.row(**base, setting=setting, ours=ips["ours"],
-                               reference=f"limit {args.steps}x(fwd+bwd)", ref_value=ips["limit"],
-                               ratio=common.speed_ratio(times, "ours", "limit"), goal=0.95))
-        rows.append(common.row(**base, setting=setting + ", channels_last", ours=ips["ours_cl"],
-                               reference="torchattacks.PGD", ref_value=ips["ta"],
-                               ratio=common.speed_ratio(times, "ours_cl", "ta"), goal=None))
+        rows.append(common.compare(times, "ours", "ta", **base, setting=setting,
+                                   reference="torchattacks.PGD", goal=1.0))
+        rows.append(common.compare(times, "ours", "limit", **base, setting=setting,
+                                   reference=lim, goal=0.95))
+        rows.append(common.compare(times, "ours_cl", "ta", **base, reference="torchattacks.PGD",
+                                   setting=setting + ", channels_last", goal=None))
         if "ours_cmp" in fns:
-            rows.append(common.row(**base, setting=setting + ", torch.compile(model)",
-                                   ours=ips["ours_cmp"], reference="torchattacks.PGD",
-                                   ref_value=ips["ta"],
-                                   ratio=common.speed_ratio(times, "ours_cmp", "ta"), goal=None))
-            rows.append(common.row(**base, setting=setting + ", torch.compile(model)",
-                                   ours=ips["ours_cmp"],
-                                   reference=f"compiled limit {args.steps}x(fwd+bwd)",
-                                   ref_value=ips["limit_cmp"],
-                                   ratio=common.speed_ratio(times, "ours_cmp", "limit_cmp"),
-                                   goal=None))
+            cmp_setting = setting + ", torch.compile(model)"
+            rows.append(common.compare(times, "ours_cmp", "ta", **base, setting=cmp_setting,
+                                       reference="torchattacks.PGD", goal=None))
+            rows.append(common.compare(times, "ours_cmp", "limit_cmp", **base,
+                                       setting=cmp_setting, reference="compiled " + lim,
+                                       goal=None))
     common.write("pgd", args, rows)
     return 0
 

@@ -42,7 +42,8 @@ ROW_KEYS = ("benchmark", "model", "setting", "metric", "ours", "reference", "ref
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",
-                   help="tiny sizes, 1 round, no warm-up: checks the script runs (numbers meaningless)")
+                   help="tiny sizes, 1 round, no warm-up: checks that the script runs "
+                   "(the numbers mean nothing)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
@@ -129,21 +130,65 @@ def batch(name: str, n: int, *, seed: int = 1) -> tuple[torch.Tensor, torch.Tens
 
 
 # -- timing ----------------------------------------------------------------------------------
+def _cpu_ticks() -> tuple[float, float] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat, or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    vals = [float(v) for v in fields]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)
+    return sum(vals) - idle, sum(vals)
+
+
+def _own_cpu() -> float:
+    import resource
+
+    self_ = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return self_.ru_utime + self_.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+_START = (_cpu_ticks(), _own_cpu(), time.monotonic())
+
+
+def contention() -> dict[str, float] | None:
+    """CPU used by *other* processes since this script started, in cores (of ``cores``)."""
+    ticks, own, t0 = _START
+    now = _cpu_ticks()
+    if ticks is None or now is None:
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    wall = max(time.monotonic() - t0, 1e-9)
+    busy = (now[0] - ticks[0]) / hz
+    other = max(0.0, busy - (_own_cpu() - own))
+    return {"wall_s": wall, "machine_busy_cores": busy / wall,
+            "other_processes_cores": other / wall}
+
+
+CPU_TIMES: dict[str, list[float]] = {}
+"""Process CPU seconds of the last :func:`interleaved` call (diagnostics only)."""
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats: int
                 ) -> dict[str, list[float]]:
     """Time each callable ``repeats`` times, round-robin with a rotating order, after
-    ``warmup`` untimed rounds. Returns seconds per call, per round (round order kept)."""
+    ``warmup`` untimed rounds. Returns wall seconds per call, per round (round order kept);
+    the process CPU seconds of the same calls are left in :data:`CPU_TIMES`."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    CPU_TIMES.clear()
+    CPU_TIMES.update({name: [] for name in names})
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
+            CPU_TIMES[name].append(time.process_time() - c0)
     return times
 
 
@@ -161,6 +206,19 @@ def speed_ratio(times: dict[str, list[float]], ours: str, ref: str) -> float:
     return paired_ratio(times[ref], times[ours])
 
 
+def alt_ratios(times: dict[str, list[float]], ours: str, ref: str, *,
+               time_ratio: bool = False) -> dict[str, float]:
+    """Two cross-checks of the headline ratio, stored beside it: ``ratio_best`` from the
+    fastest round of each side (contention only ever slows a round down) and ``ratio_cpu``
+    from process CPU seconds (median of per-round ratios). ``time_ratio``: ours/ref (for
+    step-time and memory-like rows) instead of ref/ours."""
+    a, b = (ours, ref) if time_ratio else (ref, ours)
+    out = {"ratio_best": min(times[a]) / min(times[b])}
+    if CPU_TIMES.get(a) and CPU_TIMES.get(b) and min(CPU_TIMES[b]) > 0:
+        out["ratio_cpu"] = paired_ratio(CPU_TIMES[a], CPU_TIMES[b])
+    return out
+
+
 # -- results ---------------------------------------------------------------------------------
 def row(*, benchmark: str, model: str, setting: str, metric: str, ours: float, reference: str,
         ref_value: float, ratio: float, goal: float | None, higher_is_better: bool = True,
@@ -175,6 +233,24 @@ def row(*, benchmark: str, model: str, setting: str, metric: str, ours: float, r
     return out
 
 
+def compare(times: dict[str, list[float]], ours: str, ref: str, *, n: int = 1,
+            time_ratio: bool = False, **kw) -> dict[str, Any]:
+    """A :func:`row` comparing two timed entries of one :func:`interleaved` run.
+
+    Throughput rows (default): ``ours``/``ref_value`` are ``n / median seconds`` (e.g. img/s)
+    and the ratio is ref time / our time (>1: ours faster). ``time_ratio=True``: values are
+    median seconds / ``n`` and the ratio is our time / ref time (lower is better)."""
+    if time_ratio:
+        vals = (median(times[ours]) / n, median(times[ref]) / n)
+        ratio = paired_ratio(times[ours], times[ref])
+        kw.setdefault("higher_is_better", False)
+    else:
+        vals = (n / median(times[ours]), n / median(times[ref]))
+        ratio = speed_ratio(times, ours, ref)
+    return row(ours=vals[0], ref_value=vals[1], ratio=ratio,
+               **alt_ratios(times, ours, ref, time_ratio=time_ratio), **kw)
+
+
 def fmt(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v):
@@ -186,8 +262,9 @@ def fmt(v: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| benchmark | model | setting | metric | ours | reference | ref value | ratio | goal | met |"
-    sep = "|" + "---|" * 10
+    head = ("| benchmark | model | setting | metric | ours | reference | ref value | ratio "
+            "| ratio (best rounds) | goal | met |")
+    sep = "|" + "---|" * 11
     lines = [head, sep]
     for r in rows:
         goal = "-" if r["goal"] is None else (("≥ " if r.get("higher_is_better", True) else "≤ ")
@@ -195,7 +272,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         met = {True: "met", False: "missed", None: "-"}[r["met"]]
         lines.append("| " + " | ".join([r["benchmark"], r["model"], r["setting"], r["metric"],
                                          fmt(r["ours"]), r["reference"], fmt(r["ref_value"]),
-                                         fmt(r["ratio"]), goal, met]) + " |")
+                                         fmt(r["ratio"]), fmt(r.get("ratio_best")), goal,
+                                         met]) + " |")
     return "\n".join(lines)
 
 
@@ -211,6 +289,7 @@ def write(name: str, args: argparse.Namespace, rows: list[dict[str, Any]],
         "repeats": args.repeats,
         "warmup": args.warmup,
         "machine": machine_info(),
+        "contention": contention(),
         "rows": rows,
     }
     if extra:

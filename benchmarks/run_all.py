@@ -1,0 +1,66 @@
+"""Run every benchmark in turn and rebuild the combined table (benchmarks/results/table.md).
+
+Each benchmark runs as its own process (fresh interpreter, same flags), so one failing or
+missing module does not stop the others; the exit code is non-zero if any failed.
+
+Run: ``flock /work/cpu.lock python benchmarks/run_all.py [--quick] [--only pgd,eot]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ORDER = ["pgd", "eot", "apgd", "smoothing", "training_overhead", "memory", "scaling"]
+
+
+def table(out_dir: Path) -> str:
+    parts = []
+    for name in ORDER:
+        path = out_dir / f"{name}.json"
+        if not path.exists():
+            continue
+        payload = json.loads(path.read_text())
+        m = payload["machine"]
+        parts.append(f"### {name}\n\n`{payload['command']}` — {payload['date_utc']}, "
+                     f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
+                     f"torchattacks {m['torchattacks']}, load {m['load_avg_1min_at_start']}, "
+                     f"commit {m['git_commit']}\n\n" + common.markdown(payload["rows"]) + "\n")
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default=",".join(ORDER))
+    p.add_argument("--out-dir", type=Path, default=common.RESULTS)
+    args = p.parse_args(argv)
+    here = Path(__file__).resolve().parent
+    failed = []
+    for name in args.only.split(","):
+        script = here / f"bench_{name}.py"
+        cmd = [sys.executable, str(script), "--out-dir", str(args.out_dir)]
+        if args.quick:
+            cmd.append("--quick")
+        t0 = time.perf_counter()
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(name)
+        print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    text = table(args.out_dir)
+    (args.out_dir / "table.md").write_text(text)
+    print(text)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
