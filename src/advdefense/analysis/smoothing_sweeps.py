@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 SWEEP_ATTACKS = ("pgd", "epgd", "smoothadv", "none")
 
 __all__ = ["SweepRecord", "make_attack", "sweep", "choose", "write_tables", "plot_sweeps",
-           "throughput", "SWEEP_ATTACKS"]
+           "throughput", "attack_table", "table_markdown", "SWEEP_ATTACKS"]
 
 
 @dataclass
@@ -214,3 +214,117 @@ def throughput(base: nn.Module, x: torch.Tensor, *, sigma: float, ms: list[int],
                 sample_logits(base, x, sigma=sigma, m=m, max_batch=max_batch)
             out[m] = repeats * x.shape[0] / (time.perf_counter() - t0)
     return out
+
+
+def _robust(base: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sigma: float, m: int,
+            votes: list[str], k: int, repeats: int, max_batch: int,
+            batch: int) -> dict[str, torch.Tensor]:
+    """Per-example flags: correct on *all* ``repeats`` fresh m-sample votes (per vote)."""
+    ok = {v: torch.ones(x.shape[0], dtype=torch.bool) for v in votes}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for s in range(0, x.shape[0], batch):
+                logits = sample_logits(base, x[s : s + batch], sigma=sigma, m=m,
+                                       max_batch=max_batch)
+                for v in votes:
+                    pred = vote_scores(logits, v, k=k).argmax(1).cpu()
+                    ok[v][s : s + batch] &= pred == y[s : s + batch].cpu()
+    return ok
+
+
+def attack_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sigma: float, m: int,
+                 votes: list[str] | None = None, k: int = 3, eps: float = 0.3,
+                 steps: int = 20, step_size: float | None = None, attack_samples: int = 8,
+                 norm: str = "linf", substitute: nn.Module | None = None,
+                 nattack: dict[str, Any] | None = None, nattack_vote: str = "prediction",
+                 repeats: int = 3, seed: int = 0, max_batch: int = 4096, batch: int = 100,
+                 progress: bool = False) -> dict[str, Any]:
+    """Test-time table: rows = the base model (one fresh draw, sigma 0) and the smoothed
+    classifier with each vote at ``(sigma, m)``; columns = clean, PGD (one draw per step),
+    EPGD and SmoothAdv (``attack_samples`` draws), NAttack (black-box, run against the
+    deployed smoothed classifier with ``nattack_vote``; options ``nattack``, ``None`` = skip)
+    and transfer (PGD-``steps`` on ``substitute``; ``None`` = skip).
+
+    White-box points for the smoothed rows are crafted once on the noisy base at ``sigma``
+    and scored with every vote; an example counts as correct only if all ``repeats`` fresh
+    m-sample votes are correct. Accuracies come with 95% Clopper–Pearson intervals.
+    """
+    from ..attacks import PGD
+    from ..attacks.nattack import NAttack
+    from ..defenses.smoothing import SmoothedClassifier
+    from ..evaluation.stats import clopper_pearson
+
+    votes = list(votes or VOTES)
+    rows: dict[str, dict[str, torch.Tensor]] = {}
+    seconds: dict[str, float] = {}
+    n = x.shape[0]
+
+    def craft(atk, target):
+        t0 = time.perf_counter()
+        out = torch.cat([atk(target, x[s : s + batch], y[s : s + batch])
+                         for s in range(0, n, batch)])
+        return out, time.perf_counter() - t0
+
+    settings = [("base", 0.0, 1, ["prediction"]), ("smoothed", sigma, m, votes)]
+    with eval_mode(base), seeded(seed):
+        transfer_x = None
+        if substitute is not None:
+            with eval_mode(substitute):
+                transfer_x, seconds["transfer"] = craft(
+                    PGD(eps=eps, steps=steps, step_size=step_size, norm=norm, seed=seed,
+                        max_batch=max_batch), substitute)
+        for tag, sg, mm, vs in tqdm(settings, desc="table", disable=not progress, leave=False):
+            names = [f"{tag}" if tag == "base" else f"smoothed/{v}" for v in vs]
+            res = {nm: {} for nm in names}
+
+            def score(col, xa, res=res, names=names, sg=sg, mm=mm, vs=vs):
+                flags = _robust(base, xa, y, sigma=sg, m=mm, votes=vs, k=k, repeats=repeats,
+                                max_batch=max_batch, batch=batch)
+                for nm, v in zip(names, vs, strict=True):
+                    res[nm][col] = flags[v]
+
+            score("clean", x)
+            for col in ("pgd", "epgd", "smoothadv"):
+                atk = make_attack(col, sigma=sg, eps=eps, steps=steps, step_size=step_size,
+                                  samples=attack_samples, norm=norm, seed=seed,
+                                  max_batch=max_batch)
+                xa, secs = craft(atk, base)
+                seconds[f"{tag}/{col}"] = secs
+                score(col, xa)
+            if nattack is not None:
+                # the deployed model's scores; the base row's deployed model is the noisy base
+                target = base if tag == "base" else SmoothedClassifier(
+                    base, sigma=sg, m=mm, vote=nattack_vote, k=k, max_batch=max_batch)
+                xa, secs = craft(NAttack(eps=eps, seed=seed, max_batch=max_batch, **nattack),
+                                 target)
+                seconds[f"{tag}/nattack"] = secs
+                score("nattack", xa)
+            if transfer_x is not None:
+                score("transfer", transfer_x)
+            for nm in names:
+                flags = res[nm]
+                flags["worst"] = torch.stack(list(flags.values())).all(0)
+                rows[nm] = flags
+
+    def acc(flags):
+        c = int(flags.sum())
+        lo, hi = clopper_pearson(c, n)
+        return {"acc": c / n, "low": lo, "high": hi, "correct": c}
+
+    return {"n": n, "sigma": sigma, "m": m, "repeats": repeats, "eps": eps, "norm": norm,
+            "steps": steps, "attack_samples": attack_samples, "nattack": nattack,
+            "nattack_vote": nattack_vote, "seconds": seconds,
+            "rows": {nm: {col: acc(f) for col, f in cols.items()} for nm, cols in rows.items()}}
+
+
+def table_markdown(table: dict[str, Any]) -> str:
+    """Markdown for :func:`attack_table`'s result (accuracy % with 95% CI)."""
+    cols = list(next(iter(table["rows"].values())))
+    lines = [f"n={table['n']}, eps={table['eps']:g} ({table['norm']}), sigma={table['sigma']:g},"
+             f" m={table['m']}, robust = correct on all {table['repeats']} fresh votes", "",
+             "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, r in table["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{100 * r[c]['acc']:.1f} [{100 * r[c]['low']:.0f}, {100 * r[c]['high']:.0f}]"
+            for c in cols) + " |")
+    return "\n".join(lines) + "\n"

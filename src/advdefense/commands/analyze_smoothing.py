@@ -2,10 +2,12 @@
 inference, chosen on ``val``, then the chosen setting evaluated once on ``test``.
 
 Writes into ``--output``: ``sweep.json`` / ``sweep.md`` (val sweep), ``acc_vs_sigma.png``,
-``acc_vs_m.png``, ``chosen.json`` / ``chosen.md`` (the test evaluation of the chosen
-``(sigma, m, vote)`` with the harness: clean and the attacks of ``--test-attacks``, every
-accuracy scored with the full m-sample vote, repeated ``--repeats`` times) and
-``throughput.json`` (images/s vs m).
+``acc_vs_m.png``, ``test_table.json`` / ``test_table.md`` (the chosen ``(sigma, m)`` on
+``test``: the base model and every vote against PGD / EPGD / SmoothAdv, optional NAttack and
+transfer, every accuracy scored with the full m-sample vote, an example counting as robust
+only if all ``--repeats`` fresh votes are correct; see
+:func:`advdefense.analysis.smoothing_sweeps.attack_table`) and ``throughput.json``
+(images/s vs m).
 
 Example::
 
@@ -60,8 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-val", type=int, default=200, help="val examples for the sweep")
     parser.add_argument("--n-test", type=int, default=200,
                         help="test examples for the chosen setting (0 = skip)")
-    parser.add_argument("--test-attacks", type=_names, default=["pgd", "epgd", "smoothadv"],
-                        help="attacks for the test evaluation of the chosen setting")
+    parser.add_argument("--substitute", default=None,
+                        help="checkpoint of an independently trained model for the transfer "
+                             "attack (default: no transfer column)")
+    parser.add_argument("--nattack-steps", type=int, default=0,
+                        help="NAttack iterations on test (0 = skip; paper 500)")
+    parser.add_argument("--nattack-population", type=int, default=300,
+                        help="NAttack population (default 300)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="stochastic predictions per test verdict (default 3)")
     parser.add_argument("--max-batch", type=int, default=4096)
@@ -105,27 +112,26 @@ def run(args: argparse.Namespace) -> int:
                                                     indent=2))
     print("images/s vs m: " + ", ".join(f"m={k}: {v:.0f}" for k, v in speed.items()))
     if args.n_test:
-        from ..attacks import build_attack
-        from ..evaluation import AttackSpec, evaluate
-        from ..evaluation.report import to_markdown, write_report
+        from ..analysis.smoothing_sweeps import attack_table, table_markdown
 
-        smooth = SmoothedClassifier(model, sigma=best.sigma, m=best.m, vote=best.vote,
-                                    k=args.k, max_batch=args.max_batch)
-        specs = []
-        for name in args.test_attacks:
-            if name in ("pgd", "epgd", "smoothadv"):
-                atk = make_attack(name, sigma=best.sigma, eps=args.eps, steps=args.steps,
-                                  step_size=args.step_size, samples=args.attack_samples,
-                                  norm=args.norm, seed=args.seed, max_batch=args.max_batch)
-            else:
-                atk = build_attack(name, eps=args.eps, norm=args.norm, seed=args.seed)
-            specs.append(AttackSpec(name, atk))
-        data = load_split(cfg.data.name, "test", root=root, limit=args.n_test)
-        result = evaluate(smooth, data, specs, repeats=args.repeats, seed=args.seed,
-                          progress=progress, max_batch=args.max_batch, checks=False)
-        write_report(result, out / "chosen", extra={
-            "checkpoint": str(args.checkpoint), "sigma": best.sigma, "m": best.m,
-            "vote": best.vote, "chosen_on": "val"})
-        print(to_markdown(result, title=f"test: smoothed sigma={best.sigma:g} m={best.m} "
-                                        f"vote={best.vote} (chosen on val)"))
+        substitute = None
+        if args.substitute:
+            substitute, _ = load_model_from_checkpoint(args.substitute)
+        nattack = None
+        if args.nattack_steps > 0:
+            nattack = {"steps": args.nattack_steps, "population": args.nattack_population}
+        xt, yt = as_tensors(load_split(cfg.data.name, "test", root=root, limit=args.n_test))
+        table = attack_table(model, xt, yt, sigma=best.sigma, m=best.m, votes=args.votes,
+                             k=args.k, eps=args.eps, steps=args.steps,
+                             step_size=args.step_size, attack_samples=args.attack_samples,
+                             norm=args.norm, substitute=substitute, nattack=nattack,
+                             nattack_vote=best.vote, repeats=args.repeats, seed=args.seed,
+                             max_batch=args.max_batch, progress=progress)
+        table["chosen_on_val"] = asdict(best)
+        table["substitute"] = args.substitute
+        (out / "test_table.json").write_text(json.dumps(table, indent=1))
+        md = (f"test: sigma={best.sigma:g}, m={best.m} chosen on val "
+              f"(best vote there: {best.vote})\n\n" + table_markdown(table))
+        (out / "test_table.md").write_text(md)
+        print(md)
     return 0
