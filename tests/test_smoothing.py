@@ -156,3 +156,29 @@ def test_bad_arguments():
         SmoothedClassifier(nn.Identity(), sigma=0.1, vote="mean")
     with pytest.raises(AdvDefenseError):
         certify(nn.Identity(), torch.zeros(1, 1, 2, 2), sigma=0.0)
+
+
+def test_cli_analyze_smoothing_and_certify_smoke(tmp_path):
+    import json
+
+    from advdefense.cli import main
+    from advdefense.config import build_from_config, load_config, to_dict
+    from advdefense.training.checkpoint import make_checkpoint, save_checkpoint
+
+    cfg = load_config("configs/pni_at_mnist5k.yaml")
+    model, _ = build_from_config(cfg)
+    ckpt = save_checkpoint(make_checkpoint(config=to_dict(cfg), model=model), tmp_path / "c.pt")
+    out = tmp_path / "sm"
+    code = main(["analyze", "smoothing", "--checkpoint", str(ckpt), "--sigmas", "0,0.1",
+                 "--ms", "1,2", "--n-val", "6", "--n-test", "4", "--steps", "1",
+                 "--attack-samples", "2", "--repeats", "1", "--output", str(out),
+                 "--no-progress"])
+    assert code == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["records"]) == 2 * 2 * 4 and sweep["chosen_on_val"]["split"] == "val"
+    assert (out / "acc_vs_m.png").exists() and (out / "test_table.md").exists()
+    code = main(["certify", "--checkpoint", str(ckpt), "--sigma", "0.25", "--n", "50",
+                 "--n0", "10", "--limit", "3", "--output", str(tmp_path / "cert")])
+    assert code == 0
+    cert = json.loads((tmp_path / "cert" / "certify.json").read_text())
+    assert len(cert["per_example"]) == 3 and "0.25" in cert["certified_accuracy"]
