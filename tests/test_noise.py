@@ -7,8 +7,15 @@ import torch
 from torch import nn
 
 from advdefense.defenses import apply_defenses
-from advdefense.defenses.noise import (GaussianInput, NoisyLayer, WithInputNoise, apply, inject,
-                                       noisy_layers, select_group)
+from advdefense.defenses.noise import (
+    GaussianInput,
+    NoisyLayer,
+    WithInputNoise,
+    apply,
+    inject,
+    noisy_layers,
+    select_group,
+)
 from advdefense.errors import AdvDefenseError
 from advdefense.randomness import draw_groups, freeze, get_states, is_stochastic, seeded
 
@@ -67,7 +74,8 @@ def test_grouped_linear_and_bias_conv_equal_loop():
     for layer in (nn.Linear(7, 4), nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
                   nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect")):
         noisy = NoisyLayer(layer, kind="pni", mode="elementwise")
-        x = torch.randn(6, 7) if isinstance(layer, nn.Linear) else torch.randn(6, layer.in_channels, 8, 8)
+        x = (torch.randn(6, 7) if isinstance(layer, nn.Linear)
+             else torch.randn(6, layer.in_channels, 8, 8))
         with draw_groups(2):
             out = noisy(x)
         st = noisy.last_state

@@ -8,8 +8,13 @@ from scipy.stats import beta, norm
 from torch import nn
 
 from advdefense.defenses.noise import inject
-from advdefense.defenses.smoothing import (SmoothedClassifier, certify, clopper_pearson_lower,
-                                           sample_logits, vote_scores)
+from advdefense.defenses.smoothing import (
+    SmoothedClassifier,
+    certify,
+    clopper_pearson_lower,
+    sample_logits,
+    vote_scores,
+)
 from advdefense.errors import AdvDefenseError
 from advdefense.randomness import is_stochastic
 

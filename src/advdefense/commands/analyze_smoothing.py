@@ -29,14 +29,14 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected numbers, got {text!r}") from None
 
 
 def _ints(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
 
 
 def _names(text: str) -> list[str]:
@@ -79,10 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis.smoothing_sweeps import (choose, make_attack, plot_sweeps, sweep,
-                                             throughput, write_tables)
+    from ..analysis.smoothing_sweeps import (
+        choose,
+        plot_sweeps,
+        sweep,
+        throughput,
+        write_tables,
+    )
     from ..data import as_tensors, load_split
-    from ..defenses.smoothing import SmoothedClassifier
     from ..training.checkpoint import load_model_from_checkpoint
 
     if args.n_val < 1 or args.n_test < 0 or args.repeats < 1 or args.eps < 0:

@@ -287,7 +287,8 @@ class WithInputNoise(nn.Module):
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"noise {name} {value!r} is not valid; choose one of: {', '.join(choices)}")
+        raise ConfigError(
+            f"noise {name} {value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
 def inject(model: nn.Module, *, kind: str = "pni", where: str = "weights",

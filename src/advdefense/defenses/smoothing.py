@@ -233,7 +233,8 @@ class CertifyResult:
 
 @torch.no_grad()
 def certify(base: nn.Module, x: torch.Tensor, *, sigma: float, n0: int = 100, n: int = 100000,
-            alpha: float = 0.001, max_batch: int = 4096, batch_samples: int = 1000) -> CertifyResult:
+            alpha: float = 0.001, max_batch: int = 4096,
+            batch_samples: int = 1000) -> CertifyResult:
     """Cohen et al. (2019) CERTIFY for every example of ``x`` (Gaussian, L2 radius).
 
     ``n0`` selection samples, ``n`` estimation samples, failure probability ``alpha``.
