@@ -121,7 +121,8 @@ def _resolve(model: nn.Module, layer: str) -> tuple[nn.Module, str]:
 
 def _pool(f: torch.Tensor, absolute: bool) -> torch.Tensor:
     if not torch.is_tensor(f) or f.dim() < 2:
-        raise AdvDefenseError("the chosen layer does not give an (N, K, ...) tensor; choose another")
+        raise AdvDefenseError(
+            "the chosen layer does not give an (N, K, ...) tensor; choose another")
     f = f.detach()
     if absolute:
         f = f.abs()
@@ -211,7 +212,8 @@ class ChannelReport:
 
     def to_dict(self) -> dict[str, Any]:
         def stats(s: ChannelStats) -> dict[str, Any]:
-            return {"magnitude": s.magnitude.tolist(), "magnitude_active": s.magnitude_active.tolist(),
+            return {"magnitude": s.magnitude.tolist(),
+                    "magnitude_active": s.magnitude_active.tolist(),
                     "count": s.count.tolist(), "frequency": s.frequency.tolist(), "n": s.n}
 
         return {"layer": self.layer, "class": self.cls, "threshold": self.threshold,

@@ -20,7 +20,8 @@ from ..errors import AdvDefenseError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by advdefense train")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint written by advdefense train")
     parser.add_argument("--layer", required=True,
                         help="module path whose output is analysed (e.g. stages.3.1, features.13); "
                              "append ':in' for a module's input")
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-examples", type=int, default=None,
                         help="use at most this many examples of the class")
     parser.add_argument("--after-mask", action="store_true",
-                        help="at a CAS site, analyse the masked features (default: before the mask)")
+                        help="at a CAS site, analyse the masked features "
+                             "(default: before the mask)")
     parser.add_argument("--absolute", action="store_true", help="pool |activation|")
     parser.add_argument("--seed", type=int, default=0, help="attack seed")
     parser.add_argument("--batch-size", type=int, default=200)

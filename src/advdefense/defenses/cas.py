@@ -148,7 +148,8 @@ class CASModule(nn.Module):
         pooled = f.flatten(2).mean(dim=2) if f.dim() > 2 else f
         aux_logits = self.fc(pooled)
         if y is not None and (y.dim() != 1 or y.shape[0] != f.shape[0]):
-            raise AdvDefenseError(f"CAS labels must have shape ({f.shape[0]},), got {tuple(y.shape)}")
+            raise AdvDefenseError(
+                f"CAS labels must have shape ({f.shape[0]},), got {tuple(y.shape)}")
         mask = self.channel_mask(self.mask_class(aux_logits, y))
         mask = mask.view(*mask.shape, *([1] * (f.dim() - 2)))
         return f * mask, aux_logits
@@ -398,7 +399,8 @@ def apply(model: nn.Module, options: Mapping[str, Any], info) -> CASModel:
         hint = " (the CAS loss weight beta is train.recipe_args.aux_weight)" if (
             {"beta", "aux_weight", "cr_beta"} & set(unknown)) else ""
         raise ConfigError(
-            f"unknown defense.cas option(s) {', '.join(unknown)}; valid: {', '.join(OPTIONS)}{hint}")
+            f"unknown defense.cas option(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(OPTIONS)}{hint}")
     mask = options.get("mask", "signed")
     if mask not in MASKS:
         raise ConfigError(f"defense.cas.mask must be one of {', '.join(MASKS)}, got {mask!r}")
