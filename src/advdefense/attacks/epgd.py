@@ -101,7 +101,7 @@ def smoothadv_loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, s
             xs = xin[s : s + ex_chunk]
             return model(xs.repeat(kc, *([1] * (x.dim() - 1)))).view(kc, xs.shape[0], -1)
 
-    p_sum = torch.zeros(n, device=x.device)
+    p_sum = torch.zeros(n, device=x.device, dtype=x.dtype)
     logit_parts: dict[int, list[torch.Tensor]] = {}
     with torch.no_grad():
         for j, (s, _k0, kc) in enumerate(plan):

@@ -91,13 +91,17 @@ class NoiseState:
         return 1 if self.w1 is None else self.w1.shape[0]
 
 
-def select_group(state: NoiseState, j: int, groups: int) -> NoiseState:
-    """The state of draw group ``j`` out of ``groups`` (for tests and per-draw replays)."""
+def select_group(state: NoiseState | torch.Tensor, j: int, groups: int
+                 ) -> NoiseState | torch.Tensor:
+    """The state of draw group ``j`` out of ``groups`` (for tests and per-draw replays) of a
+    :class:`NoisyLayer` (a :class:`NoiseState`) or a :class:`GaussianInput` (a tensor)."""
     def rows(t):
         if t is None:
             return None
         n = t.shape[0] // groups
         return t[j * n : (j + 1) * n]
+    if isinstance(state, torch.Tensor):
+        return rows(state)
     return NoiseState(
         None if state.w1 is None else state.w1[j : j + 1],
         None if state.w2 is None else state.w2[j : j + 1],
@@ -128,20 +132,21 @@ class NoisyLayer(StochasticModule):
         w = layer.weight
         out_ch = w.shape[0]
         in_ch = w.shape[1] * (layer.groups if isinstance(layer, nn.Conv2d) else 1)
+        like = {"dtype": w.dtype, "device": w.device}
         if self.weight_noise:
             if kind == "pni":
                 shape = {"layerwise": (1,), "elementwise": tuple(w.shape),
                          "channelwise": (out_ch,) + (1,) * (w.dim() - 1)}[mode]
-                self.alpha_w = _no_decay(nn.Parameter(torch.full(shape, float(alpha_init))))
+                self.alpha_w = _no_decay(nn.Parameter(torch.full(shape, float(alpha_init), **like)))
             else:
-                self.alpha_w = _no_decay(nn.Parameter(torch.full((w.numel(),), alpha_init**2)))
-                self.factor_w = _no_decay(nn.Parameter(0.01 * torch.randn(w.numel(), self.rank)))
+                self.alpha_w = _no_decay(nn.Parameter(torch.full((w.numel(),), alpha_init**2, **like)))
+                self.factor_w = _no_decay(nn.Parameter(0.01 * torch.randn(w.numel(), self.rank, **like)))
         if self.input_noise:
             if kind == "pni":
-                self.alpha_i = _no_decay(nn.Parameter(torch.full((1,), float(alpha_init))))
+                self.alpha_i = _no_decay(nn.Parameter(torch.full((1,), float(alpha_init), **like)))
             else:
-                self.alpha_i = _no_decay(nn.Parameter(torch.full((in_ch,), alpha_init**2)))
-                self.factor_i = _no_decay(nn.Parameter(0.01 * torch.randn(in_ch, self.rank)))
+                self.alpha_i = _no_decay(nn.Parameter(torch.full((in_ch,), alpha_init**2, **like)))
+                self.factor_i = _no_decay(nn.Parameter(0.01 * torch.randn(in_ch, self.rank, **like)))
 
     def extra_repr(self) -> str:
         where = "+".join(n for n, on in (("weights", self.weight_noise),
