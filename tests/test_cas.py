@@ -238,3 +238,123 @@ def test_heads_objective_sees_the_aux_heads_in_eval():
         loss_adapt, loss_main + 2.0 * F.cross_entropy(aux[0], y, reduction="none"))
     x_adv = PGD(eps=0.1, steps=2, loss=HeadsObjective(aux_weight=2.0), seed=0)(model, x, y)
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
+# --- loss composition with the Trainer's recipes ---------------------------------------------
+
+def hand_forward(model, x, y):
+    """Train-mode forward of the two-site tiny CAS model, written out by hand."""
+    b = model.model.body
+    s1, s2 = b[1], b[3]
+    f1 = s1.module(b[0](x))
+    aux1 = F.linear(f1.mean(dim=(2, 3)), s1.cas.fc.weight, s1.cas.fc.bias)
+    f2 = s2.module(b[2](f1 * s1.cas.fc.weight[y][:, :, None, None]))
+    aux2 = F.linear(f2.mean(dim=(2, 3)), s2.cas.fc.weight, s2.cas.fc.bias)
+    m2 = f2 * s2.cas.fc.weight[y][:, :, None, None]
+    return model.model.head(m2.mean(dim=(2, 3))), [aux1, aux2]
+
+
+def kl(ln, la):  # KL(p(ln) || p(la)) per row
+    p = F.softmax(ln, 1)
+    return (p * (F.log_softmax(ln, 1) - F.log_softmax(la, 1))).sum(1)
+
+
+def trades_term(ln, la, y, beta):
+    return F.cross_entropy(ln, y) + beta * kl(ln, la).mean()
+
+
+def mart_term(ln, la, y, beta):
+    p_adv = F.softmax(la, 1)
+    others = p_adv.scatter(1, y[:, None], float("-inf"))
+    wrong = others.argmax(1)
+    bce = F.cross_entropy(la, y) - torch.log(
+        1.0001 - p_adv.gather(1, wrong[:, None]).squeeze(1) + 1e-12).mean()
+    p_nat = F.softmax(ln, 1)
+    kl_rows = (p_nat * (torch.log(p_nat) - torch.log(p_adv + 1e-12))).sum(1)
+    w = 1.0000001 - p_nat.gather(1, y[:, None]).squeeze(1)  # each head's own p_y(x)
+    return bce + beta * (kl_rows * w).mean()
+
+
+ATTACK = None
+
+
+def attack_cfg():
+    from advdefense.config import AttackConfig
+
+    return AttackConfig(eps=0.1, steps=2, step_size=0.05)
+
+
+def fixed_inputs(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(6, 1, 5, 5, generator=g)
+    x_adv = (x + 0.1 * (2 * torch.rand(x.shape, generator=g) - 1)).clamp(0, 1)
+    y = torch.tensor([0, 1, 2, 3, 4, 6])
+    return x, x_adv, y
+
+
+def with_fixed_adversary(recipe, x_adv):
+    if hasattr(recipe, "attack"):
+        recipe.attack = lambda model, x, y: x_adv
+    recipe._ascend = lambda model, x, y, objective: x_adv
+    return recipe
+
+
+@pytest.mark.parametrize("beta", [2.0, 0.0])
+@pytest.mark.parametrize("name", ["pgd_at", "trades", "mart", "standard"])
+def test_recipes_compose_the_cas_loss_as_the_reference(name, beta):
+    from advdefense.training.recipes import build_recipe
+
+    model = tiny_cas(places=("body.1", "body.3")).train()
+    x, x_adv, y = fixed_inputs()
+    args = {"aux_weight": beta}
+    if name in ("trades", "mart"):
+        args["beta"] = 6.0
+    recipe = with_fixed_adversary(build_recipe(name, attack_cfg(), **args), x_adv)
+    loss, _logs = recipe.loss(model, x, y)
+    nat, nat_aux = hand_forward(model, x, y)
+    adv, adv_aux = hand_forward(model, x_adv, y)
+    if name == "standard":
+        main, heads = F.cross_entropy(nat, y), [F.cross_entropy(a, y) for a in nat_aux]
+    elif name == "pgd_at":  # CE main + beta * mean_s CE aux_s, on x'
+        main, heads = F.cross_entropy(adv, y), [F.cross_entropy(a, y) for a in adv_aux]
+    elif name == "trades":  # every head: CE(nat) + 6 KL(nat || adv)
+        main = trades_term(nat, adv, y, 6.0)
+        heads = [trades_term(a, b, y, 6.0) for a, b in zip(nat_aux, adv_aux, strict=True)]
+    else:  # every head: its own MART terms
+        main = mart_term(nat, adv, y, 6.0)
+        heads = [mart_term(a, b, y, 6.0) for a, b in zip(nat_aux, adv_aux, strict=True)]
+    expected = main + beta * (heads[0] + heads[1]) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # beta = 0 is the plain recipe: the aux heads' biases (which only feed the aux logits in
+    # training) get no gradient; with beta > 0 they do
+    biases = [m.fc.bias for m in model.cas_modules()]
+    grads = torch.autograd.grad(loss, biases, allow_unused=True)
+    total = sum(0.0 if g is None else float(g.abs().sum()) for g in grads)
+    assert (total > 0) == (beta > 0)
+
+
+def test_training_attacks_maximise_main_plus_beta_aux():
+    from advdefense.training.recipes import KLObjective, build_recipe
+
+    at = build_recipe("pgd_at", attack_cfg(), aux_weight=2.0)
+    assert isinstance(at.attack.objective, HeadsObjective) and at.attack.objective.aux_weight == 2
+    seen = {}
+    mart = build_recipe("mart", attack_cfg(), aux_weight=2.0)
+    trades = build_recipe("trades", attack_cfg(), aux_weight=2.0)
+    for recipe in (mart, trades):
+        recipe._ascend = lambda model, x, y, objective, r=recipe: seen.__setitem__(
+            r.name, objective) or x
+    model = tiny_cas(places=("body.1", "body.3")).train()
+    x, _, y = fixed_inputs()
+    mart.loss(model, x, y)
+    trades.loss(model, x, y)
+    assert isinstance(seen["mart"], HeadsObjective) and seen["mart"].aux_weight == 2.0
+    assert isinstance(seen["trades"], KLObjective) and len(seen["trades"].p_nat_aux) == 2
+
+
+def test_cas_model_asks_the_trainer_for_beta_2_unless_the_config_says_otherwise():
+    from advdefense.training.recipes import recipe_defaults
+
+    model = tiny_cas()
+    assert recipe_defaults(model) == {"aux_weight": 2.0}
+    assert {**recipe_defaults(model), **{"aux_weight": 0.0}}["aux_weight"] == 0.0

@@ -21,6 +21,12 @@ In this package the sum is not a new recipe: every training recipe (``standard``
     defense: {cas: {placement: default, mask: signed}}
     train:   {recipe_args: {aux_weight: 2.0}}     # = CAS β; 0 gives the plain recipe
 
+Shipped configs set ``aux_weight`` explicitly. As a safety net the :class:`CASModel` also
+carries ``recipe_defaults = {"aux_weight": 2.0}``, which the Trainer merges *under*
+``train.recipe_args`` (an explicit value, including 0, always wins), so a config that forgets
+the weight still trains the auxiliary heads with the paper's β instead of silently leaving
+them to the main loss alone.
+
 so AT+CAS is ``CE(main) + β·mean_s CE(aux_s)``, TRADES+CAS gives every head its own CE + KL
 terms and MART+CAS every head its own MART terms, as in the reference code. Attacks reach the
 heads through :class:`advdefense.attacks.HeadsObjective` (``main + β·aux``, the reference's
@@ -33,7 +39,9 @@ API.
   return a :class:`CASModel`, whose ``model(x)`` gives the main logits and whose
   ``forward_with_aux(x, y=None)`` gives ``(logits, [aux_logits per CAS module])``;
 * :func:`default_placement` -- the paper's sites for resnet18 / wrn34_10 (and our smallcnn);
-* :func:`apply` -- the defense-registry entry point (``defense: {cas: {...}}``).
+* :func:`apply` -- the defense-registry entry point (``defense: {cas: {...}}``);
+* :func:`attack_specs` -- main-logit and adaptive (main + β·aux) PGD and APGD-DLR rows for
+  :func:`advdefense.evaluation.evaluate`.
 
 Placement syntax: a module path as in ``model.named_modules()`` (``"stages.3.0"``) puts CAS on
 that module's *output*; the suffix ``":in"`` (``"linear:in"``) puts it on the module's first
@@ -235,10 +243,14 @@ class CASModel(nn.Module):
     ``forward_with_aux(x, y=None)`` returns ``(logits, [aux_logits of each site])`` in the order
     of :attr:`placements`, using ``y`` for the training-mode masks."""
 
-    def __init__(self, model: nn.Module, placements: Sequence[str]) -> None:
+    def __init__(self, model: nn.Module, placements: Sequence[str], *,
+                 aux_weight: float = 2.0) -> None:
         super().__init__()
         self.model = model
         self.placements = list(placements)
+        # The Trainer merges this under train.recipe_args (explicit values win), so a config
+        # that forgets aux_weight still trains the heads with the paper's beta = 2.
+        self.recipe_defaults = {"aux_weight": float(aux_weight)}
 
     def sites(self) -> list[CASSite]:
         """The CAS sites in placement order."""
@@ -416,5 +428,39 @@ def apply(model: nn.Module, options: Mapping[str, Any], info) -> CASModel:
                       input_shape=(info.in_channels, info.image_size, info.image_size))
 
 
-__all__ = ["CASModel", "CASModule", "CASSite", "MASKS", "apply", "attach_cas",
+def attack_specs(
+    eps: float,
+    *,
+    aux_weight: float = 2.0,
+    steps: int = 20,
+    step_size: float | None = None,
+    seed: int = 0,
+    apgd: bool = True,
+    adaptive: bool = True,
+) -> list:
+    """The attacks a CAS model should be evaluated with (as :class:`AttackSpec` rows for
+    :func:`advdefense.evaluation.evaluate`): PGD-``steps`` on the main logits alone and on the
+    adaptive ``main + aux_weight * mean aux`` loss (the reference's), and APGD-DLR (Croce & Hein
+    2020) with both losses. ``step_size`` defaults to ``eps / 4``. With ``adaptive=False`` only
+    the main-logit rows are built (for models without heads, where both coincide)."""
+    from ..attacks import PGD, HeadsObjective, build_attack
+    from ..evaluation.harness import AttackSpec
+
+    step = eps / 4 if step_size is None else float(step_size)
+    specs = [AttackSpec(f"pgd-{steps} main", PGD(eps=eps, steps=steps, step_size=step,
+                                                 seed=seed))]
+    if adaptive:
+        specs.append(AttackSpec(f"pgd-{steps} main+{aux_weight:g}aux", PGD(
+            eps=eps, steps=steps, step_size=step, seed=seed,
+            loss=HeadsObjective("ce", aux_weight=aux_weight))))
+    if apgd:
+        specs.append(AttackSpec("apgd-dlr main", build_attack("apgd-dlr", eps=eps, seed=seed)))
+        if adaptive:
+            specs.append(AttackSpec(f"apgd-dlr main+{aux_weight:g}aux", build_attack(
+                "apgd-dlr", eps=eps, seed=seed,
+                loss=HeadsObjective("dlr", aux_weight=aux_weight))))
+    return specs
+
+
+__all__ = ["CASModel", "CASModule", "CASSite", "MASKS", "apply", "attach_cas", "attack_specs",
            "default_placement"]
