@@ -14,7 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 ANALYSES: dict[str, tuple[str, str]] = {
-    "transfer": ("advdefense.commands.analyze_transfer", "transferability matrix across norms (RNA)"),
+    "transfer": ("advdefense.commands.analyze_transfer",
+                 "transferability matrix across norms (RNA)"),
     "channels": ("advdefense.commands.analyze_channels", "channel activation statistics (CAS)"),
     "smoothing": ("advdefense.commands.analyze_smoothing", "sigma / m sweeps of smoothing"),
 }

@@ -1,0 +1,297 @@
+"""Presets for ``advdefense demo`` and ``advdefense reproduce``: configs + evaluation plans.
+
+All CPU presets use ``smallcnn`` on the offline ``mnist5k`` data (L-inf eps 0.3, the MNIST
+convention). Budgets are sized from DESIGN.md's measurements on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .reproduction import Plan, checks_from_result, table_from_result
+
+EPS = 0.3
+CURVE_EPS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4]
+
+
+def mnist5k_config(name: str, *, recipe: str = "standard", epochs: int = 4, seed: int = 0,
+                   attack: dict | None = None, recipe_args: dict | None = None,
+                   defense: dict | None = None, lr: float = 1e-3) -> dict[str, Any]:
+    """A smallcnn/mnist5k experiment config (Adam, batch 100) as a plain dict."""
+    return {
+        "name": name, "seed": seed,
+        "data": {"name": "mnist5k", "batch_size": 100, "monitor_size": 200},
+        "model": {"name": "smallcnn", "norm": "bn"},
+        "defense": copy.deepcopy(defense or {}),
+        "train": {
+            "recipe": recipe, "epochs": epochs,
+            "optimizer": {"name": "adam", "lr": lr, "weight_decay": 0.0},
+            "schedule": {"name": "none"},
+            "recipe_args": copy.deepcopy(recipe_args or {}),
+            "attack": attack or {"eps": EPS, "steps": 7, "step_size": 0.1, "norm": "linf",
+                                 "random_start": True},
+            "monitor_attack": {"eps": EPS, "steps": 10, "step_size": EPS / 4},
+        },
+    }
+
+
+def evaluate_deterministic(model, x, y, plan: Plan) -> dict[str, Any]:
+    """Clean, FGSM, PGD-20, CW-L-inf and APGD-CE at eps 0.3, plus the failure checks."""
+    from .evaluation.harness import evaluate, standard_attack_specs
+
+    result = evaluate(model, (x, y), standard_attack_specs(EPS, seed=plan.config["seed"]),
+                      seed=plan.config["seed"])
+    return {"tables": [table_from_result(result, title=f"eps = {EPS} (L-inf), {len(y)} "
+                                         "mnist5k test images")],
+            "checks": checks_from_result(result)}
+
+
+def demo_plans(seed: int = 0) -> list[Plan]:
+    """The demo: a standard and a PGD-AT smallcnn (PGD-7, step 0.1, eps 0.3)."""
+    return [
+        Plan("standard", "Standard training (4 epochs)",
+             mnist5k_config("demo_standard", epochs=4, seed=seed), evaluate_deterministic,
+             notes="Cross-entropy on clean images, Adam 1e-3, batch 100."),
+        Plan("pgd_at", "PGD adversarial training (Madry et al. 2018, 6 epochs)",
+             mnist5k_config("demo_pgd_at", recipe="pgd_at", epochs=6, seed=seed),
+             evaluate_deterministic,
+             notes="Cross-entropy on PGD-7 examples (eps 0.3, step 0.1, random start), after "
+                   "the same Adam 1e-3, batch 100."),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# ``advdefense reproduce --preset mnist5k``: every defense, paper protocol beside adaptive.
+# --------------------------------------------------------------------------------------------
+
+# CPU budgets of the adaptive suites (the reference settings are in ``suite_plan``; on 2 CPU
+# cores 8 models x reference AutoAttack would take hours). Every reduction is named in the
+# report's attack labels.
+CPU_BUDGET = {"n_targets": 3, "square_queries": 1000, "eot": 8, "repeats": 10,
+              "rand_square_queries": 300}
+FULL_BUDGET = {"n_targets": 9, "square_queries": 5000, "eot": 20, "repeats": 10,
+               "rand_square_queries": 5000}
+
+
+def standard_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
+    """AutoAttack's standard cascade (APGD-CE, APGD-T, FAB-T, Square) at a budget."""
+    from .attacks import build_attack
+
+    t, q = budget["n_targets"], budget["square_queries"]
+    return [
+        ("apgd-ce", build_attack("apgd-ce", eps=eps, seed=seed)),
+        (f"apgd-t ({t} targets)", build_attack("apgd-t", eps=eps, n_target_classes=t, seed=seed)),
+        (f"fab-t ({t} targets)", build_attack("fab-t", eps=eps, n_target_classes=t, seed=seed)),
+        (f"square ({q} q)", build_attack("square", eps=eps, n_queries=q, seed=seed)),
+    ]
+
+
+def rand_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
+    """The ``rand`` cascade: APGD-CE/DLR with batched EOT, Square on the EOT-averaged loss."""
+    from .attacks import build_attack
+
+    k, q = budget["eot"], budget["rand_square_queries"]
+    return [
+        (f"apgd-ce+eot{k}", build_attack("apgd-ce", eps=eps, eot_samples=k, seed=seed)),
+        (f"apgd-dlr+eot{k}", build_attack("apgd-dlr", eps=eps, eot_samples=k, seed=seed)),
+        (f"square+eot{min(k, 4)} ({q} q)",
+         build_attack("square", eps=eps, n_queries=q, eot_samples=min(k, 4), seed=seed)),
+    ]
+
+
+def _suite_table(model, x, y, attacks, *, title: str, budget: dict, seed: int,
+                 eps: float):
+    from .evaluation.suite import run_suite
+
+    result = run_suite(model, (x, y), suite="custom", eps=eps, attacks=attacks,
+                       repeats=budget["repeats"], eot_samples=budget["eot"], seed=seed)
+    return table_from_result(result, title=title), checks_from_result(result)
+
+
+def make_evaluator(kind: str, budget: dict):
+    """The evaluation of one preset entry: ``kind`` in deterministic | cas | rna | smoothing."""
+
+    def run(model, x, y, plan: Plan) -> dict[str, Any]:
+        from .attacks import PGD, HeadsObjective, build_attack
+        from .evaluation.harness import AttackSpec, evaluate, standard_attack_specs
+
+        seed = plan.config["seed"]
+        eps = plan.extra.get("eps", EPS)
+        tables, checks, markdown = [], [], []
+        if kind == "deterministic":
+            paper = evaluate(model, (x, y), standard_attack_specs(eps, seed=seed), seed=seed)
+            tables.append(table_from_result(paper, title="Paper protocol: FGSM, PGD-20, "
+                                            "CW-L-inf, APGD-CE (white-box)"))
+            checks += checks_from_result(paper)
+            t, c = _suite_table(model, x, y, standard_suite_attacks(budget, seed, eps),
+                                title="Adaptive: AutoAttack-style cascade", budget=budget,
+                                seed=seed, eps=eps)
+            tables.append(t)
+            checks += c
+        elif kind == "cas":
+            beta = plan.config["train"]["recipe_args"].get("aux_weight", 2.0)
+            specs = [
+                AttackSpec("fgsm", build_attack("fgsm", eps=eps, seed=seed)),
+                AttackSpec("pgd-20 main+β·aux (reference)",
+                           PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
+                               loss=HeadsObjective("ce", aux_weight=beta))),
+                AttackSpec("cw main+β·aux (reference)",
+                           PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
+                               loss=HeadsObjective("margin", aux_weight=beta))),
+                AttackSpec("pgd-20 main only",
+                           PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed)),
+                AttackSpec("apgd-dlr", build_attack("apgd-dlr", eps=eps, seed=seed)),
+            ]
+            res = evaluate(model, (x, y), specs, seed=seed)
+            tables.append(table_from_result(
+                res, title=f"Paper protocol (the CAS code's adaptive loss main + {beta:g}·aux) "
+                           "beside the main-logit loss and APGD-DLR"))
+            checks += checks_from_result(res)
+            t, c = _suite_table(model, x, y, standard_suite_attacks(budget, seed, eps),
+                                title="Adaptive: AutoAttack-style cascade", budget=budget,
+                                seed=seed, eps=eps)
+            tables.append(t)
+            checks += c
+        elif kind == "rna":
+            from .analysis.rna_report import rna_report
+
+            rep = rna_report(model, x, y, eps=eps, eot_samples=budget["eot"],
+                             repeats=budget["repeats"], seed=seed)
+            markdown.append("Paper protocol (attack on path A, classify on fresh paths) beside "
+                            "fixed-path white-box and EOT over paths; accuracy = correct on all "
+                            f"{budget['repeats']} fresh predictions:\n\n" + rep.to_markdown())
+            checks += checks_from_result(rep.result)
+            t, c = _suite_table(model, x, y, rand_suite_attacks(budget, seed, eps),
+                                title="Adaptive: rand cascade (batched EOT over paths)",
+                                budget=budget, seed=seed, eps=eps)
+            tables.append(t)
+            checks += c
+        elif kind == "smoothing":
+            from .analysis.smoothing_sweeps import attack_table, table_markdown
+
+            sm = plan.extra["smoothing"]
+            table = attack_table(model, x, y, sigma=sm["sigma"], m=sm["m"], eps=eps,
+                                 attack_samples=budget["eot"], repeats=3, seed=seed,
+                                 nattack=sm.get("nattack"))
+            markdown.append(
+                f"Smoothed inference over the noisy model (σ = {sm['sigma']}, m = {sm['m']}, "
+                "fixed before looking at the test set). Columns: PGD with one noise draw per "
+                "step (the SIAM paper's protocol), EPGD and SmoothAdv with "
+                f"{budget['eot']} draws (adaptive), NAttack (black-box):\n\n"
+                + table_markdown(table))
+            paper = evaluate(model, (x, y), standard_attack_specs(eps, seed=seed),
+                             repeats=budget["repeats"], seed=seed)
+            tables.append(table_from_result(paper, title="Base PNI model, no smoothing: "
+                                            "attacks with one noise draw per step (PNI paper)"))
+            checks += checks_from_result(paper)
+            t, c = _suite_table(model, x, y, rand_suite_attacks(budget, seed, eps),
+                                title="Base PNI model: rand cascade (batched EOT over noise)",
+                                budget=budget, seed=seed, eps=eps)
+            tables.append(t)
+            checks += c
+        return {"tables": tables, "checks": checks, "markdown": markdown}
+
+    return run
+
+
+def mnist5k_plans(seed: int = 0, *, budget: dict | None = None,
+                  epochs: int = 6) -> list[Plan]:
+    """Standard, PGD-AT, TRADES, MART, AT+CAS, TRADES+CAS, RNA (AT), PNI-W (AT) + smoothing."""
+    budget = budget or CPU_BUDGET
+    det, cas = make_evaluator("deterministic", budget), make_evaluator("cas", budget)
+    at = dict(recipe="pgd_at", epochs=epochs, seed=seed)
+    cas_def = {"cas": {"placement": "default"}}
+    return [
+        Plan("standard", "Standard training", mnist5k_config("standard", epochs=4, seed=seed),
+             det),
+        Plan("pgd_at", "PGD-AT (Madry et al. 2018)", mnist5k_config("pgd_at", **at), det),
+        Plan("trades", "TRADES (β = 6)",
+             mnist5k_config("trades", **{**at, "recipe": "trades"},
+                            recipe_args={"beta": 6.0}), det),
+        Plan("mart", "MART (β = 6)",
+             mnist5k_config("mart", **{**at, "recipe": "mart"}, recipe_args={"beta": 6.0}), det),
+        Plan("at_cas", "PGD-AT + CAS (β = 2)",
+             mnist5k_config("at_cas", **at, defense=cas_def, recipe_args={"aux_weight": 2.0}),
+             cas),
+        Plan("trades_cas", "TRADES + CAS (β_TRADES = 6, β_CAS = 2)",
+             mnist5k_config("trades_cas", **{**at, "recipe": "trades"}, defense=cas_def,
+                            recipe_args={"beta": 6.0, "aux_weight": 2.0}), cas),
+        Plan("rna_at", "RNA (BN+IN, PGD-AT with black-box paths as the reference)",
+             mnist5k_config("rna_at", **at,
+                            defense={"rna": {"space": ["bn", "in"], "granularity": "call"}},
+                            recipe_args={"draw": "independent"}),
+             make_evaluator("rna", budget),
+             extra={"curve": {"eot_samples": budget["eot"], "repeats": budget["repeats"]}}),
+        Plan("pni_at", "PNI-W (layer-wise, PGD-AT 0.5 clean + 0.5 adv) + smoothing",
+             mnist5k_config("pni_at", **at,
+                            defense={"noise": {"kind": "pni", "where": "weights",
+                                               "mode": "layerwise"}},
+                            recipe_args={"clean_weight": 0.5, "attack_label": "predicted"}),
+             make_evaluator("smoothing", budget),
+             extra={"smoothing": {"sigma": 0.1, "m": 32, "nattack": {"steps": 100}},
+                    "curve": {"eot_samples": budget["eot"], "repeats": budget["repeats"]}}),
+    ]
+
+
+REPRODUCE_INTRO = (
+    "Every model is evaluated under its paper's own protocol **and** under adaptive attacks, "
+    "side by side. Accuracies carry 95% Clopper-Pearson intervals; for randomized models an "
+    "example counts as robust only if all repeated stochastic predictions are correct. "
+    "Attack budgets (CPU): {budget}; labels in the tables name every reduction from the "
+    "reference AutoAttack settings.")
+
+
+def cifar10_plans(seed: int = 0, *, budget: dict | None = None, quick: bool = False
+                  ) -> list[Plan]:
+    """The same study with the papers' CIFAR-10 settings (for a GPU): ResNet-18 for AT, TRADES,
+    MART, CAS and RNA (SGD 0.1, momentum 0.9, wd 5e-4, batch 128, eps 8/255, PGD-10 step
+    2/255); ResNet-20 for PNI-W (160 epochs, x0.1 at 80 and 120, wd 3e-4)."""
+    budget = budget or FULL_BUDGET
+    eps = 8 / 255
+
+    def cfg(name, recipe, *, epochs=200, milestones=(100, 150), model="resnet18", wd=5e-4,
+            defense=None, recipe_args=None):
+        return {
+            "name": name, "seed": seed,
+            "data": {"name": "cifar10", "batch_size": 128, "augment": True,
+                     "monitor_size": 1000},
+            "model": {"name": model, "norm": "bn"}, "defense": defense or {},
+            "train": {"recipe": recipe, "epochs": 2 if quick else epochs,
+                      "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9,
+                                    "weight_decay": wd},
+                      "schedule": {"name": "step", "milestones": list(milestones),
+                                   "gamma": 0.1},
+                      "recipe_args": recipe_args or {},
+                      "attack": {"eps": eps, "steps": 10, "step_size": 2 / 255,
+                                 "random_start": True},
+                      "monitor_attack": {"eps": eps, "steps": 20, "step_size": 2 / 255}},
+        }
+
+    ex = {"eps": eps}
+    det, cas = make_evaluator("deterministic", budget), make_evaluator("cas", budget)
+    cas_def = {"cas": {"placement": "default"}}
+    return [
+        Plan("standard", "Standard training", cfg("standard", "standard"), det, extra=ex),
+        Plan("pgd_at", "PGD-AT", cfg("pgd_at", "pgd_at"), det, extra=ex),
+        Plan("trades", "TRADES (β = 6)", cfg("trades", "trades", epochs=100,
+             milestones=(75, 90), recipe_args={"beta": 6.0}), det, extra=ex),
+        Plan("mart", "MART (β = 6)", cfg("mart", "mart", epochs=120, milestones=(75, 90),
+             wd=2e-4, recipe_args={"beta": 6.0}), det, extra=ex),
+        Plan("at_cas", "PGD-AT + CAS", cfg("at_cas", "pgd_at", epochs=120, milestones=(75, 90),
+             wd=1e-4, defense=cas_def, recipe_args={"aux_weight": 2.0}), cas, extra=ex),
+        Plan("trades_cas", "TRADES + CAS", cfg("trades_cas", "trades", epochs=100,
+             milestones=(75, 90), defense=cas_def,
+             recipe_args={"beta": 6.0, "aux_weight": 2.0}), cas, extra=ex),
+        Plan("rna_at", "RNA (BN+IN, black-box AT)", cfg(
+            "rna_at", "pgd_at", defense={"rna": {"space": ["bn", "in"]}},
+            recipe_args={"draw": "independent"}), make_evaluator("rna", budget),
+            extra={**ex, "curve": {"eot_samples": budget["eot"]}}),
+        Plan("pni_at", "PNI-W (ResNet-20) + smoothing", cfg(
+            "pni_at", "pgd_at", epochs=160, milestones=(80, 120), model="resnet20", wd=3e-4,
+            defense={"noise": {"kind": "pni", "where": "weights", "mode": "layerwise"}},
+            recipe_args={"clean_weight": 0.5, "attack_label": "predicted"}),
+            make_evaluator("smoothing", budget),
+            extra={**ex, "smoothing": {"sigma": 0.06, "m": 512, "nattack": {"steps": 500}},
+                   "curve": {"eot_samples": budget["eot"]}}),
+    ]

@@ -1,0 +1,244 @@
+"""Train-then-evaluate pipelines behind ``advdefense demo`` and ``advdefense reproduce``.
+
+A *preset* is a list of :class:`Plan` entries, each a full experiment config (saved next to its
+checkpoint) plus how to evaluate the trained model. Every step is resumable: a model whose
+checkpoint already holds all epochs is not retrained, and a half-trained one resumes from its
+last epoch; evaluations are cached as JSON next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """One model of a preset: a config dict and an evaluation function.
+
+    ``evaluate(model, x, y, plan) -> dict`` returns a JSON-able section of the report
+    (``{"tables": [...], "checks": [...], "curves": {...}}``, see :func:`table_from_result`).
+    """
+
+    key: str
+    title: str
+    config: dict[str, Any]
+    evaluate: Callable[..., dict[str, Any]]
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train_plan(plan: Plan, root: Path, *, progress: bool = False):
+    """Train (or resume, or reuse) the plan's model; returns ``(model, cfg, seconds)``."""
+    from .config import config_from_dict
+    from .training.checkpoint import load_checkpoint, load_model_from_checkpoint
+    from .training.trainer import Trainer
+
+    cfg_dict = copy.deepcopy(plan.config)
+    cfg_dict["output_dir"] = str(root / plan.key)
+    cfg = config_from_dict(cfg_dict)
+    ckpt = Path(cfg.output_dir) / "last.pt"
+    t0 = time.perf_counter()
+    done = False
+    if ckpt.exists():
+        try:
+            done = int(load_checkpoint(ckpt).get("epoch", -1)) + 1 >= cfg.train.epochs
+        except Exception:  # a broken checkpoint is retrained from scratch below
+            done = False
+    if not done:
+        trainer = Trainer(cfg, progress=progress)
+        try:
+            trainer.fit(resume=ckpt.exists())
+        finally:
+            trainer.close()
+    model, cfg = load_model_from_checkpoint(ckpt)
+    return model, cfg, time.perf_counter() - t0
+
+
+def table_from_result(result, *, title: str, protocol_names: dict[str, str] | None = None):
+    """A JSON-able table (rows of accuracy with CI) from an :class:`EvalResult`."""
+    protocol_names = protocol_names or {}
+    rows = []
+    for row in result.rows():
+        acc = row["all"]
+        rows.append({
+            "attack": row["attack"],
+            "protocol": protocol_names.get(row["protocol"], row["protocol"]),
+            "accuracy": acc.value, "ci": [acc.low, acc.high], "n": acc.n,
+            "majority": row["majority"].value if result.stochastic else None,
+            "single": row["single"].value if result.stochastic else None,
+            "seconds": row["seconds"],
+        })
+    return {"title": title, "stochastic": result.stochastic, "repeats": result.repeats,
+            "rows": rows}
+
+
+def checks_from_result(result) -> list[dict[str, Any]]:
+    return [c.as_dict() for c in getattr(result, "checks", [])]
+
+
+def eps_curve(model, x, y, eps_list, *, steps: int = 20, eot_samples: int = 1,
+              repeats: int = 10, protocol: str = "fresh", seed: int = 0) -> list[dict]:
+    """Robust accuracy of PGD-``steps`` (step eps/4) at each eps, with CIs."""
+    from .attacks import PGD
+    from .evaluation.harness import AttackSpec, evaluate
+
+    points = []
+    for eps in eps_list:
+        if eps == 0:
+            res = evaluate(model, (x, y), [], repeats=repeats, checks=False, seed=seed)
+            acc = res.accuracy("clean")
+        else:
+            atk = PGD(eps=eps, steps=steps, step_size=eps / 4, eot_samples=eot_samples,
+                      seed=seed)
+            res = evaluate(model, (x, y), [AttackSpec("pgd", atk, protocol)], repeats=repeats,
+                           checks=False, seed=seed)
+            acc = res.accuracy(f"pgd/{protocol}")
+        points.append({"eps": eps, "accuracy": acc.value, "ci": [acc.low, acc.high]})
+    return points
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, *, title: str) -> Path:
+    """Robust accuracy against eps, one line per curve, 95% CI error bars (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in curves.items():
+        eps = [p["eps"] for p in pts]
+        acc = [100 * p["accuracy"] for p in pts]
+        err = [[100 * (p["accuracy"] - p["ci"][0]) for p in pts],
+               [100 * (p["ci"][1] - p["accuracy"]) for p in pts]]
+        ax.errorbar(eps, acc, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xlabel("eps (L-inf, pixel scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def markdown_table(table: dict[str, Any]) -> str:
+    stochastic = table.get("stochastic")
+    head = "| attack | protocol | accuracy % [95% CI] | n |"
+    sep = "|---|---|---|---|"
+    if stochastic:
+        head += " majority % | single % |"
+        sep += "---|---|"
+    head += " seconds |"
+    sep += "---|"
+    lines = [f"**{table['title']}**", "", head, sep]
+    for r in table["rows"]:
+        line = (f"| {r['attack']} | {r['protocol']} | {_pct(r['accuracy'])} "
+                f"[{_pct(r['ci'][0])}, {_pct(r['ci'][1])}] | {r['n']} |")
+        if stochastic:
+            line += f" {_pct(r['majority'])} | {_pct(r['single'])} |"
+        line += f" {r['seconds']:.1f} |"
+        lines.append(line)
+    if stochastic:
+        lines += ["", f"Stochastic model: *accuracy* counts an example only if all "
+                  f"{table['repeats']} repeated predictions are correct; *majority* and "
+                  "*single* are the majority-vote and one-prediction figures."]
+    return "\n".join(lines)
+
+
+def markdown_checks(checks: list[dict[str, Any]]) -> str:
+    if not checks:
+        return "_no checks were run_"
+    lines = ["| check | result | detail | remedy |", "|---|---|---|---|"]
+    for c in checks:
+        status = {True: "pass", False: "**FAIL**", None: "n/a"}[c.get("passed")]
+        detail = str(c.get("detail", "")).replace("|", "/").replace("\n", " ")
+        remedy = "" if c.get("passed") else str(c.get("remedy", "")).replace("|", "/")
+        lines.append(f"| {c['name']} | {status} | {detail} | {remedy} |")
+    return "\n".join(lines)
+
+
+def write_report(root: Path, *, title: str, command: str, seed: int, sections: list[dict],
+                 curves: dict[str, list[dict]], intro: str = "", total_seconds: float) -> Path:
+    """Write ``report.md`` + ``report.json`` + ``accuracy_vs_eps.png`` into ``root``."""
+    import platform
+
+    plot = plot_curves(curves, root / "accuracy_vs_eps.png", title="PGD-20 accuracy vs eps") \
+        if curves else None
+    lines = [f"# {title}", "", intro, "",
+             f"- command: `{command}`", f"- seed: {seed}",
+             f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}, python {platform.python_version()}",
+             f"- total wall time: {total_seconds / 60:.1f} min", ""]
+    for sec in sections:
+        lines += [f"## {sec['title']}", ""]
+        if sec.get("notes"):
+            lines += [sec["notes"], ""]
+        if sec.get("train_seconds") is not None:
+            lines += [f"Training/loading took {sec['train_seconds']:.0f} s; evaluation "
+                      f"{sec.get('eval_seconds', 0):.0f} s.", ""]
+        for block in sec.get("markdown", []):
+            lines += [block, ""]
+        for table in sec.get("tables", []):
+            lines += [markdown_table(table), ""]
+        if sec.get("checks"):
+            lines += ["Attack-failure checks:", "", markdown_checks(sec["checks"]), ""]
+    if plot is not None:
+        lines += ["## Robust accuracy against eps", "", f"![accuracy vs eps]({plot.name})", ""]
+    report = root / "report.md"
+    report.write_text("\n".join(lines))
+    (root / "report.json").write_text(json.dumps(
+        {"title": title, "command": command, "seed": seed, "sections": sections,
+         "curves": curves, "total_seconds": total_seconds}, indent=1, default=str))
+    return report
+
+
+def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: int,
+              intro: str = "", curve_eps: list[float] | None = None, n_eval: int = 500,
+              progress: bool = False) -> Path:
+    """Train and evaluate every plan, then write one report into ``root``."""
+    from .data import as_tensors, load_split
+
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    sections, curves = [], {}
+    for plan in plans:
+        log.info("== %s", plan.title)
+        model, cfg, train_seconds = train_plan(plan, root, progress=progress)
+        x, y = as_tensors(load_split(cfg.data.name, "test", root=cfg.data.root))
+        x, y = x[:n_eval], y[:n_eval]
+        cache = root / plan.key / "evaluation.json"
+        t0 = time.perf_counter()
+        if cache.exists():
+            section = json.loads(cache.read_text())
+        else:
+            section = plan.evaluate(model, x, y, plan)
+            if curve_eps:
+                section["curve"] = eps_curve(model, x, y, curve_eps, seed=seed,
+                                             **plan.extra.get("curve", {}))
+            section["eval_seconds"] = time.perf_counter() - t0
+            cache.write_text(json.dumps(section, default=str))
+        section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds)
+        if section.get("curve"):
+            curves[plan.title] = section["curve"]
+        sections.append(section)
+    return write_report(root, title=title, command=command, seed=seed, sections=sections,
+                        curves=curves, intro=intro,
+                        total_seconds=time.perf_counter() - t_start)

@@ -1,0 +1,62 @@
+"""The demo/reproduce pipeline on a tiny budget: trains, evaluates, reports, resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from advdefense.cli import main
+from advdefense.presets import demo_plans, mnist5k_config, mnist5k_plans
+from advdefense.reproduction import Plan, run_plans
+
+
+def _tiny(plan: Plan) -> Plan:
+    plan.config["train"]["epochs"] = 1
+    plan.config["data"]["limit"] = 300
+    plan.config["data"]["monitor_size"] = 30
+    return plan
+
+
+def test_run_plans_writes_report_and_resumes(tmp_path):
+    plans = [_tiny(demo_plans()[0])]
+    report = run_plans(plans, tmp_path, title="t", command="test", seed=0,
+                       curve_eps=[0.0, 0.3], n_eval=40)
+    text = report.read_text()
+    assert "| pgd |" in text and "[95% CI]" in text
+    assert (tmp_path / "accuracy_vs_eps.png").stat().st_size > 1000
+    data = json.loads((tmp_path / "report.json").read_text())
+    rows = {r["attack"]: r for r in data["sections"][0]["tables"][0]["rows"]}
+    assert rows["clean"]["n"] == 40
+    # PGD at eps 0.3 can only lower accuracy, per example, so the worst case <= every row
+    assert all(rows["worst case"]["accuracy"] <= r["accuracy"] for r in rows.values())
+    assert data["curves"]  # the eps curve was measured
+    ckpt = tmp_path / "standard" / "last.pt"
+    before = ckpt.stat().st_mtime_ns
+    run_plans(plans, tmp_path, title="t", command="test", seed=0, curve_eps=[0.0, 0.3],
+              n_eval=40)
+    assert ckpt.stat().st_mtime_ns == before, "a finished model must not be retrained"
+
+
+def test_presets_are_valid_configs():
+    from advdefense.config import config_from_dict
+
+    for plan in demo_plans() + mnist5k_plans():
+        cfg = config_from_dict(plan.config)
+        assert cfg.data.name == "mnist5k"
+    assert mnist5k_config("x", recipe="trades")["train"]["recipe"] == "trades"
+
+
+def test_reproduce_rejects_unknown_preset_and_entry(capsys):
+    assert main(["reproduce", "--preset", "imagenet"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["reproduce", "--only", "nope", "--output", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown entries" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["demo", "--help"], ["reproduce", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
