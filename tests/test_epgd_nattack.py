@@ -115,10 +115,18 @@ def test_nattack_reduces_accuracy_of_standard_model(standard_model, mnist_test):
 
 def test_nattack_uses_probabilities_of_a_smoothed_model(standard_model, mnist_test):
     x, y = mnist_test[0][:3], mnist_test[1][:3]
-    smooth = SmoothedClassifier(standard_model, sigma=0.05, m=4, vote="soft")
+    smooth = SmoothedClassifier(standard_model, sigma=0.0, m=2, vote="soft")
     attack = NAttack(eps=0.3, steps=2, population=10, check_every=1, seed=0)
+    with torch.no_grad():
+        probs = smooth(x)
+        logp = attack._log_probs(smooth, x)
+        torch.testing.assert_close(logp, probs.clamp_min(1e-12).log())  # not log_softmax
+        torch.testing.assert_close(attack._log_probs(standard_model, x),
+                                   standard_model(x).log_softmax(1))
     x_adv = attack(smooth, x, y)
-    assert x_adv.shape == x.shape and attack.queries == 2 * 3 + 2 * 3 * 10 or attack.queries > 0
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.3 + 1e-6
+    # queries: 3 mean checks per step at most plus 10 candidates per active example per step
+    assert 0 < attack.queries <= 2 * 3 + 2 * 3 * 10
     with pytest.raises(AdvDefenseError):
         NAttack(eps=0.1, norm="l2")
 
