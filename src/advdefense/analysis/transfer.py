@@ -208,6 +208,14 @@ def _smallcnn(dataset: str, norm: str, seed: int) -> nn.Module:
                        image_size=info.image_size, mean=info.mean, std=info.std, norm=norm)
 
 
+def _check_norms(norms: Sequence[str]) -> None:
+    for norm in norms:
+        if norm not in NORM_TYPES:
+            raise AdvDefenseError(
+                f"unknown normalization type {norm!r} for the transfer study; choose from "
+                f"{', '.join(NORM_TYPES)}")
+
+
 def train_norm_models(
     norms: Sequence[str],
     x: torch.Tensor,
@@ -220,12 +228,9 @@ def train_norm_models(
 ) -> dict[str, nn.Module]:
     """One smallcnn per normalization type (``bn``, ``in``, ``ln``, ``gn``): same
     initialization of the shared layers, same data order, same seed."""
+    _check_norms(norms)
     models = {}
     for norm in norms:
-        if norm not in NORM_TYPES:
-            raise AdvDefenseError(
-                f"unknown normalization type {norm!r} for the transfer study; choose from "
-                f"{', '.join(NORM_TYPES)}")
         attack = None if adversarial_eps is None else PGD(
             eps=adversarial_eps, steps=10, step_size=adversarial_eps / 4, seed=seed)
         t0 = time.perf_counter()
@@ -316,13 +321,20 @@ def run_transfer_study(
     rna_space: str | Sequence[str] = ("bn", "in"),
     rna_epochs: int | None = None,
     random_paths: int = 3,
+    train_limit: int | None = None,
 ) -> dict[str, TransferResult]:
     """Both studies; writes ``transfer.json``, ``transfer.md``, ``transfer_norms.png`` and
     ``transfer_rna_paths.png`` under ``output``. Without ``rna_model`` an RNA smallcnn over
-    ``rna_space`` is trained with the same loop (``rna_epochs``, default ``epochs``)."""
+    ``rna_space`` is trained with the same loop (``rna_epochs``, default ``epochs``).
+    ``train_limit`` keeps the first training examples (quick runs)."""
+    _check_norms(norms)
+    if rna_model is None:
+        parse_space(rna_space)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     x_tr, y_tr = as_tensors(load_split(dataset, "train"))
+    if train_limit is not None:
+        x_tr, y_tr = x_tr[:train_limit], y_tr[:train_limit]
     x_te, y_te = as_tensors(load_split(dataset, "test"))
     x_te, y_te = x_te[:n_examples], y_te[:n_examples]
     attack = PGD(eps=eps, steps=steps, step_size=eps / 4, seed=seed)
@@ -340,7 +352,6 @@ def run_transfer_study(
                       title=f"{dataset}: transfer across normalization types")
     trained_here = rna_model is None
     if rna_model is None:
-        parse_space(rna_space)
         rna_model = train_rna_model(x_tr, y_tr, space=rna_space, dataset=dataset,
                                     epochs=epochs if rna_epochs is None else rna_epochs,
                                     seed=seed)

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="space of the RNA model trained here when no checkpoint is given")
     parser.add_argument("--random-paths", type=int, default=3,
                         help="random mixed RNA paths besides the all-<type> paths")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="use only the first N training examples (quick runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--output", required=True, help="output directory")
 
@@ -44,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.epochs < 1 or args.examples < 1 or args.steps < 1:
-        raise AdvDefenseError("--epochs, --examples and --steps must be >= 1")
+    if args.epochs < 1 or args.examples < 1 or args.steps < 1 or (
+            args.train_limit is not None and args.train_limit < 1):
+        raise AdvDefenseError("--epochs, --examples, --steps and --train-limit must be >= 1")
     norms = [s.strip() for s in args.norms.split(",") if s.strip()]
     rna_model = None
     if args.rna_checkpoint:
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         args.output, dataset=args.dataset, norms=norms, epochs=args.epochs, eps=args.eps,
         steps=args.steps, n_examples=args.examples, seed=args.seed,
         adversarial_eps=args.adversarial_eps, rna_model=rna_model, rna_space=args.rna_space,
-        random_paths=args.random_paths)
+        random_paths=args.random_paths, train_limit=args.train_limit)
     for name, res in results.items():
         print(res.to_markdown(name))
     print(f"wrote {args.output}/transfer.json, transfer.md and heatmaps "
