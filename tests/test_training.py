@@ -29,7 +29,8 @@ def tiny_cfg(tmp_path, name, **train):
         "name": name,
         "seed": 7,
         "output_dir": str(tmp_path / name),
-        "data": {"limit": 300, "monitor_size": 50, "batch_size": 100},
+        "data": {"limit": 200, "monitor_size": 40, "batch_size": 50},
+        "model": {"name": "smallcnn", "kwargs": {"width": 8}},
         "train": {"recipe": "pgd_at", "epochs": 2,
                   "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9,
                                 "weight_decay": 5e-4},
@@ -85,7 +86,7 @@ def test_resume_without_checkpoint_or_with_other_config_fails_clearly(tmp_path):
         trainer.fit(resume=True)
     trainer.fit()
     other = tiny_cfg(tmp_path, "none", epochs=2, recipe="standard")
-    other.data.limit = 200
+    other.data.limit = 100
     with pytest.raises(CheckpointError, match="data"):
         Trainer(other, device="cpu", progress=False).fit(resume=True)
 

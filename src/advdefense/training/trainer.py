@@ -404,30 +404,26 @@ class Trainer:
         if self.is_main:
             save_config(cfg, self.output_dir / CONFIG_NAME)
             self._write_metrics_file()
-        try:
-            for epoch in range(self.start_epoch, cfg.train.epochs):
-                t0 = time.perf_counter()
-                lr = self.schedule.get_last_lr()[0]
-                train_logs = self._train_epoch(epoch)
-                self.schedule.step()
-                train_seconds = time.perf_counter() - t0
-                mon = self.monitor(epoch)
-                record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
-                record.update(train_logs)
-                record.update(mon)
-                record["seconds"] = round(time.perf_counter() - t0, 3)
-                record["train_seconds"] = round(train_seconds, 3)
-                self.history.append(record)
-                self._save(epoch + 1)
-                if self.is_main:
-                    self._append_metrics(record)
-                log.info("epoch %d/%d %s", epoch + 1, cfg.train.epochs,
-                         " ".join(f"{k}={v:.4g}" for k, v in record.items()
-                                  if isinstance(v, float) and not math.isnan(v)))
-                D.barrier()
-        finally:
-            if self.dist.initialized_here:
-                D.barrier()
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            t0 = time.perf_counter()
+            lr = self.schedule.get_last_lr()[0]
+            train_logs = self._train_epoch(epoch)
+            self.schedule.step()
+            train_seconds = time.perf_counter() - t0
+            mon = self.monitor(epoch)
+            record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
+            record.update(train_logs)
+            record.update(mon)
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            record["train_seconds"] = round(train_seconds, 3)
+            self.history.append(record)
+            self._save(epoch + 1)
+            if self.is_main:
+                self._append_metrics(record)
+            log.info("epoch %d/%d %s", epoch + 1, cfg.train.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in record.items()
+                              if isinstance(v, float) and not math.isnan(v)))
+            D.barrier()
         return dict(self.history[-1]) if self.history else {}
 
     def close(self) -> None:
