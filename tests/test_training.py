@@ -214,11 +214,13 @@ class RecordingNoise(StochasticModule):
     def __init__(self):
         super().__init__()
         self.seen: list[tuple[bool, float]] = []
+        self.groups: list[tuple[bool, int]] = []
 
     def sample_state(self, x, groups):
         return torch.randn(groups)
 
     def forward_with_state(self, x, state):
+        self.groups.append((self.training, state.numel()))
         if state.numel() == 1:
             self.seen.append((self.training, float(state)))
             return x + state
@@ -270,12 +272,13 @@ def test_predicted_label_attack_and_clean_weight(batch):
 def test_eot_training_attack_averages_draws(batch):
     x, y = batch
     model, noise = noisy_model()
-    cfg = AttackConfig(eps=0.3, steps=1, step_size=0.1, eot_samples=4)
+    cfg = AttackConfig(eps=0.3, steps=2, step_size=0.1, eot_samples=4)
     build_recipe("pgd_at", cfg).loss(model, x, y)
-    # one attack step with 4 draws is a single forward with 4 groups -> no scalar state
-    # recorded for it; the final evaluation of PGD is also EOT-batched
-    attack_states = [s for training, s in noise.seen if not training]
-    assert attack_states == []
+    # every attack forward is one batched pass with 4 independent draws (EPGD); the training
+    # forward is a single draw
+    attack_groups = [g for training, g in noise.groups if not training]
+    assert attack_groups == [4] * (cfg.steps + 1)
+    assert [g for training, g in noise.groups if training] == [1]
 
 
 # ------------------------------------------------------------------------------------------
