@@ -176,7 +176,7 @@ def test_paper_placements_and_channel_counts():
     assert default_placement(WideResNet.__new__(WideResNet).__class__(depth=34, width=1)) == [
         "stages.2.4.conv1:in", "linear:in"]
     cnn = make_smallcnn()
-    assert default_placement(cnn) == ["features.10", "features.13"]
+    assert default_placement(cnn) == ["features.13", "classifier.2"]
     with pytest.raises(ConfigError):
         default_placement(Tiny())
 
@@ -358,3 +358,58 @@ def test_cas_model_asks_the_trainer_for_beta_2_unless_the_config_says_otherwise(
     model = tiny_cas()
     assert recipe_defaults(model) == {"aux_weight": 2.0}
     assert {**recipe_defaults(model), **{"aux_weight": 0.0}}["aux_weight"] == 0.0
+
+
+# --- end to end: Trainer, checkpoint, gradient checks -----------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_cas(tmp_path_factory):
+    from advdefense.config import config_from_dict
+    from advdefense.training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("cas_run")
+    cfg = config_from_dict({
+        "name": "cas_tiny", "seed": 0, "output_dir": str(out),
+        "data": {"name": "mnist5k", "limit": 1500, "monitor_size": 50, "batch_size": 50},
+        "model": {"name": "smallcnn"}, "defense": {"cas": {"placement": "default"}},
+        "train": {"recipe": "standard", "epochs": 2,
+                  "optimizer": {"name": "adam", "lr": 0.002, "weight_decay": 0.0},
+                  "monitor_attack": {"steps": 0}}})
+    trainer = Trainer(cfg, device="cpu", progress=False)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def test_trainer_uses_beta_2_and_the_checkpoint_rebuilds_the_cas_model(trained_cas, mnist_test):
+    from advdefense.training.checkpoint import load_model_from_checkpoint
+
+    assert trained_cas.recipe.aux_weight == 2.0  # from CASModel.recipe_defaults
+    model, cfg = load_model_from_checkpoint(trained_cas.checkpoint_path)
+    assert isinstance(model, CASModel) and cfg.defense == {"cas": {"placement": "default"}}
+    x, y = mnist_test
+    trained = trained_cas.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:50]), trained(x[:50]))
+        _, aux = model.forward_with_aux(x[:200])
+    assert [a.shape for a in aux] == [(200, 10), (200, 10)]
+    for a in aux:  # the heads learned (chance is 0.1)
+        assert float((a.argmax(1) == y[:200]).float().mean()) > 0.6
+
+
+def test_predicted_class_mask_does_not_mask_gradients(trained_cas, mnist_test):
+    from advdefense.evaluation.checks import check_gradients, check_unbounded
+
+    model = trained_cas.model.eval()
+    x, y = mnist_test
+    x, y = x[:32], y[:32]
+    for check in check_gradients(model, x, y):
+        assert check.passed, check.detail
+    assert check_unbounded(model, x, y, unbounded_steps=30).passed
+    # the adaptive objective has non-zero input gradients too
+    from advdefense.attacks import eot_loss_grad
+
+    res = eot_loss_grad(model, x, y, HeadsObjective("ce", aux_weight=2.0))
+    assert bool((res.grad.flatten(1).norm(dim=1) > 0).all())
