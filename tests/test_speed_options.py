@@ -40,7 +40,7 @@ def test_bf16_loss_is_finite_and_close_to_fp32(batch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss16, _ = recipe.loss(model, x, y)
     assert torch.isfinite(loss16)
-    assert float(loss16) == pytest.approx(float(loss32), rel=0.03)
+    assert float(loss16.detach()) == pytest.approx(float(loss32.detach()), rel=0.03)
     loss16.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -76,9 +76,15 @@ def test_channels_last_trainer_matches_default(tmp_path):
     cl = Trainer(cfg(tmp_path, "cl", channels_last=True, optimizer=sgd), device="cpu",
                  progress=False)
     cl.fit()
-    for (k, a), b in zip(plain.model.state_dict().items(), cl.model.state_dict().values(),
-                         strict=True):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-3), k
+    worst = max(float((a.float() - b.float()).abs().max())
+                for a, b in zip(plain.model.state_dict().values(),
+                                cl.model.state_dict().values(), strict=True))
+    # two SGD steps; only the summation order differs
+    assert worst < 1e-3, worst
+    moved = max(float((a.float() - b.float()).abs().max()) for a, b in zip(
+        plain.model.state_dict().values(), make_smallcnn(seed=3).state_dict().values(),
+        strict=True))
+    assert moved > 100 * worst
 
 
 class _Broken(nn.Module):
