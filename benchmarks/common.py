@@ -49,6 +49,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--models", default="resnet20,smallcnn", help="comma-separated model names")
     p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON result goes")
+    p.add_argument("--name", default=None, help="result file name (default: the benchmark's)")
     return p
 
 
@@ -294,7 +295,7 @@ def write(name: str, args: argparse.Namespace, rows: list[dict[str, Any]],
     }
     if extra:
         payload.update(extra)
-    path = args.out_dir / f"{name}.json"
+    path = args.out_dir / f"{args.name or name}.json"
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     print(markdown(rows))
     print(f"\nwrote {path}")
