@@ -1,0 +1,168 @@
+"""Reports of an evaluation: JSON (everything, per example) and Markdown (tables).
+
+``to_json(result)`` returns a JSON-ready dict with the per-example results as lists of
+booleans (clean, every attack, worst case; all/majority/single verdicts), accuracies with
+their 95% Clopper–Pearson intervals, the configuration, the checks, library versions and
+the seed. ``to_markdown(result)`` renders the attack table
+(attack | protocol | accuracy [95% CI] | n | seconds) and the checks table.
+``write_report(result, out_dir, sweep=...)`` writes ``report.json``, ``report.md`` and (with
+matplotlib, Agg) ``accuracy_vs_eps.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+from .harness import EvalResult
+from .protocols import Verdict
+
+__all__ = ["to_json", "to_markdown", "versions", "write_report"]
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from .. import __version__ as advdefense_version
+
+    return {"advdefense": str(advdefense_version), "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def _verdict_lists(v: Verdict) -> dict[str, list[bool]]:
+    return {k: v.get(k).tolist() for k in Verdict.KINDS}
+
+
+def _clean_float(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _acc(a) -> dict[str, Any]:
+    return {k: _clean_float(v) for k, v in a.as_dict().items()}
+
+
+def to_json(result: EvalResult, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON-ready dict of ``result``; ``extra`` is merged in at the top level."""
+    rows = []
+    for r in result.rows():
+        rows.append({"label": r["label"], "attack": r["attack"], "protocol": r["protocol"],
+                     "seconds": r["seconds"], "ran": r["ran"],
+                     **{k: _acc(r[k]) for k in Verdict.KINDS}})
+    per_example: dict[str, Any] = {"labels": result.labels.tolist(),
+                                   "clean": _verdict_lists(result.clean.verdict),
+                                   "worst": _verdict_lists(result.worst)}
+    attacks = {}
+    for label, e in result.entries.items():
+        d: dict[str, Any] = {"name": e.name, "protocol": e.protocol, "attack": e.attack,
+                             "seconds": e.seconds, "correct": _verdict_lists(e.verdict)}
+        if e.ran is not None:
+            d["ran"] = e.ran.tolist()
+        if e.cumulative is not None:
+            d["robust_after"] = _verdict_lists(e.cumulative)
+        if e.trace is not None:
+            d["trace"] = {"eot_samples": e.trace.eot_samples, "nonfinite": e.trace.nonfinite,
+                          "mean_loss": None if e.trace.losses is None
+                          else [_clean_float(float(v)) for v in e.trace.losses.mean(1)]}
+        attacks[label] = d
+    per_example["attacks"] = attacks
+    out = {"kind": result.kind, "n": result.n, "stochastic": result.stochastic,
+           "repeats": result.repeats, "seed": result.config.get("seed"),
+           "seconds": result.seconds, "config": result.config, "accuracies": rows,
+           "checks": [c.as_dict() for c in result.checks], "versions": versions(),
+           "per_example": per_example}
+    if extra:
+        out.update(extra)
+    return out
+
+
+def _fmt(a) -> str:
+    return str(a)
+
+
+def to_markdown(result: EvalResult, *, title: str = "Robustness evaluation",
+                sweep: dict[float, EvalResult] | None = None) -> str:
+    """Markdown tables: accuracies (+ CI, n, seconds) and the checks with remedies."""
+    lines = [f"# {title}", ""]
+    cfg = result.config
+    desc = f"{result.n} examples, seed {cfg.get('seed')}"
+    if result.stochastic:
+        desc += (f"; stochastic model: robust = all {result.repeats} stochastic predictions "
+                 "correct (majority vote in its own column)")
+    else:
+        desc += "; deterministic model: one prediction per example"
+    if result.kind == "suite":
+        desc += (f"; suite `{cfg.get('suite')}` ({cfg.get('norm')}, eps={cfg.get('eps')}), "
+                 "cascade: each row is the robust accuracy after that attack")
+    lines += [desc, ""]
+    head = "| attack | protocol | accuracy [95% CI] |"
+    sep = "|---|---|---|"
+    if result.stochastic:
+        head += " majority vote [95% CI] | single draw [95% CI] |"
+        sep += "---|---|"
+    head += " n | seconds |"
+    sep += "---|---|"
+    if result.kind == "suite":
+        head += " attacked |"
+        sep += "---|"
+    lines += [head, sep]
+    for r in result.rows():
+        row = f"| {r['attack']} | {r['protocol']} | {_fmt(r['all'])} |"
+        if result.stochastic:
+            row += f" {_fmt(r['majority'])} | {_fmt(r['single'])} |"
+        row += f" {r['all'].n} | {r['seconds']:.1f} |"
+        if result.kind == "suite":
+            row += f" {'' if r['ran'] is None else r['ran']} |"
+        lines.append(row)
+    if sweep and len(sweep) > 1:
+        lines += ["", "## Accuracy against eps (worst case over attacks)", "",
+                  "| eps | clean | worst case [95% CI] |", "|---|---|---|"]
+        for eps in sorted(sweep):
+            r = sweep[eps]
+            lines.append(f"| {eps:g} | {r.accuracy('clean')} | {r.accuracy('worst')} |")
+    if result.checks:
+        failed = sum(c.passed is False for c in result.checks)
+        lines += ["", f"## Attack-failure checks ({failed} failed)", "",
+                  "| check | result | detail | remedy |", "|---|---|---|---|"]
+        for c in result.checks:
+            detail = c.detail.replace("|", "\\|")
+            remedy = c.remedy.replace("|", "\\|") if c.passed is False else ""
+            lines.append(f"| {c.name} | {c.status} | {detail} | {remedy} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(result: EvalResult, out_dir: str | Path, *,
+                 sweep: dict[float, EvalResult] | None = None,
+                 extra: dict[str, Any] | None = None, plot: bool = True,
+                 title: str = "Robustness evaluation") -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``accuracy_vs_eps.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = to_json(result, extra=extra)
+    if sweep:
+        payload["sweep"] = {f"{eps:g}": {"rows": to_json(r)["accuracies"],
+                                         "per_example_worst": r.worst.all.tolist()}
+                            for eps, r in sorted(sweep.items())}
+    paths = {"json": out / "report.json", "markdown": out / "report.md"}
+    paths["json"].write_text(json.dumps(payload, indent=1, default=str))
+    paths["markdown"].write_text(to_markdown(result, title=title, sweep=sweep))
+    if plot:
+        from .plots import plot_accuracy_vs_eps
+
+        paths["plot"] = plot_accuracy_vs_eps(sweep or {_main_eps(result): result},
+                                             out / "accuracy_vs_eps.png")
+    return paths
+
+
+def _main_eps(result: EvalResult) -> float:
+    eps = result.config.get("eps")
+    if eps is None:
+        values = [s.get("eps") for s in result.config.get("specs", []) if s.get("eps") is not None]
+        eps = max(values) if values else 0.0
+    return float(eps)
