@@ -6,12 +6,12 @@
 from __future__ import annotations
 
 from ..errors import unknown_name
-from .base import Attack, EOTResult, Objective, eot_loss_grad, eval_mode, project
-from .objectives import HeadsObjective
-from .pgd import FGSM, PGD, CWLinf
 from .apgd import APGD, APGDDLR, APGDT
+from .base import Attack, EOTResult, Objective, eot_loss_grad, eval_mode, project
 from .bpda import BPDA
 from .fab import FAB, FABT
+from .objectives import HeadsObjective
+from .pgd import FGSM, PGD, CWLinf
 from .square import Square
 
 ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "pgd": PGD, "cw": CWLinf}
