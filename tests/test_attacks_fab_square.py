@@ -100,6 +100,8 @@ def test_fab_finds_the_exact_boundary_distance_of_a_linear_model():
         assert atk.trace.returned_adversarial.all()
         assert (found >= dist * (1 - 1e-4)).all(), "closer than the exact minimum: wrong"
         assert (found <= dist * 1.06).all(), (found / dist)
+        losses = atk.trace.loss_matrix()
+        assert torch.isfinite(losses).all() and (losses[1:] >= losses[:-1]).all()
 
 
 @settings(max_examples=6, deadline=None)

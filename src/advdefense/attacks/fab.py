@@ -16,7 +16,9 @@ One iteration (paper, Sec. 3, eq. 5-9), for the current iterate ``x_k`` and orig
   far, and the iterate moves back: ``x_{k+1} = x_0 + beta (x_{k+1} - x_0)``.
 
 FAB is a minimum-norm attack: the returned point is the closest adversarial point found when
-its distance is ``<= eps``, else the original ``x``. Defaults are AutoAttack's standard version:
+its distance is ``<= eps``, else the original ``x``. ``trace.losses`` records, per iteration,
+the running maximum of ``z_c - z_y`` (c the class whose boundary is followed) and
+``trace.grad_norms`` the L2 norm of its gradient. Defaults are AutoAttack's standard version:
 ``n_iter=100``, ``alpha_max=0.1``, ``eta=1.05``, ``beta=0.9``, ``restarts=1`` (the first run
 starts at ``x``; later runs start at a random point at distance ``min(best, eps) / 2``), and
 for FAB-T ``n_target_classes=9`` (the classes with the highest clean logits other than ``y``,
@@ -243,9 +245,10 @@ class FAB(Attack):
             self._best_dist[sel] = dist[better]
             if bool(adv.any()):
                 x1 = torch.where(adv.view(view), x0 + self.beta * (x1 - x0), x1)
-            # trace: margin towards the boundary (>0: across) and gradient norm
+            # trace: running maximum of z_c - z_y reached so far (FAB's iterates oscillate
+            # around the boundary by design, so the raw value is not a convergence signal)
             self._last_loss = self._last_loss.clone()
-            self._last_loss[idx] = -d
+            self._last_loss[idx] = torch.maximum(self._last_loss[idx], -d)
             self._last_gn = self._last_gn.clone()
             self._last_gn[idx] = g.norm(dim=1)
             self.trace.losses.append(self._last_loss)
@@ -255,7 +258,7 @@ class FAB(Attack):
         n = x.shape[0]
         self._best_x = x.clone()
         self._best_dist = torch.full((n,), float("inf"), device=x.device)
-        self._last_loss = torch.zeros(n, device=x.device)
+        self._last_loss = torch.full((n,), float("-inf"), device=x.device)
         self._last_gn = torch.zeros(n, device=x.device)
 
     def _robust(self) -> torch.Tensor:
