@@ -175,6 +175,21 @@ def markdown_checks(checks: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> str:
+    """The git commit of the package source (``+dirty`` if it has local changes), if known."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
 def write_report(root: Path, *, title: str, command: str, seed: int, sections: list[dict],
                  curves: dict[str, list[dict]], intro: str = "", total_seconds: float) -> Path:
     """Write ``report.md`` + ``report.json`` + ``accuracy_vs_eps.png`` into ``root``."""
@@ -184,6 +199,7 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
         if curves else None
     lines = [f"# {title}", "", intro, "",
              f"- command: `{command}`", f"- seed: {seed}",
+             f"- code: advdefense commit {code_version()}",
              f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, python {platform.python_version()}",
              f"- total wall time: {total_seconds / 60:.1f} min", ""]
