@@ -91,11 +91,11 @@ def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict
 def restore_rng(state: Mapping[str, Any],
                 generators: Mapping[str, torch.Generator] | None = None) -> None:
     """Inverse of :func:`capture_rng` (CUDA states are restored when the device count matches)."""
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available():
         if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+            torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
         else:
             log.warning("checkpoint has %d CUDA RNG states, this machine %d devices; "
                         "CUDA randomness will differ from the original run",
@@ -108,7 +108,7 @@ def restore_rng(state: Mapping[str, Any],
     saved = state.get("generators", {})
     for name, gen in (generators or {}).items():
         if name in saved:
-            gen.set_state(saved[name])
+            gen.set_state(saved[name].cpu())
 
 
 # --------------------------------------------------------------------------------------------

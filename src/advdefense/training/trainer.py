@@ -354,7 +354,7 @@ class Trainer:
         if not path.is_file():
             raise CheckpointError(f"cannot resume: {path} not found; train without --resume "
                                   "or pass the --output of the interrupted run")
-        ckpt = load_checkpoint(path, map_location=self.device)
+        ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must stay on CPU
         saved = dict(ckpt["config"])
         mine = to_dict(self.cfg)
         changed = [k for k in mine if k not in ("train", "output_dir", "eval", "name")
