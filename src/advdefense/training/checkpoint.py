@@ -101,8 +101,9 @@ def restore_rng(state: Mapping[str, Any],
                         "CUDA randomness will differ from the original run",
                         len(cuda), torch.cuda.device_count())
     npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].cpu().numpy().astype(np.uint32), int(npst["pos"]),
-                         int(npst["has_gauss"]), float(npst["cached_gaussian"])))
+    keys = npst["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((npst["kind"], keys, int(npst["pos"]), int(npst["has_gauss"]),
+                         float(npst["cached_gaussian"])))
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     saved = state.get("generators", {})
