@@ -103,7 +103,7 @@ def test_nattack_reduces_accuracy_of_standard_model(standard_model, mnist_test):
     with torch.no_grad():
         ok = standard_model(x).argmax(1) == y
     x, y = x[ok][:8], y[ok][:8]
-    attack = NAttack(eps=0.3, steps=60, population=100, seed=0, max_batch=2000)
+    attack = NAttack(eps=0.3, steps=40, population=50, space="delta", seed=0, max_batch=2000)
     x_adv = attack(standard_model, x, y)
     assert (x_adv - x).abs().max() <= 0.3 + 1e-6
     with torch.no_grad():

@@ -13,6 +13,12 @@ the losses ``A_i = (f_i - mean f) / std f`` and takes the NES step
 every ``check_every`` (10) iterations; examples that succeed stop. Defaults are the paper's:
 ``population=300``, ``sigma=0.1``, ``lr=0.02``, 500 iterations.
 
+``space="delta"`` (a departure, for near-binary images such as MNIST): the paper's tanh
+parametrisation saturates at pixels that are exactly 0 or 1 (``arctanh(+-1)`` is clamped to
+``+-7.25`` where ``tanh' ~ 1e-6``), so those pixels practically cannot move; the ``delta``
+space searches ``x' = clip_[0,1](x + eps * tanh(z))`` instead (``z = 0`` is the clean image).
+Default ``"tanh"`` (the paper).
+
 Only model outputs are used (no gradients), so it detects gradient masking. The population is
 evaluated batched: ``n * population`` rows in chunks of ``max_batch``. If the model declares
 ``outputs_probabilities = True`` (e.g. a :class:`SmoothedClassifier`, whose output is its
@@ -37,7 +43,8 @@ class NAttack(Attack):
     name = "nattack"
 
     def __init__(self, *, eps: float, steps: int = 500, population: int = 300,
-                 sigma: float = 0.1, lr: float = 0.02, check_every: int = 10, **common) -> None:
+                 sigma: float = 0.1, lr: float = 0.02, check_every: int = 10,
+                 space: str = "tanh", **common) -> None:
         super().__init__(eps=eps, **common)
         if self.norm != "linf":
             raise AdvDefenseError("NAttack is an L-inf attack; use norm='linf'")
@@ -48,6 +55,9 @@ class NAttack(Attack):
                                   " check_every >= 1")
         self.steps, self.population = int(steps), int(population)
         self.sigma, self.lr, self.check_every = float(sigma), float(lr), int(check_every)
+        if space not in ("tanh", "delta"):
+            raise AdvDefenseError(f"NAttack space must be tanh or delta, got {space!r}")
+        self.space = space
         self.queries = 0
 
     def _log_probs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +79,8 @@ class NAttack(Attack):
         return (true - other.max(1).values).clamp_min(0)
 
     def _candidates(self, x_atanh, x, z):
+        if self.space == "delta":
+            return (x + self.eps * torch.tanh(z)).clamp(0, 1)
         cand = 0.5 * (torch.tanh(x_atanh + z) + 1)
         return (x + (cand - x).clamp(-self.eps, self.eps)).clamp(0, 1)
 
