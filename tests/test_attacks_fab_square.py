@@ -227,3 +227,33 @@ def test_square_rejects_non_images():
     with pytest.raises(AdvDefenseError):
         Square(eps=0.1, n_queries=3)(nn.Linear(4, 3).eval(), torch.rand(2, 4),
                                      torch.zeros(2, dtype=torch.long))
+
+
+def test_logit_difference_gradients_match_a_loop_over_draws_and_classes():
+    """FAB's batched EOT Jacobian of z_y - z_c equals a loop over draws and classes, chunked
+    or not."""
+    from advdefense.attacks.fab import logit_diff_grads
+
+    from .test_attacks_core import NoisyLinear
+
+    torch.manual_seed(0)
+    model = NoisyLinear(4, 5)
+    x, y = torch.rand(6, 4), torch.randint(0, 5, (6,))
+    others = torch.stack([(y + j) % 5 for j in range(1, 5)], dim=1)
+    k = 3
+    torch.manual_seed(2)
+    states = model.sample_state(x, k)
+    ref_d = torch.zeros(6, 4)
+    ref_g = torch.zeros(6, 4, 4)
+    for j in range(k):
+        for c in range(4):
+            xi = x.clone().requires_grad_(True)
+            z = model.forward_with_state(xi, states[j:j + 1])
+            d = z.gather(1, y[:, None])[:, 0] - z.gather(1, others[:, c:c + 1])[:, 0]
+            (g,) = torch.autograd.grad(d.sum(), xi)
+            ref_d[:, c] += d.detach() / k
+            ref_g[:, c] += g / k
+    for max_batch in (4096, 12):  # 12 rows: two draws per pass
+        torch.manual_seed(2)
+        d, g = logit_diff_grads(model, x, y, others, eot_samples=k, max_batch=max_batch)
+        assert torch.allclose(d, ref_d, atol=1e-6) and torch.allclose(g, ref_g, atol=1e-6)
