@@ -187,3 +187,13 @@ def test_cli_analyze_smoothing_and_certify_smoke(tmp_path):
     assert code == 0
     cert = json.loads((tmp_path / "cert" / "certify.json").read_text())
     assert len(cert["per_example"]) == 3 and "0.25" in cert["certified_accuracy"]
+
+
+def test_outer_draw_groups_give_independent_weight_noise():
+    from advdefense.randomness import draw_groups
+    model = inject(make_smallcnn(), kind="pni", alpha_init=1.0).eval()
+    smooth = SmoothedClassifier(model, sigma=0.0, m=1, vote="soft")
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad(), draw_groups(3):
+        out = smooth(x.repeat(3, 1, 1, 1)).view(3, 2, -1)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])

@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import AdvDefenseError
-from ..randomness import draw_groups
+from ..randomness import current_groups, draw_groups
 from .noise import GaussianInput
 
 log = logging.getLogger(__name__)
@@ -169,8 +169,17 @@ class SmoothedClassifier(nn.Module):
         return NoisyBase(self.base, self.sigma)
 
     def sample_logits(self, x: torch.Tensor, m: int | None = None) -> torch.Tensor:
-        return sample_logits(self.base, x, sigma=self.sigma, m=self.m if m is None else m,
-                             max_batch=self.max_batch)
+        """(m, N, C) per-sample logits. If the caller runs this classifier under
+        ``draw_groups(G)`` (e.g. repeated stochastic predictions), each of the G copies gets
+        its own m fresh samples, weight noise included."""
+        m = self.m if m is None else m
+        groups = current_groups()
+        if groups > 1 and x.shape[0] % groups == 0:
+            n = x.shape[0] // groups
+            return torch.cat([sample_logits(self.base, x[j * n : (j + 1) * n], sigma=self.sigma,
+                                            m=m, max_batch=self.max_batch)
+                              for j in range(groups)], dim=1)
+        return sample_logits(self.base, x, sigma=self.sigma, m=m, max_batch=self.max_batch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.sample_logits(x)
