@@ -207,6 +207,8 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
         lines += [f"## {sec['title']}", ""]
         if sec.get("notes"):
             lines += [sec["notes"], ""]
+        if sec.get("code"):
+            lines += [f"Evaluated with advdefense commit {sec['code']}.", ""]
         if sec.get("train_seconds") is not None:
             lines += [f"Training/loading took {sec['train_seconds']:.0f} s; evaluation "
                       f"{sec.get('eval_seconds', 0):.0f} s.", ""]
@@ -250,6 +252,7 @@ def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: 
                 section["curve"] = eps_curve(model, x, y, curve_eps, seed=seed,
                                              **plan.extra.get("curve", {}))
             section["eval_seconds"] = time.perf_counter() - t0
+            section["code"] = code_version()
             cache.write_text(json.dumps(section, default=str))
         section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds)
         if section.get("curve"):
