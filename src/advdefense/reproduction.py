@@ -230,8 +230,11 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
 
 def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: int,
               intro: str = "", curve_eps: list[float] | None = None, n_eval: int = 500,
-              progress: bool = False) -> Path:
-    """Train and evaluate every plan, then write one report into ``root``."""
+              progress: bool = False, train_only: bool = False) -> Path | None:
+    """Train and evaluate every plan, then write one report into ``root``.
+
+    ``train_only`` trains (or resumes) every model and stops before evaluating (returns None).
+    """
     from .data import as_tensors, load_split
 
     root.mkdir(parents=True, exist_ok=True)
@@ -240,6 +243,8 @@ def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: 
     for plan in plans:
         log.info("== %s", plan.title)
         model, cfg, train_seconds = train_plan(plan, root, progress=progress)
+        if train_only:
+            continue
         x, y = as_tensors(load_split(cfg.data.name, "test", root=cfg.data.root))
         x, y = x[:n_eval], y[:n_eval]
         cache = root / plan.key / "evaluation.json"
@@ -258,6 +263,8 @@ def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: 
         if section.get("curve"):
             curves[plan.title] = section["curve"]
         sections.append(section)
+    if train_only:
+        return None
     return write_report(root, title=title, command=command, seed=seed, sections=sections,
                         curves=curves, intro=intro,
                         total_seconds=time.perf_counter() - t_start)

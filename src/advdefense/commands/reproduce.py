@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "EOT 20) instead of the CPU budget")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 epoch, 300 training images, tiny attack budgets")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or resume) every model, evaluate nothing")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -64,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         command="advdefense " + " ".join(sys.argv[1:]), seed=args.seed,
         curve_eps=[0.0, 0.1, 0.2, 0.3, 0.4] if not args.quick else [0.0, 0.3],
         n_eval=args.n, progress=not args.no_progress and sys.stderr.isatty(),
-        intro=presets.REPRODUCE_INTRO.format(budget=budget))
+        intro=presets.REPRODUCE_INTRO.format(budget=budget), train_only=args.train_only)
+    if report is None:
+        print("trained; rerun without --train-only to evaluate")
+        return 0
     print(report.read_text())
     print(f"report: {report.resolve()}")
     return 0
