@@ -11,12 +11,15 @@ from torch import nn
 
 from advdefense.attacks import FGSM, PGD
 from advdefense.errors import AdvDefenseError
-from advdefense.evaluation import (AttackSpec, Verdict, clopper_pearson, evaluate,
-                                   standard_attack_specs)
+from advdefense.evaluation import (
+    AttackSpec,
+    Verdict,
+    clopper_pearson,
+    evaluate,
+    standard_attack_specs,
+)
 from advdefense.evaluation.protocols import verdict, verdict_from_predictions
 from advdefense.randomness import StochasticModule, freeze, is_stochastic
-
-from .conftest import make_smallcnn
 
 
 class InputNoise(StochasticModule):
@@ -63,7 +66,11 @@ def test_clopper_pearson_matches_beta_quantiles():
 
 def test_evaluate_deterministic_per_example_and_worst(standard_model, mnist_test):
     x, y = mnist_test[0][:120], mnist_test[1][:120]
-    specs = standard_attack_specs(0.3, steps=10)
+    specs = standard_attack_specs(0.3, steps=10, protocols=("fresh", "paper"))
+    names = [s.name for s in specs]
+    assert names[:3] == ["fgsm", "pgd", "cw"] and names.count("pgd") == 2
+    assert specs[1].attack.step_size == pytest.approx(0.3 / 4) and specs[1].attack.steps == 10
+    specs = [s for s in specs if s.name != "apgd-ce"]  # APGD has its own tests; keep this fast
     standard_model.train()  # the harness must evaluate in eval mode and restore this
     res = evaluate(standard_model, (x, y), specs, batch_size=50, checks=False)
     assert standard_model.training
@@ -82,6 +89,8 @@ def test_evaluate_deterministic_per_example_and_worst(standard_model, mnist_test
     # eps=0.3 PGD breaks a standard model far below its clean accuracy
     assert res.accuracy("pgd/fresh").value < res.accuracy("clean").value - 0.3
     # per-spec verdict agrees with classifying a recomputed attack on the same batch split
+    # for a deterministic model the paper protocol shares the fresh run (same attack object)
+    assert torch.equal(res.entries["pgd/paper"].verdict.all, res.entries["pgd/fresh"].verdict.all)
     atk = specs[1].attack
     x_adv = torch.cat([atk(standard_model, x[i:i + 50], y[i:i + 50]) for i in (0, 50, 100)])
     with torch.no_grad():

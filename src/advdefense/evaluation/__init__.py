@@ -6,8 +6,15 @@ AutoAttack-style suites, attack-failure checks and reports.
 """
 
 from .checks import CheckResult, format_checks, run_checks
-from .harness import (AttackSpec, EntryResult, EvalResult, TraceSummary, evaluate, load_data,
-                      standard_attack_specs)
+from .harness import (
+                      AttackSpec,
+                      EntryResult,
+                      EvalResult,
+                      TraceSummary,
+                      evaluate,
+                      load_data,
+                      standard_attack_specs,
+)
 from .protocols import PROTOCOLS, Verdict, run_protocol, verdict
 from .stats import Accuracy, accuracy, clopper_pearson
 

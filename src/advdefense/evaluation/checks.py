@@ -52,10 +52,15 @@ from .protocols import verdict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckResult", "BLACK_BOX_ATTACKS", "format_checks", "run_checks",
+__all__ = ["CHECK_NAMES", "CheckResult", "BLACK_BOX_ATTACKS", "format_checks", "run_checks",
            "check_randomness", "check_gradients", "check_unbounded", "check_eps_monotone",
            "check_more_iterations", "check_blackbox", "check_silent_success",
            "check_convergence"]
+
+#: names of all checks, in the order they are reported
+CHECK_NAMES = ("randomness_without_eot", "nonfinite_gradients", "zero_gradients",
+               "unbounded_attack", "eps_monotone", "more_iterations", "blackbox_beats_whitebox",
+               "silent_success", "loss_not_converged")
 
 #: registry names of attacks that use no gradients
 BLACK_BOX_ATTACKS = frozenset({"square"})
@@ -385,6 +390,7 @@ def run_checks(
     n_probe: int = 64,
     seed: int = 0,
     probes: bool = True,
+    skip: tuple[str, ...] | list[str] = (),
     eps_accuracies: dict[float, float] | None = None,
     zero_grad_fraction: float = 0.05,
     unbounded_steps: int = 100,
@@ -400,12 +406,18 @@ def run_checks(
 
     ``eps``/``norm``/``eot_samples`` default to those of the evaluation's attacks (largest eps,
     largest EOT of the fresh-protocol attacks). ``probes=False`` skips the checks that run new
-    attacks (c, d, e) and keeps the cheap ones. ``eps_accuracies`` (eps -> worst-case accuracy
+    attacks (c, d, e) and keeps the cheap ones; ``skip`` names checks not to run.
+    ``eps_accuracies`` (eps -> worst-case accuracy
     of an eps sweep) replaces the probe sweep of check (d).
     Defaults: gradient zero on > 5% of examples; unbounded accuracy > 2%; accuracy rising by
     > 3 points with eps; stronger PGD (5x steps, 2 restarts) moving accuracy by > 3 points;
     any example where black-box beats white-box; > 5% relative loss change over the last 10%.
     """
+    from ..errors import AdvDefenseError
+
+    unknown = set(skip) - set(CHECK_NAMES)
+    if unknown:
+        raise AdvDefenseError(f"unknown check(s) {sorted(unknown)}; choose from {CHECK_NAMES}")
     x, y = data
     inferred_eps, inferred_norm, inferred_eot = _infer_attack_setting(result)
     eps = inferred_eps if eps is None else eps
@@ -421,18 +433,20 @@ def run_checks(
         out.append(check_randomness(model, xp[:8], result))
         out += check_gradients(model, xp, yp, result, eot_samples=eot,
                                zero_grad_fraction=zero_grad_fraction)
-        if probes:
+        if probes and "unbounded_attack" not in skip:
             out.append(check_unbounded(model, xp, yp, norm=norm, unbounded_steps=unbounded_steps,
                                        unbounded_max_acc=unbounded_max_acc, eot_samples=eot,
                                        repeats=repeats, seed=seed))
+        if probes:
             if eps is None or eps <= 0:
                 out.append(CheckResult("eps_monotone", None, "no positive eps to sweep"))
                 out.append(CheckResult("more_iterations", None, "no positive eps"))
-            else:
+            if eps is not None and eps > 0 and "eps_monotone" not in skip:
                 out.append(check_eps_monotone(model, xp, yp, eps=eps, norm=norm,
                                               monotone_tol=monotone_tol, eot_samples=eot,
                                               repeats=repeats, seed=seed,
                                               accuracies=eps_accuracies))
+            if eps is not None and eps > 0 and "more_iterations" not in skip:
                 out.append(check_more_iterations(
                     model, xp, yp, eps=eps, norm=norm, iterations_factor=iterations_factor,
                     iterations_restarts=iterations_restarts, iterations_tol=iterations_tol,
@@ -441,6 +455,7 @@ def run_checks(
         out.append(check_blackbox(result, blackbox_tol=blackbox_tol))
         out.append(check_silent_success(result))
         out.append(check_convergence(result, converge_tol=converge_tol))
+    out = [c for c in out if c.name not in skip]
     for c in out:
         if c.passed is False:
             log.warning("check %s failed: %s", c.name, c.detail)

@@ -308,7 +308,8 @@ def evaluate(
               "seed": seed, "max_batch": max_batch, "stochastic": stochastic,
               "specs": [{"label": lab, "name": s.name, "protocol": s.protocol,
                          "attack": repr(s.attack), "eps": getattr(s.attack, "eps", None),
-                         "norm": getattr(s.attack, "norm", None)} for s, lab in zip(specs, labels, strict=True)]}
+                         "norm": getattr(s.attack, "norm", None)}
+                        for s, lab in zip(specs, labels, strict=True)]}
     result = EvalResult(n, stochastic, repeats if stochastic else 1, clean, entries, worst,
                         y_all.cpu(), total, config)
     if checks:

@@ -43,12 +43,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..attacks import ATTACKS, Attack
 from ..attacks.base import NORMS, check_eps, eval_mode
 from ..errors import AdvDefenseError
 from ..randomness import is_stochastic, seeded
-from .harness import EntryResult, EvalResult, TraceSummary, _model_device, _summarize_trace, load_data
+from .harness import (
+    EntryResult,
+    EvalResult,
+    TraceSummary,
+    _model_device,
+    _summarize_trace,
+    load_data,
+)
 from .protocols import Verdict, run_protocol, verdict
 
 log = logging.getLogger(__name__)
@@ -102,7 +110,8 @@ def _build(name: str, label: str, kwargs: dict) -> Attack:
     try:
         return ATTACKS[name](**kwargs)
     except TypeError as exc:
-        raise AdvDefenseError(f"attack {name!r} does not accept the suite settings: {exc}") from None
+        raise AdvDefenseError(
+            f"attack {name!r} does not accept the suite settings: {exc}") from None
 
 
 def _fingerprint(x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any]) -> str:
@@ -227,7 +236,9 @@ def run_suite(
                             state["clean_seconds"])
         robust = clean.verdict
         entries: dict[str, EntryResult] = {}
-        for i, (label, name, kw) in enumerate(plan):
+        stages = tqdm(list(enumerate(plan)), desc=f"suite {suite_name}", disable=not progress,
+                      leave=False)
+        for i, (label, name, kw) in stages:
             if label in state["finished"]:
                 rec = state["entries"][label]
                 own = _verdict_from_json(rec["verdict"])

@@ -1,0 +1,51 @@
+"""``advdefense evaluate``: writes the three report files; bad input is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from advdefense.cli import main
+from advdefense.config import build_from_config, config_from_dict, to_dict
+from advdefense.training.checkpoint import make_checkpoint, save_checkpoint
+
+
+def _checkpoint(tmp_path):
+    cfg = config_from_dict({"name": "eval_cli", "data": {"name": "digits"},
+                            "model": {"name": "smallcnn"}})
+    torch.manual_seed(0)
+    model, _ = build_from_config(cfg)
+    path = tmp_path / "model.pt"
+    save_checkpoint(make_checkpoint(config=to_dict(cfg), model=model), path)
+    return path
+
+
+def test_evaluate_cli_writes_reports(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--attacks", "fgsm,pgd", "--eps", "0.1",
+               "--eps-sweep", "0.05,0.1", "--n", "16", "--steps", "3", "--output", str(out),
+               "--no-progress"])
+    assert rc == 0
+    for name in ("report.json", "report.md", "accuracy_vs_eps.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n"] == 16 and len(report["per_example"]["clean"]["all"]) == 16
+    assert {r["label"] for r in report["accuracies"]} >= {"clean", "fgsm/fresh", "pgd/fresh",
+                                                           "worst"}
+    assert set(report["sweep"]) == {"0.05", "0.1"}
+    assert report["checks"] and report["versions"]["torch"]
+    printed = capsys.readouterr().out
+    assert "| attack | protocol | accuracy [95% CI]" in printed and "[pass]" in printed
+
+
+def test_evaluate_cli_errors_are_one_line(tmp_path, capsys):
+    rc = main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "not found" in err
+    ckpt = _checkpoint(tmp_path)
+    for bad in (["--attacks", "nope"], ["--eps", "-0.1"], ["--protocols", "fresh,bogus"]):
+        rc = main(["evaluate", "--checkpoint", str(ckpt), *bad])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("advdefense: error:")
