@@ -122,8 +122,12 @@ def check_randomness(model: nn.Module, x: torch.Tensor, result=None, *,
     if result is None:
         return CheckResult("randomness_without_eot", None,
                            "model is stochastic; no attack results to inspect")
-    no_eot = [e.label for e in result.entries.values()
-              if e.protocol == "fresh" and e.trace is not None and e.trace.eot_samples <= 1]
+    fresh = [e for e in result.entries.values() if e.protocol == "fresh"]
+    if result.entries and not fresh:
+        return CheckResult("randomness_without_eot", False,
+                           "model is stochastic but every attack ran on one frozen draw "
+                           "(paper/fixed protocols only)", remedy)
+    no_eot = [e.label for e in fresh if e.trace is not None and e.trace.eot_samples <= 1]
     if no_eot:
         return CheckResult("randomness_without_eot", False,
                            f"model is stochastic but {', '.join(no_eot)} ran with eot_samples=1",
