@@ -22,18 +22,30 @@ ORDER = ["pgd", "eot", "apgd", "smoothing", "training_overhead", "memory", "scal
 
 
 def table(out_dir: Path) -> str:
+    """Markdown of every result file in ``out_dir`` (known benchmarks first)."""
+    known = [out_dir / f"{name}.json" for name in ORDER]
+    extra = sorted(p for p in out_dir.glob("*.json") if p not in known)
     parts = []
-    for name in ORDER:
-        path = out_dir / f"{name}.json"
+    for path in known + extra:
         if not path.exists():
             continue
+        name = path.stem
         payload = json.loads(path.read_text())
         m = payload["machine"]
         parts.append(f"### {name}\n\n`{payload['command']}` — {payload['date_utc']}, "
                      f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
-                     f"torchattacks {m['torchattacks']}, load {m['load_avg_1min_at_start']}, "
-                     f"commit {m['git_commit']}\n\n" + common.markdown(payload["rows"]) + "\n")
+                     f"torchattacks {m['torchattacks']}, load {m['load_avg_1min_at_start']:.2f}, "
+                     f"commit {m['git_commit']}{_busy(payload)}\n\n"
+                     + common.markdown(payload["rows"]) + "\n")
     return "\n".join(parts)
+
+
+def _busy(payload) -> str:
+    c = payload.get("contention")
+    if not c:
+        return ""
+    return (f"; other processes used {c['other_processes_cores']:.2f} of "
+            f"{payload['machine']['cores']} cores during the {c['wall_s']:.0f} s run")
 
 
 def main(argv=None) -> int:
@@ -41,10 +53,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default=",".join(ORDER))
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
+    p.add_argument("--table-only", action="store_true",
+                   help="only rebuild table.md from the result files already there")
     args = p.parse_args(argv)
+    if args.table_only:
+        args.only = ""
     here = Path(__file__).resolve().parent
     failed = []
-    for name in args.only.split(","):
+    for name in filter(None, args.only.split(",")):
         script = here / f"bench_{name}.py"
         cmd = [sys.executable, str(script), "--out-dir", str(args.out_dir)]
         if args.quick:
