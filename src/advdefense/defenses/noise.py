@@ -66,7 +66,9 @@ __all__ = [
 ]
 
 
-def _no_decay(p: nn.Parameter) -> nn.Parameter:
+def _param(t: torch.Tensor) -> nn.Parameter:
+    """A noise parameter: trainable, excluded from weight decay (``_no_weight_decay``)."""
+    p = nn.Parameter(t)
     p._no_weight_decay = True  # type: ignore[attr-defined]
     return p
 
@@ -137,16 +139,16 @@ class NoisyLayer(StochasticModule):
             if kind == "pni":
                 shape = {"layerwise": (1,), "elementwise": tuple(w.shape),
                          "channelwise": (out_ch,) + (1,) * (w.dim() - 1)}[mode]
-                self.alpha_w = _no_decay(nn.Parameter(torch.full(shape, float(alpha_init), **like)))
+                self.alpha_w = _param(torch.full(shape, float(alpha_init), **like))
             else:
-                self.alpha_w = _no_decay(nn.Parameter(torch.full((w.numel(),), alpha_init**2, **like)))
-                self.factor_w = _no_decay(nn.Parameter(0.01 * torch.randn(w.numel(), self.rank, **like)))
+                self.alpha_w = _param(torch.full((w.numel(),), alpha_init**2, **like))
+                self.factor_w = _param(0.01 * torch.randn(w.numel(), self.rank, **like))
         if self.input_noise:
             if kind == "pni":
-                self.alpha_i = _no_decay(nn.Parameter(torch.full((1,), float(alpha_init), **like)))
+                self.alpha_i = _param(torch.full((1,), float(alpha_init), **like))
             else:
-                self.alpha_i = _no_decay(nn.Parameter(torch.full((in_ch,), alpha_init**2, **like)))
-                self.factor_i = _no_decay(nn.Parameter(0.01 * torch.randn(in_ch, self.rank, **like)))
+                self.alpha_i = _param(torch.full((in_ch,), alpha_init**2, **like))
+                self.factor_i = _param(0.01 * torch.randn(in_ch, self.rank, **like))
 
     def extra_repr(self) -> str:
         where = "+".join(n for n, on in (("weights", self.weight_noise),
