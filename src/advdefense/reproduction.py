@@ -52,7 +52,8 @@ def train_plan(plan: Plan, root: Path, *, progress: bool = False):
     done = False
     if ckpt.exists():
         try:
-            done = int(load_checkpoint(ckpt).get("epoch", -1)) + 1 >= cfg.train.epochs
+            # "epoch" counts completed epochs
+            done = int(load_checkpoint(ckpt).get("epoch", 0)) >= cfg.train.epochs
         except Exception:  # a broken checkpoint is retrained from scratch below
             done = False
     if not done:
