@@ -262,3 +262,24 @@ def test_fixed_path_attack_is_at_least_as_strong_as_paper_protocol(tiny_rna, mni
     assert fixed_acc <= paper_acc, (fixed_acc, paper_acc)
     # and the gap is real: the attack on path A transfers imperfectly to fresh paths
     assert paper_acc - fixed_acc > 0.02, (fixed_acc, paper_acc)
+
+
+def test_rna_report_tabulates_the_three_protocols(tiny_rna, mnist_test):
+    from advdefense.analysis.rna_report import rna_report
+
+    x, y = mnist_test
+    rep = rna_report(tiny_rna, x[:16], y[:16], eps=0.1, steps=3, eot_samples=2, repeats=3,
+                     attacks=("fgsm", "pgd", "cw"))
+    table = rep.table()
+    assert {"fgsm", "pgd", "cw"} <= set(table)
+    for name in ("fgsm", "pgd", "cw"):
+        assert set(table[name]) == {"paper", "fixed", "fresh"}
+        for acc in table[name].values():
+            assert acc.correct <= table["clean"]["-"].n
+    # the worst case over a protocol is no better than any attack under it
+    for p in ("paper", "fixed", "fresh"):
+        assert table["worst case"][p].correct <= min(table[a][p].correct
+                                                      for a in ("fgsm", "pgd", "cw"))
+    md = rep.to_markdown()
+    assert md.count("\n") == len(table) + 2 and "EOT over paths" in md
+    assert set(rep.to_dict()["majority"]["pgd"]) == {"paper", "fixed", "fresh"}

@@ -108,6 +108,7 @@ def rna_report(
     eot_samples: int = 16,
     repeats: int = 10,
     protocols: Sequence[str] = PROTOCOL_ORDER,
+    attacks: Sequence[str] | None = None,
     batch_size: int = 250,
     max_batch: int = 4096,
     seed: int = 0,
@@ -117,9 +118,12 @@ def rna_report(
 
     ``eot_samples`` applies to the adaptive (``fresh``) protocol only: under ``paper`` and
     ``fixed`` the attacked model is frozen, hence deterministic, and attacks use one draw.
+    ``attacks`` keeps only the named ones (``fgsm``, ``pgd``, ``cw``, ``apgd-ce``).
     """
     specs = standard_attack_specs(eps, steps=steps, eot_samples=eot_samples, seed=seed,
                                   protocols=tuple(protocols), max_batch=max_batch)
+    if attacks is not None:
+        specs = [s for s in specs if s.name in set(attacks)]
     result = evaluate(model, (x, y), specs, repeats=repeats, batch_size=batch_size, seed=seed,
                       progress=progress, max_batch=max_batch, checks=False)
     return RNAReport(result, float(eps), int(eot_samples), int(repeats))
