@@ -320,3 +320,32 @@ def test_schedules_follow_milestones_at_epoch_end():
         values.append(cos.get_last_lr()[0])
         cos.step()
     assert values == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0], abs=1e-6)
+
+
+def test_init_from_copies_matching_weights(tmp_path):
+    """train.init_from starts fine-tuning from a checkpoint's weights (new tensors keep init)."""
+    import torch
+
+    from advdefense.config import config_from_dict
+    from advdefense.training.checkpoint import load_checkpoint
+    from advdefense.training.trainer import Trainer
+
+    base = {"name": "src", "output_dir": str(tmp_path / "src"),
+            "data": {"name": "digits", "batch_size": 50, "monitor_size": 0, "limit": 100},
+            "model": {"name": "smallcnn"},
+            "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 1e-3}}}
+    t = Trainer(config_from_dict(base), progress=False)
+    t.fit()
+    t.close()
+    src = load_checkpoint(tmp_path / "src" / "last.pt")["model"]
+    ft = dict(base, name="ft", output_dir=str(tmp_path / "ft"),
+              defense={"noise": {"kind": "pni", "where": "weights"}},
+              train=dict(base["train"], init_from=str(tmp_path / "src" / "last.pt")))
+    t2 = Trainer(config_from_dict(ft), progress=False)
+    state = t2.model.state_dict()
+    shared = [k for k in src if k in state]
+    assert shared, "the noisy model keeps the base weights' names"
+    for k in shared:
+        assert torch.equal(state[k].cpu(), src[k]), k
+    assert any(k not in src for k in state), "noise scales are new tensors"
+    t2.close()

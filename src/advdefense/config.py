@@ -190,6 +190,9 @@ class TrainConfig:
     ``adv_start_epoch``: epochs before it use the ``standard`` recipe (PNI's ``epoch_delay``).
     ``amp``: ``null``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA only, with a GradScaler).
     ``grad_clip``: max global gradient L2 norm (``null`` = no clipping).
+    ``init_from``: a checkpoint whose model weights initialise this run (fine-tuning, e.g. the
+    smoothing paper's EPGD / Gaussian fine-tuning of a PGD-trained CNI-W model). Parameters
+    present in both models are copied; new ones (e.g. added noise scales) keep their init.
     """
 
     recipe: str = "standard"
@@ -204,6 +207,7 @@ class TrainConfig:
     compile: bool = False
     grad_clip: float | None = None
     adv_start_epoch: int = 0
+    init_from: str | None = None
 
     def validate(self, where: str) -> None:
         from .training.recipes import RECIPES

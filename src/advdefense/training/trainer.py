@@ -104,6 +104,22 @@ class _AuxDDP(nn.parallel.DistributedDataParallel):
         return self(x, y, with_aux=True)
 
 
+def init_from_checkpoint(model: nn.Module, path: str) -> None:
+    """Copy every same-named, same-shaped tensor of a checkpoint's model into ``model``."""
+    from .checkpoint import load_checkpoint
+
+    source = load_checkpoint(path)["model"]
+    target = model.state_dict()
+    copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    if not copied:
+        raise ConfigError(f"train.init_from={path}: no tensor matches this model; is it a "
+                          "checkpoint of the same architecture?")
+    model.load_state_dict(copied, strict=False)
+    new = sorted(set(target) - set(copied))
+    log.info("initialised %d tensors from %s; %d kept their init%s", len(copied), path,
+             len(new), f" ({', '.join(new[:5])}{'...' if len(new) > 5 else ''})" if new else "")
+
+
 class Trainer:
     """Train the model a config describes (see the module docstring).
 
@@ -130,6 +146,8 @@ class Trainer:
 
         seed_everything(cfg.seed)
         model, self.info = build_from_config(cfg)
+        if tc.init_from:
+            init_from_checkpoint(model, tc.init_from)
         self.model = model.to(self.device)
         if tc.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
