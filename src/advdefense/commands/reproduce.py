@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="mnist5k", help="mnist5k (CPU) or cifar10 (GPU)")
     parser.add_argument("--output", help="output folder (default runs/reproduce_<preset>)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n", type=int, default=400, help="test images per evaluation")
+    parser.add_argument("--n", type=int, default=200, help="test images per evaluation")
     parser.add_argument("--only", help="comma-separated subset of entries (e.g. pgd_at,rna_at)")
     parser.add_argument("--full-budget", action="store_true",
                         help="reference AutoAttack budgets (9 targets, 5,000 Square queries, "
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         budget = {"n_targets": 1, "square_queries": 20, "eot": 2, "repeats": 2,
                   "rand_square_queries": 10}
     if args.preset == "mnist5k":
-        plans = presets.mnist5k_plans(args.seed, budget=budget, epochs=1 if args.quick else 5)
+        plans = presets.mnist5k_plans(args.seed, budget=budget, epochs=1 if args.quick else 3)
     else:
         plans = presets.cifar10_plans(args.seed, budget=budget, quick=args.quick)
     if args.quick:
