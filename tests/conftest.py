@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
+from advdefense.analysis.transfer import train_model
 from advdefense.attacks import PGD
 from advdefense.data import as_tensors, dataset_info, load_split
 from advdefense.models import build_model
@@ -21,23 +21,9 @@ def make_smallcnn(norm="bn", seed=0, dataset="mnist5k", **kw):
 
 
 def quick_train(model, x, y, *, epochs=2, batch=100, lr=1e-3, attack=None, seed=0):
-    """A minimal Adam loop (independent of the Trainer) for attack/eval tests."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), batch):
-            idx = perm[i : i + batch]
-            xb, yb = x[idx], y[idx]
-            if attack is not None:
-                xb = attack(model, xb, yb)
-            model.train()
-            loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    return model
+    """A minimal seeded Adam loop (independent of the Trainer) for attack/eval tests."""
+    return train_model(model, x, y, epochs=epochs, seed=seed, batch_size=batch, lr=lr,
+                       attack=attack)
 
 
 @pytest.fixture(scope="session")

@@ -109,33 +109,6 @@ def eps_curve(model, x, y, eps_list, *, steps: int = 20, eot_samples: int = 1,
     return points
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path, *, title: str) -> Path:
-    """Robust accuracy against eps, one line per curve, 95% CI error bars (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, pts in curves.items():
-        eps = [p["eps"] for p in pts]
-        acc = [100 * p["accuracy"] for p in pts]
-        err = [[100 * (p["accuracy"] - p["ci"][0]) for p in pts],
-               [100 * (p["ci"][1] - p["accuracy"]) for p in pts]]
-        ax.errorbar(eps, acc, yerr=err, marker="o", capsize=3, label=label)
-    ax.set_xlabel("eps (L-inf, pixel scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
@@ -196,8 +169,10 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
     """Write ``report.md`` + ``report.json`` + ``accuracy_vs_eps.png`` into ``root``."""
     import platform
 
-    plot = plot_curves(curves, root / "accuracy_vs_eps.png", title="PGD-20 accuracy vs eps") \
-        if curves else None
+    from .evaluation.plots import plot_curves
+
+    plot = plot_curves(curves, root / "accuracy_vs_eps.png",
+                       title="PGD-20 accuracy vs eps (L-inf, 95% CI)") if curves else None
     lines = [f"# {title}", "", intro, "",
              f"- command: `{command}`", f"- seed: {seed}",
              f"- code: advdefense commit {code_version()}",
