@@ -12,7 +12,7 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n", type=int, default=500, help="test images to evaluate (max 1000)")
+    parser.add_argument("--n", type=int, default=300, help="test images to evaluate (max 1000)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
