@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "EOT 20) instead of the CPU budget")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 epoch, 300 training images, tiny attack budgets")
+    parser.add_argument("--eot", type=int, help="override the budget's EOT samples")
+    parser.add_argument("--repeats", type=int, help="override the budget's repeated predictions")
+    parser.add_argument("--no-curve", action="store_true", help="skip the eps curves")
     parser.add_argument("--train-only", action="store_true",
                         help="train (or resume) every model, evaluate nothing")
     parser.add_argument("--no-progress", action="store_true")
@@ -43,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         budget = {"n_targets": 1, "square_queries": 20, "eot": 2, "repeats": 2,
                   "rand_square_queries": 10}
+    budget = dict(budget)
+    if args.eot:
+        budget["eot"] = args.eot
+    if args.repeats:
+        budget["repeats"] = args.repeats
     if args.preset == "mnist5k":
         plans = presets.mnist5k_plans(args.seed, budget=budget, epochs=1 if args.quick else 3)
     else:
@@ -64,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     report = run_plans(
         plans, out, title=f"advdefense reproduction report: {args.preset}",
         command="advdefense " + " ".join(sys.argv[1:]), seed=args.seed,
-        curve_eps=[0.0, 0.1, 0.2, 0.3, 0.4] if not args.quick else [0.0, 0.3],
+        curve_eps=None if args.no_curve else
+        ([0.0, 0.1, 0.2, 0.3, 0.4] if not args.quick else [0.0, 0.3]),
         n_eval=args.n, progress=not args.no_progress and sys.stderr.isatty(),
         intro=presets.REPRODUCE_INTRO.format(budget=budget), train_only=args.train_only)
     if report is None:
