@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"advdefense demo: writing into {out.resolve()}")
     report = run_plans(
         demo_plans(args.seed), out, title="advdefense demo: standard vs PGD-AT on mnist5k",
-        command="advdefense " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else ["demo"]),
+        command="advdefense demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else []),
         seed=args.seed, curve_eps=CURVE_EPS, n_eval=args.n,
         progress=not args.no_progress and sys.stderr.isatty(),
         intro="smallcnn on the offline mnist5k digits (4,000 train / 1,000 test). "
