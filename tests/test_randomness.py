@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from advdefense.randomness import (StochasticModule, draw_groups, freeze, get_states,
-                                   is_stochastic, seeded)
+from advdefense.randomness import (
+    StochasticModule,
+    draw_groups,
+    freeze,
+    get_states,
+    is_stochastic,
+    seeded,
+)
 
 
 class Offset(StochasticModule):

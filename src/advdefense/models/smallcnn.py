@@ -39,8 +39,8 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         side = image_size // (2**pools)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(2 * w * side * side, 200), nn.ReLU(), nn.Linear(200, num_classes)
-        )
+            nn.Flatten(), nn.Linear(2 * w * side * side, 200), nn.ReLU(),
+            nn.Linear(200, num_classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))
