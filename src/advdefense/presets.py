@@ -202,7 +202,7 @@ def make_evaluator(kind: str, budget: dict):
 
 def mnist5k_plans(seed: int = 0, *, budget: dict | None = None,
                   epochs: int = 6) -> list[Plan]:
-    """Standard, PGD-AT, TRADES, MART, AT+CAS, TRADES+CAS, RNA (AT), PNI-W (AT) + smoothing."""
+    """Standard, PGD-AT, TRADES, MART, each of the three + CAS, RNA (AT), PNI-W (AT) + smoothing."""
     budget = budget or CPU_BUDGET
     det, cas = make_evaluator("deterministic", budget), make_evaluator("cas", budget)
     at = dict(recipe="pgd_at", epochs=epochs, seed=seed)
@@ -221,6 +221,9 @@ def mnist5k_plans(seed: int = 0, *, budget: dict | None = None,
              cas),
         Plan("trades_cas", "TRADES + CAS (β_TRADES = 6, β_CAS = 2)",
              mnist5k_config("trades_cas", **{**at, "recipe": "trades"}, defense=cas_def,
+                            recipe_args={"beta": 6.0, "aux_weight": 2.0}), cas),
+        Plan("mart_cas", "MART + CAS (β_MART = 6, β_CAS = 2)",
+             mnist5k_config("mart_cas", **{**at, "recipe": "mart"}, defense=cas_def,
                             recipe_args={"beta": 6.0, "aux_weight": 2.0}), cas),
         Plan("rna_at", "RNA (BN+IN, PGD-AT with black-box paths as the reference)",
              mnist5k_config("rna_at", **at,

@@ -38,8 +38,21 @@ class Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def recorded_train_seconds(run_dir: Path) -> float | None:
+    """Training time summed over the epochs logged in ``metrics.jsonl`` (survives resumes)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    total = 0.0
+    for line in path.read_text().splitlines():
+        if line.strip():
+            total += float(json.loads(line).get("seconds", 0.0))
+    return total
+
+
 def train_plan(plan: Plan, root: Path, *, progress: bool = False):
-    """Train (or resume, or reuse) the plan's model; returns ``(model, cfg, seconds)``."""
+    """Train (or resume, or reuse) the plan's model; returns ``(model, cfg, seconds)`` where
+    ``seconds`` is the training time recorded over all epochs (not just this call's)."""
     from .config import config_from_dict
     from .training.checkpoint import load_checkpoint, load_model_from_checkpoint
     from .training.trainer import Trainer
@@ -63,7 +76,8 @@ def train_plan(plan: Plan, root: Path, *, progress: bool = False):
         finally:
             trainer.close()
     model, cfg = load_model_from_checkpoint(ckpt)
-    return model, cfg, time.perf_counter() - t0
+    recorded = recorded_train_seconds(cfg.output_dir)
+    return model, cfg, recorded if recorded is not None else time.perf_counter() - t0
 
 
 def table_from_result(result, *, title: str, protocol_names: dict[str, str] | None = None):
@@ -164,6 +178,11 @@ def code_version() -> str:
     return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
+def _compute_minutes(sections: list[dict]) -> float:
+    return sum((s.get("train_seconds") or 0.0) + (s.get("eval_seconds") or 0.0)
+               for s in sections) / 60
+
+
 def write_report(root: Path, *, title: str, command: str, seed: int, sections: list[dict],
                  curves: dict[str, list[dict]], intro: str = "", total_seconds: float) -> Path:
     """Write ``report.md`` + ``report.json`` + ``accuracy_vs_eps.png`` into ``root``."""
@@ -178,7 +197,9 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
              f"- code: advdefense commit {code_version()}",
              f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, python {platform.python_version()}",
-             f"- total wall time: {total_seconds / 60:.1f} min", ""]
+             f"- compute time, summed over the entries (training + evaluation, including "
+             f"parts cached by earlier runs): {_compute_minutes(sections):.1f} min; "
+             f"this invocation's wall time: {total_seconds / 60:.1f} min", ""]
     for sec in sections:
         lines += [f"## {sec['title']}", ""]
         if sec.get("notes"):
@@ -186,7 +207,7 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
         if sec.get("code"):
             lines += [f"Evaluated with advdefense commit {sec['code']}.", ""]
         if sec.get("train_seconds") is not None:
-            lines += [f"Training/loading took {sec['train_seconds']:.0f} s; evaluation "
+            lines += [f"Training took {sec['train_seconds']:.0f} s; evaluation "
                       f"{sec.get('eval_seconds', 0):.0f} s.", ""]
         for block in sec.get("markdown", []):
             lines += [block, ""]
