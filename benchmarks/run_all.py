@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default=",".join(ORDER))
     p.add_argument("--out-dir", type=Path, default=common.RESULTS)
+    p.add_argument("--threads", type=int, help="torch threads of every benchmark (default 2)")
+    p.add_argument("--repeats", type=int, help="timed rounds of every benchmark")
     p.add_argument("--table-only", action="store_true",
                    help="only rebuild table.md from the result files already there")
     args = p.parse_args(argv)
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
         cmd = [sys.executable, str(script), "--out-dir", str(args.out_dir)]
         if args.quick:
             cmd.append("--quick")
+        for flag in ("threads", "repeats"):
+            if getattr(args, flag) is not None:
+                cmd += [f"--{flag}", str(getattr(args, flag))]
         t0 = time.perf_counter()
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         if subprocess.run(cmd).returncode != 0:

