@@ -92,3 +92,44 @@ def test_gather_per_example_restores_dataset_order():
     mp.spawn(_gather_worker, args=(2, free_port(), 7), nprocs=2, join=True)
     # single process: identity
     assert torch.equal(gather_per_example(torch.arange(5), 3), torch.arange(3))
+
+
+def _run_evaluate(cmd_prefix, checkpoint, out, env):
+    cmd = [*cmd_prefix, "-m", "advdefense", "evaluate", "--checkpoint", str(checkpoint),
+           "--attacks", "fgsm,pgd", "--eps", "0.3", "--examples", "45", "--batch-size", "16",
+           "--output", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads((out / "report.json").read_text())
+
+
+def test_torchrun_evaluate_gathers_per_example_results(tmp_path):
+    """Two processes each evaluate half of 45 examples; the gathered per-example results are
+    in dataset order: clean and FGSM (no randomness) equal the one-process run exactly, and
+    PGD (random starts differ per shard) is a valid per-example result of the same length."""
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    ckpt_dir = tmp_path / "model"
+    Trainer(load_config(config, [f"output_dir={ckpt_dir}"]), device="cpu",
+            progress=False).fit()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    _, one = _run_evaluate([sys.executable], ckpt_dir / "last.pt", tmp_path / "one", env)
+    proc, two = _run_evaluate(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={free_port()}"],
+        ckpt_dir / "last.pt", tmp_path / "two", env)
+    assert proc.stdout.count("wrote ") == 1  # only rank 0 reports
+    p1, p2 = one["per_example"], two["per_example"]
+    assert p2["labels"] == p1["labels"] and len(p2["labels"]) == 45
+    assert p2["clean"] == p1["clean"]
+    assert 0 < sum(p1["clean"]["all"]) < 45  # a trained but imperfect model: a real check
+    fgsm1 = next(v for k, v in p1["attacks"].items() if k.startswith("fgsm"))
+    fgsm2 = next(v for k, v in p2["attacks"].items() if k.startswith("fgsm"))
+    assert fgsm2["correct"] == fgsm1["correct"]
+    pgd2 = next(v for k, v in p2["attacks"].items() if k.startswith("pgd"))
+    assert len(pgd2["correct"]["all"]) == 45
+    # the worst case is the per-example AND, over the gathered results
+    worst = [c and f and p for c, f, p in zip(p2["clean"]["all"], fgsm2["correct"]["all"],
+                                              pgd2["correct"]["all"], strict=True)]
+    assert p2["worst"]["all"] == worst
+    assert two["n"] == 45 and two["processes"] == 2

@@ -11,6 +11,11 @@ Example::
 
     advdefense evaluate --checkpoint runs/pgd_at/last.pt --eps 0.3 --eps-sweep 0.1,0.2,0.3 \\
         --protocols fresh,paper,fixed --n 500 --output runs/pgd_at/eval
+    torchrun --nproc_per_node=2 -m advdefense evaluate --checkpoint runs/pgd_at/last.pt ...
+
+Under ``torchrun`` every process evaluates the examples ``rank::world`` and the per-example
+results are gathered in dataset order (:mod:`advdefense.evaluation.distributed`); rank 0 writes
+the report. A ``--state`` file gets a ``.rank<r>`` suffix per process.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stochastic predictions per verdict (default 10)")
     parser.add_argument("--eot", type=int, default=None,
                         help="EOT samples (default: 20 for stochastic models, else 1)")
-    parser.add_argument("--n", type=int, default=1000, help="number of test examples")
+    parser.add_argument("--n", "--examples", dest="n", type=int, default=1000,
+                        help="number of test examples (--examples under torchrun, whose own "
+                             "options make --n ambiguous)")
     parser.add_argument("--split", default="test", help="data split (default test)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--output", default=None,
@@ -121,42 +128,67 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.suite import run_suite
     from ..randomness import is_stochastic
 
-    model, cfg = load_model_from_checkpoint(args.checkpoint)
-    data = load_split(cfg.data.name, args.split, root=getattr(cfg.data, "root", "data"),
-                      limit=args.n)
-    stochastic = is_stochastic(model)
-    eot = args.eot if args.eot is not None else (20 if stochastic else 1)
-    out = Path(args.output) if args.output else Path(args.checkpoint).parent / "eval"
-    progress = not args.no_progress
-    check_options = {"seed": args.seed}
-    if args.suite:
-        result = run_suite(model, data, suite=args.suite, norm=args.norm, eps=args.eps,
-                           eot_samples=eot, repeats=args.repeats, state_path=args.state,
-                           n_examples=args.n, batch_size=args.batch_size, seed=args.seed,
-                           progress=progress, checks=not args.no_checks,
-                           check_options=check_options)
-        sweep = None
-    else:
-        sweep = {}
-        for e in eps_list:
-            sweep[e] = evaluate(model, data, _specs(args, e, eot), repeats=args.repeats,
-                                batch_size=args.batch_size, n_examples=args.n, seed=args.seed,
-                                progress=progress, checks=False)
-        result = sweep[args.eps]
-        if not args.no_checks:
-            from ..evaluation import run_checks
-            from ..evaluation.harness import load_data
+    from ..evaluation.distributed import gather_result, shard
+    from ..evaluation.harness import load_data
+    from ..training import distributed as D
 
-            accs = ({e: r.accuracy("worst").value for e, r in sweep.items()}
-                    if len(sweep) > 2 else None)
-            result.checks = run_checks(model, load_data(data, args.n), result, eps=args.eps,
-                                       norm=args.norm, eps_accuracies=accs, **check_options)
-    extra = {"checkpoint": str(args.checkpoint), "dataset": cfg.data.name, "split": args.split,
-             "command": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
-    paths = write_report(result, out, sweep=sweep, extra=extra,
-                         title=f"Evaluation of {args.checkpoint}")
-    print(to_markdown(result, title=f"Evaluation of {args.checkpoint}", sweep=sweep))
-    if result.checks:
-        print(format_checks(result.checks))
-    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    ctx = D.init_from_env("cpu")
+    try:
+        model, cfg = load_model_from_checkpoint(args.checkpoint)
+        data = load_split(cfg.data.name, args.split, root=getattr(cfg.data, "root", "data"),
+                          limit=args.n)
+        x_all, y_all = load_data(data, args.n)
+        n_total = x_all.shape[0]
+        x, y = shard(x_all, y_all)  # torchrun: this process's examples rank::world
+        stochastic = is_stochastic(model)
+        eot = args.eot if args.eot is not None else (20 if stochastic else 1)
+        out = Path(args.output) if args.output else Path(args.checkpoint).parent / "eval"
+        progress = not args.no_progress and ctx.is_main
+        check_options = {"seed": args.seed}
+        if args.suite:
+            state = args.state
+            if state and ctx.enabled:
+                state = f"{state}.rank{ctx.rank}"
+            result = run_suite(model, (x, y), suite=args.suite, norm=args.norm, eps=args.eps,
+                               eot_samples=eot, repeats=args.repeats, state_path=state,
+                               batch_size=args.batch_size, seed=args.seed,
+                               progress=progress, checks=not args.no_checks,
+                               check_options=check_options)
+            sweep = None
+        else:
+            sweep = {}
+            for e in eps_list:
+                sweep[e] = evaluate(model, (x, y), _specs(args, e, eot), repeats=args.repeats,
+                                    batch_size=args.batch_size, seed=args.seed,
+                                    progress=progress, checks=False)
+            result = sweep[args.eps]
+            if not args.no_checks:
+                from ..evaluation import run_checks
+
+                accs = ({e: r.accuracy("worst").value for e, r in sweep.items()}
+                        if len(sweep) > 2 else None)
+                result.checks = run_checks(model, (x, y), result, eps=args.eps,
+                                           norm=args.norm, eps_accuracies=accs,
+                                           **check_options)
+        # per-example verdicts back in dataset order (identity in one process)
+        checks = result.checks
+        if sweep is not None:
+            sweep = {e: gather_result(r, n_total) for e, r in sweep.items()}
+            result = sweep[args.eps]
+        else:
+            result = gather_result(result, n_total)
+        result.checks = checks
+        if not ctx.is_main:
+            return 0
+        extra = {"checkpoint": str(args.checkpoint), "dataset": cfg.data.name,
+                 "split": args.split, "processes": ctx.world_size,
+                 "command": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+        paths = write_report(result, out, sweep=sweep, extra=extra,
+                             title=f"Evaluation of {args.checkpoint}")
+        print(to_markdown(result, title=f"Evaluation of {args.checkpoint}", sweep=sweep))
+        if result.checks:
+            print(format_checks(result.checks))
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    finally:
+        D.cleanup(ctx)
     return 0
