@@ -124,12 +124,11 @@ def run(args: argparse.Namespace) -> int:
             from None
     from ..data import load_split
     from ..evaluation import evaluate, format_checks
+    from ..evaluation.distributed import gather_result, shard
+    from ..evaluation.harness import load_data
     from ..evaluation.report import to_markdown, write_report
     from ..evaluation.suite import run_suite
     from ..randomness import is_stochastic
-
-    from ..evaluation.distributed import gather_result, shard
-    from ..evaluation.harness import load_data
     from ..training import distributed as D
 
     ctx = D.init_from_env("cpu")
