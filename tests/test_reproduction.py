@@ -8,7 +8,7 @@ import pytest
 
 from advdefense.cli import main
 from advdefense.presets import demo_plans, mnist5k_config, mnist5k_plans
-from advdefense.reproduction import Plan, run_plans
+from advdefense.reproduction import Plan, recorded_train_seconds, run_plans
 
 
 def _tiny(plan: Plan) -> Plan:
@@ -33,9 +33,22 @@ def test_run_plans_writes_report_and_resumes(tmp_path):
     assert data["curves"]  # the eps curve was measured
     ckpt = tmp_path / "standard" / "last.pt"
     before = ckpt.stat().st_mtime_ns
-    run_plans(plans, tmp_path, title="t", command="test", seed=0, curve_eps=[0.0, 0.3],
-              n_eval=40)
+    trained = data["sections"][0]["train_seconds"]
+    assert trained > 0
+    report = run_plans(plans, tmp_path, title="t", command="test", seed=0,
+                       curve_eps=[0.0, 0.3], n_eval=40)
     assert ckpt.stat().st_mtime_ns == before, "a finished model must not be retrained"
+    # the second run reuses model and evaluation but still reports what they cost
+    again = json.loads((tmp_path / "report.json").read_text())["sections"][0]
+    assert again["train_seconds"] == pytest.approx(trained)
+    assert "compute time, summed over the entries" in report.read_text()
+
+
+def test_recorded_train_seconds_sums_logged_epochs(tmp_path):
+    assert recorded_train_seconds(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "seconds": 2.5}\n'
+                                            '{"epoch": 2, "seconds": 4.0}\n')
+    assert recorded_train_seconds(tmp_path) == pytest.approx(6.5)
 
 
 def test_presets_are_valid_configs():
