@@ -138,6 +138,13 @@ class EOTResult:
         return hit.float().mean(dim=0)
 
 
+# Rows per pass of replicated EOT draws on CPU. ``max_batch`` is a memory budget; on a GPU
+# filling it is fastest, but on CPU a larger working set only costs cache misses: for smallcnn
+# + PNI, batch 128 x EOT 8 took 4.5 s with all 1,024 rows in one pass and 3.1 s with one draw
+# per pass (1 thread). Set to None to batch up to ``max_batch`` on CPU too.
+CPU_EOT_ROWS: int | None = 256
+
+
 def eot_loss_grad(
     model: nn.Module,
     x: torch.Tensor,
@@ -154,7 +161,8 @@ def eot_loss_grad(
 
     The batch is repeated ``k`` times along dim 0 (copy ``j`` = rows ``j*n..(j+1)*n``) and run
     under :func:`draw_groups` so each copy sees its own draw. Rows are processed in chunks of
-    at most ``max_batch`` (whole copies when possible); this is the only loop.
+    at most ``max_batch`` (whole copies when possible; on CPU at most :data:`CPU_EOT_ROWS` rows
+    of replicated copies); this is the only loop.
     ``objective`` is an :class:`Objective` or a loss name/function of :mod:`.losses`.
     """
     objective = as_objective(objective)
@@ -168,7 +176,10 @@ def eot_loss_grad(
         xs, ys = x[start : start + ex_chunk], y[start : start + ex_chunk]
         ts = None if target is None else target[start : start + ex_chunk]
         m = xs.shape[0]
-        per_pass = max(1, max_batch // m)
+        rows = max_batch
+        if x.device.type == "cpu" and CPU_EOT_ROWS is not None:
+            rows = min(rows, CPU_EOT_ROWS)
+        per_pass = max(1, rows // m)
         chunk_logits = []
         for k0 in range(0, k, per_pass):
             kc = min(per_pass, k - k0)

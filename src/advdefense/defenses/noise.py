@@ -199,43 +199,28 @@ class NoisyLayer(StochasticModule):
     def forward_with_state(self, x: torch.Tensor, state: NoiseState) -> torch.Tensor:
         if self.input_noise:
             x = self._input_noise(x, state)
-        layer = self.layer
         if not self.weight_noise:
-            return layer(x)
-        weights = layer.weight.unsqueeze(0) + self.weight_noise_tensor(state)
-        g = weights.shape[0]
+            return self.layer(x)
+        g = state.groups
         if g == 1:
-            if isinstance(layer, nn.Linear):
-                return F.linear(x, weights[0], layer.bias)
-            return layer._conv_forward(x, weights[0], layer.bias)
+            return self._noisy_weight_forward(x, state)
         if x.shape[0] % g:
             raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {g} draw groups")
-        if isinstance(layer, nn.Linear):
-            xs = x.reshape(g, -1, x.shape[-1])
-            out = torch.bmm(xs, weights.transpose(1, 2))
-            if layer.bias is not None:
-                out = out + layer.bias
-            return out.reshape(x.shape[0], -1)
-        return self._grouped_conv(x, weights)
+        # One ordinary conv/linear per draw group (a loop over the g <= k draws, never over
+        # examples): on CPU g plain kernels beat one grouped kernel over (k*n) rows, and each
+        # draw's noisy weight is freed before the next is built (measured 1.8x faster for
+        # smallcnn + PNI at k = 8, batch 128; benchmarks/bench_eot.py).
+        parts = x.split(x.shape[0] // g)  # split, not slicing: one gradient concat backward
+        return torch.cat([self._noisy_weight_forward(part, select_group(state, j, g))
+                          for j, part in enumerate(parts)])
 
-    def _grouped_conv(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """k convolutions with k weight tensors as one grouped convolution:
-        (k*n, C, H, W) -> (n, k*C, H, W), weights (k*O, C/groups, kh, kw), groups k*groups."""
+    def _noisy_weight_forward(self, x: torch.Tensor, state: NoiseState) -> torch.Tensor:
+        """The wrapped layer with the weight noise of a one-group ``state``."""
         layer = self.layer
-        g = weights.shape[0]
-        n = x.shape[0] // g
-        xs = x.view(g, n, *x.shape[1:]).transpose(0, 1).reshape(n, g * x.shape[1], *x.shape[2:])
-        wk = weights.reshape(g * weights.shape[1], *weights.shape[2:])
-        bias = None if layer.bias is None else layer.bias.repeat(g)
-        if layer.padding_mode != "zeros":
-            pad = layer._reversed_padding_repeated_twice
-            xs = F.pad(xs, pad, mode=layer.padding_mode)
-            out = F.conv2d(xs, wk, bias, layer.stride, 0, layer.dilation, g * layer.groups)
-        else:
-            out = F.conv2d(xs, wk, bias, layer.stride, layer.padding, layer.dilation,
-                           g * layer.groups)
-        out = out.view(n, g, -1, *out.shape[2:]).transpose(0, 1)
-        return out.reshape(g * n, *out.shape[2:])
+        weight = layer.weight + self.weight_noise_tensor(state)[0]
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight, layer.bias)
+        return layer._conv_forward(x, weight, layer.bias)
 
 
 def _broadcast_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
