@@ -21,6 +21,7 @@ Run: ``flock /work/cpu.lock python benchmarks/bench_eot.py``
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -56,13 +57,20 @@ def stochastic(name: str, sigma: float = 0.1) -> nn.Module:
     return nn.Sequential(InputNoise(sigma), common.build(name)).eval()
 
 
-def fully_batched(attack, model, x, y):
-    """The attack with every replicated EOT row of a step in one pass (no CPU row cap)."""
-    saved, attack_base.CPU_EOT_ROWS = attack_base.CPU_EOT_ROWS, None
+@contextmanager
+def cpu_eot_rows(rows):
+    """Temporarily set :data:`advdefense.attacks.base.CPU_EOT_ROWS` (restored on exit)."""
+    saved, attack_base.CPU_EOT_ROWS = attack_base.CPU_EOT_ROWS, rows
     try:
-        return attack(model, x, y)
+        yield
     finally:
         attack_base.CPU_EOT_ROWS = saved
+
+
+def fully_batched(attack, model, x, y):
+    """The attack with every replicated EOT row of a step in one pass (no CPU row cap)."""
+    with cpu_eot_rows(None):
+        return attack(model, x, y)
 
 
 def main(argv=None) -> int:
@@ -77,7 +85,13 @@ def main(argv=None) -> int:
     eots = [int(k) for k in args.eot.split(",")]
     if args.quick:
         batches, eots, args.steps = [4], [2], 1
-        attack_base.CPU_EOT_ROWS = 4  # 8 rows > 4: both paths run
+    with cpu_eot_rows(4 if args.quick else attack_base.CPU_EOT_ROWS):  # quick: 8 rows > 4
+        rows = measure(args, batches, eots)
+    common.write("eot", args, rows)
+    return 0
+
+
+def measure(args, batches: list[int], eots: list[int]) -> list[dict]:
     rows = []
     for name in args.models.split(","):
         model = stochastic(name)
@@ -101,8 +115,7 @@ def main(argv=None) -> int:
                 if "ours_mb" in fns:
                     rows.append(common.compare(times, "ours_mb", "ta", **base,
                                                setting=f"batch {n}, EOT {k}, fully batched"))
-    common.write("eot", args, rows)
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
