@@ -133,6 +133,18 @@ def test_cni_covariance_matches_formula():
     torch.testing.assert_close(emp, sigma.detach(), atol=0.02, rtol=0.1)
 
 
+def test_cni_init_scales_follow_the_options():
+    """``alpha_init`` sets alpha_d = alpha_init^2 and ``factor_init`` the scale of F, through
+    the defense registry (the small-init CNI-W config relies on both)."""
+    torch.manual_seed(0)
+    model = apply(make_smallcnn(), {"kind": "cni", "alpha_init": 0.035, "factor_init": 0.001},
+                  None)
+    for layer in noisy_layers(model).values():
+        torch.testing.assert_close(layer.alpha_w.detach(),
+                                   torch.full_like(layer.alpha_w, 0.035**2))
+        assert 0.0007 < layer.factor_w.detach().std().item() < 0.0013
+
+
 def test_seeded_is_reproducible():
     model = _model("cni", "both")
     x = torch.rand(3, 1, 28, 28)
@@ -161,7 +173,7 @@ def test_gaussian_input_train_only_and_registry(mnist_train):
 
 @pytest.mark.parametrize("options", [{"kind": "xyz"}, {"where": "outputs"}, {"mode": "row"},
                                      {"rank": -1}, {"alpha": 1}, {"input_sigma": -0.1},
-                                     {"rank": "five"}])
+                                     {"rank": "five"}, {"factor_init": -0.01}])
 def test_bad_options_raise_one_line(options):
     with pytest.raises(AdvDefenseError) as err:
         apply(make_smallcnn(), options, None)

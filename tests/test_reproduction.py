@@ -73,3 +73,34 @@ def test_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 0
+
+
+def test_parallel_entries_match_the_serial_run(tmp_path):
+    """``jobs=2`` runs the entries in spawned worker processes (1 thread each); with the
+    parent also at 1 thread, every number in the report equals the serial run's."""
+    import functools
+
+    import torch
+
+    from advdefense.presets import build_plans
+
+    rebuild = functools.partial(build_plans, "mnist5k", seed=0, quick=True)
+    keys = ("standard", "pgd_at")
+    plans = [p for p in rebuild() if p.key in keys]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = {}
+        for jobs in (1, 2):
+            root = tmp_path / f"jobs{jobs}"
+            run_plans(plans, root, title="t", command="test", seed=0, n_eval=30,
+                      jobs=jobs, rebuild=rebuild if jobs > 1 else None)
+            sections = json.loads((root / "report.json").read_text())["sections"]
+            runs[jobs] = [[(r["attack"], r["accuracy"]) for t in s["tables"] for r in t["rows"]]
+                          for s in sections]
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(s) for s in runs[1]] == [len(s) for s in runs[2]] and len(runs[1]) == 2
+    assert runs[1] == runs[2]
+    with pytest.raises(ValueError, match="rebuild"):
+        run_plans(plans, tmp_path / "x", title="t", command="test", seed=0, jobs=2)

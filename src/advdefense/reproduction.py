@@ -36,6 +36,7 @@ class Plan:
     evaluate: Callable[..., dict[str, Any]]
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    cost: float = 1.0  # relative compute, only used to start the longest entries first
 
 
 def recorded_train_seconds(run_dir: Path) -> float | None:
@@ -225,38 +226,99 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
     return report
 
 
-def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: int,
-              intro: str = "", curve_eps: list[float] | None = None, n_eval: int = 500,
-              progress: bool = False, train_only: bool = False) -> Path | None:
-    """Train and evaluate every plan, then write one report into ``root``.
+def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
+                   curve_eps: list[float] | None = None, progress: bool = False,
+                   train_only: bool = False) -> dict[str, Any] | None:
+    """Train (or reuse) one entry's model and evaluate it (or reuse ``evaluation.json``).
 
-    ``train_only`` trains (or resumes) every model and stops before evaluating (returns None).
+    Returns the entry's report section, or None with ``train_only``.
     """
     from .data import as_tensors, load_split
 
-    root.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    sections, curves = [], {}
-    for plan in plans:
-        log.info("== %s", plan.title)
-        model, cfg, train_seconds = train_plan(plan, root, progress=progress)
-        if train_only:
-            continue
+    log.info("== %s", plan.title)
+    model, cfg, train_seconds = train_plan(plan, root, progress=progress)
+    if train_only:
+        return None
+    cache = root / plan.key / "evaluation.json"
+    if cache.exists():
+        section = json.loads(cache.read_text())
+    else:
         x, y = as_tensors(load_split(cfg.data.name, "test", root=cfg.data.root))
         x, y = x[:n_eval], y[:n_eval]
-        cache = root / plan.key / "evaluation.json"
         t0 = time.perf_counter()
-        if cache.exists():
-            section = json.loads(cache.read_text())
-        else:
-            section = plan.evaluate(model, x, y, plan)
-            if curve_eps:
-                section["curve"] = eps_curve(model, x, y, curve_eps, seed=seed,
-                                             **plan.extra.get("curve", {}))
-            section["eval_seconds"] = time.perf_counter() - t0
-            section["code"] = code_version()
-            cache.write_text(json.dumps(section, default=str))
-        section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds)
+        section = plan.evaluate(model, x, y, plan)
+        if curve_eps:
+            section["curve"] = eps_curve(model, x, y, curve_eps, seed=seed,
+                                         **plan.extra.get("curve", {}))
+        section["eval_seconds"] = time.perf_counter() - t0
+        section["code"] = code_version()
+        atomic_write_text(cache, json.dumps(section, default=str))
+    section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds)
+    return section
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _entry_worker(rebuild: Callable[[], list[Plan]], key: str, root: Path, threads: int,
+                  options: dict[str, Any]) -> str:
+    """One entry in a worker process (``run_plans(jobs=N)``): plans hold closures, so the
+    worker rebuilds them with ``rebuild`` (a picklable module-level callable)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{key}] %(message)s",
+                        datefmt="%H:%M:%S")
+    torch.set_num_threads(threads)
+    plan = next(p for p in rebuild() if p.key == key)
+    evaluate_entry(plan, root, **options)
+    return key
+
+
+def _run_parallel(plans: list[Plan], root: Path, *, jobs: int,
+                  rebuild: Callable[[], list[Plan]], options: dict[str, Any]) -> None:
+    """Run the entries in ``jobs`` spawned processes, longest (``Plan.cost``) first, each with
+    ``torch.get_num_threads() // jobs`` threads; results land in each entry's cache."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    threads = max(1, torch.get_num_threads() // jobs)
+    order = sorted(plans, key=lambda p: -p.cost)
+    log.info("running %d entries in %d processes x %d threads", len(order), jobs, threads)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_entry_worker, rebuild, p.key, root, threads,
+                               {**options, "progress": False}) for p in order]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for fut in pending:
+            fut.cancel()
+        for fut in done:
+            fut.result()  # re-raises a worker's error in the parent
+
+
+def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: int,
+              intro: str = "", curve_eps: list[float] | None = None, n_eval: int = 500,
+              progress: bool = False, train_only: bool = False, jobs: int = 1,
+              rebuild: Callable[[], list[Plan]] | None = None) -> Path | None:
+    """Train and evaluate every plan, then write one report into ``root``.
+
+    ``train_only`` trains (or resumes) every model and stops before evaluating (returns None).
+    ``jobs > 1`` runs the entries in that many processes first (``rebuild`` must then be a
+    picklable callable returning the same plans); the report is assembled from their caches.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    options = dict(seed=seed, n_eval=n_eval, curve_eps=curve_eps, train_only=train_only)
+    if jobs > 1 and len(plans) > 1:
+        if rebuild is None:
+            raise ValueError("run_plans(jobs > 1) needs rebuild= to recreate the plans")
+        _run_parallel(plans, root, jobs=jobs, rebuild=rebuild, options=options)
+    sections, curves = [], {}
+    for plan in plans:
+        section = evaluate_entry(plan, root, progress=progress, **options)
+        if section is None:
+            continue
         if section.get("curve"):
             curves[plan.title] = section["curve"]
         sections.append(section)

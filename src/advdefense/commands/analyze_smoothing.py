@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="NAttack iterations on test (0 = skip; paper 500)")
     parser.add_argument("--nattack-population", type=int, default=300,
                         help="NAttack population (default 300)")
+    parser.add_argument("--nattack-space", choices=["tanh", "delta"], default="tanh",
+                        help="NAttack search space: tanh (the paper) or delta (eps*tanh(z) "
+                             "added to the image; stronger on near-binary images like MNIST)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="stochastic predictions per test verdict (default 3)")
     parser.add_argument("--max-batch", type=int, default=4096)
@@ -123,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
             substitute, _ = load_model_from_checkpoint(args.substitute)
         nattack = None
         if args.nattack_steps > 0:
-            nattack = {"steps": args.nattack_steps, "population": args.nattack_population}
+            nattack = {"steps": args.nattack_steps, "population": args.nattack_population,
+                       "space": args.nattack_space}
         xt, yt = as_tensors(load_split(cfg.data.name, "test", root=root, limit=args.n_test))
         table = attack_table(model, xt, yt, sigma=best.sigma, m=best.m, votes=args.votes,
                              k=args.k, eps=args.eps, steps=args.steps,

@@ -8,6 +8,7 @@ Resumable: rerunning the same command reuses finished models and evaluations.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-curve", action="store_true", help="skip the eps curves")
     parser.add_argument("--train-only", action="store_true",
                         help="train (or resume) every model, evaluate nothing")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the entries in this many processes, longest first, each "
+                             "with threads/jobs torch threads (2 on a 2-core CPU)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -44,22 +48,17 @@ def run(args: argparse.Namespace) -> int:
                               f"{', '.join(PRESETS)}")
     budget = presets.FULL_BUDGET if args.full_budget else presets.CPU_BUDGET
     if args.quick:
-        budget = {"n_targets": 1, "square_queries": 20, "eot": 2, "repeats": 2,
-                  "rand_square_queries": 10}
+        budget = presets.QUICK_BUDGET
     budget = dict(budget)
     if args.eot:
         budget["eot"] = args.eot
     if args.repeats:
         budget["repeats"] = args.repeats
-    if args.preset == "mnist5k":
-        plans = presets.mnist5k_plans(args.seed, budget=budget, epochs=1 if args.quick else 3)
-    else:
-        plans = presets.cifar10_plans(args.seed, budget=budget, quick=args.quick)
-    if args.quick:
-        for p in plans:
-            p.config["train"]["epochs"] = 1
-            p.config["data"]["limit"] = 300
-            p.config["data"]["monitor_size"] = 50
+    if args.jobs < 1:
+        raise AdvDefenseError("--jobs must be >= 1")
+    rebuild = functools.partial(presets.build_plans, args.preset, seed=args.seed,
+                                budget=budget, quick=args.quick)
+    plans = rebuild()
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
         unknown = sorted(set(wanted) - {p.key for p in plans})
@@ -75,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         curve_eps=None if args.no_curve else
         ([0.0, 0.1, 0.2, 0.3, 0.4] if not args.quick else [0.0, 0.3]),
         n_eval=args.n, progress=not args.no_progress and sys.stderr.isatty(),
-        intro=presets.REPRODUCE_INTRO.format(budget=budget), train_only=args.train_only)
+        intro=presets.REPRODUCE_INTRO.format(budget=budget), train_only=args.train_only,
+        jobs=args.jobs, rebuild=rebuild)
     if report is None:
         print("trained; rerun without --train-only to evaluate")
         return 0

@@ -115,12 +115,13 @@ class NoisyLayer(StochasticModule):
 
     Keyword-only: ``kind`` (``"pni"``/``"cni"``), ``weight_noise``, ``input_noise`` (bools),
     ``mode`` (PNI alpha shape: ``layerwise``/``channelwise``/``elementwise``), ``rank``
-    (CNI), ``alpha_init`` (PNI alpha, and ``alpha_init^2`` for CNI's ``alpha_d``).
+    (CNI), ``alpha_init`` (PNI alpha, and ``alpha_init^2`` for CNI's ``alpha_d``),
+    ``factor_init`` (CNI: ``F ~ factor_init * N(0, 1)``; 0.01 is the SIAM code's scale).
     """
 
     def __init__(self, layer: nn.Module, *, kind: str = "pni", weight_noise: bool = True,
                  input_noise: bool = False, mode: str = "layerwise", rank: int = 5,
-                 alpha_init: float = 0.25) -> None:
+                 alpha_init: float = 0.25, factor_init: float = 0.01) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise ConfigError(f"noise can wrap Conv2d or Linear layers, got {type(layer).__name__}")
@@ -142,13 +143,13 @@ class NoisyLayer(StochasticModule):
                 self.alpha_w = _param(torch.full(shape, float(alpha_init), **like))
             else:
                 self.alpha_w = _param(torch.full((w.numel(),), alpha_init**2, **like))
-                self.factor_w = _param(0.01 * torch.randn(w.numel(), self.rank, **like))
+                self.factor_w = _param(factor_init * torch.randn(w.numel(), self.rank, **like))
         if self.input_noise:
             if kind == "pni":
                 self.alpha_i = _param(torch.full((1,), float(alpha_init), **like))
             else:
                 self.alpha_i = _param(torch.full((in_ch,), alpha_init**2, **like))
-                self.factor_i = _param(0.01 * torch.randn(in_ch, self.rank, **like))
+                self.factor_i = _param(factor_init * torch.randn(in_ch, self.rank, **like))
 
     def extra_repr(self) -> str:
         where = "+".join(n for n, on in (("weights", self.weight_noise),
@@ -284,7 +285,8 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def inject(model: nn.Module, *, kind: str = "pni", where: str = "weights",
-           mode: str = "layerwise", rank: int = 5, alpha_init: float = 0.25) -> nn.Module:
+           mode: str = "layerwise", rank: int = 5, alpha_init: float = 0.25,
+           factor_init: float = 0.01) -> nn.Module:
     """Wrap every ``Conv2d`` and ``Linear`` of ``model`` (in place) in a :class:`NoisyLayer`.
 
     Every such layer is wrapped: the first conv and the last linear layer included (the PNI
@@ -294,8 +296,9 @@ def inject(model: nn.Module, *, kind: str = "pni", where: str = "weights",
     _check_choice("kind", kind, KINDS)
     _check_choice("where", where, WHERES)
     _check_choice("mode", mode, MODES)
-    if not float(alpha_init) >= 0:
-        raise ConfigError(f"noise alpha_init must be >= 0, got {alpha_init}")
+    if not float(alpha_init) >= 0 or not float(factor_init) >= 0:
+        raise ConfigError(f"noise alpha_init and factor_init must be >= 0, got {alpha_init} "
+                          f"and {factor_init}")
     wrapped = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
@@ -307,7 +310,7 @@ def inject(model: nn.Module, *, kind: str = "pni", where: str = "weights",
                 setattr(parent, name, NoisyLayer(
                     child, kind=kind, weight_noise=where in ("weights", "both"),
                     input_noise=where in ("inputs", "both"), mode=mode, rank=rank,
-                    alpha_init=alpha_init))
+                    alpha_init=alpha_init, factor_init=factor_init))
                 wrapped.append(full)
             else:
                 visit(child, full + ".")
@@ -324,7 +327,7 @@ def noisy_layers(model: nn.Module) -> dict[str, NoisyLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, NoisyLayer)}
 
 
-_OPTIONS = ("kind", "where", "mode", "rank", "alpha_init", "input_sigma")
+_OPTIONS = ("kind", "where", "mode", "rank", "alpha_init", "factor_init", "input_sigma")
 
 
 def apply(model: nn.Module, options: Mapping[str, Any], info=None) -> nn.Module:
@@ -332,8 +335,9 @@ def apply(model: nn.Module, options: Mapping[str, Any], info=None) -> nn.Module:
 
     Options: ``kind`` (pni|cni, default pni), ``where`` (weights|inputs|both, default
     weights), ``mode`` (PNI alpha: layerwise|channelwise|elementwise), ``rank`` (CNI, 5),
-    ``alpha_init`` (0.25), ``input_sigma`` (Gaussian pixel noise added while training only —
-    the smoothing paper's Gaussian fine-tuning; default 0 = none).
+    ``alpha_init`` (0.25), ``factor_init`` (CNI low-rank factor scale, 0.01), ``input_sigma``
+    (Gaussian pixel noise added while training only — the smoothing paper's Gaussian
+    fine-tuning; default 0 = none).
     """
     options = dict(options or {})
     unknown = sorted(set(options) - set(_OPTIONS))
@@ -345,10 +349,12 @@ def apply(model: nn.Module, options: Mapping[str, Any], info=None) -> nn.Module:
         sigma = float(sigma)
         rank = int(options.get("rank", 5))
         alpha_init = float(options.get("alpha_init", 0.25))
+        factor_init = float(options.get("factor_init", 0.01))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"defense.noise: numeric option is not a number ({exc})") from None
     model = inject(model, kind=options.get("kind", "pni"), where=options.get("where", "weights"),
-                   mode=options.get("mode", "layerwise"), rank=rank, alpha_init=alpha_init)
+                   mode=options.get("mode", "layerwise"), rank=rank, alpha_init=alpha_init,
+                   factor_init=factor_init)
     if sigma < 0:
         raise ConfigError(f"defense.noise.input_sigma must be >= 0, got {sigma}")
     if sigma > 0:
