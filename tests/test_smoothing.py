@@ -41,9 +41,25 @@ def test_weighted_vote_by_hand():
 
 
 def test_topk_vote_by_hand():
-    # top-2 of each sample: {0,1}, {1,2}, {1,3}
-    torch.testing.assert_close(vote_scores(LOGITS, "topk", k=2),
-                               torch.tensor([[1, 3, 1, 1]]) / 6.0)
+    # top-2 of each sample: {0,1}, {1,2}, {1,3}: counts 1, 3, 1, 1 of 6 votes
+    got = vote_scores(LOGITS, "topk", k=2)
+    torch.testing.assert_close(got.sum(), torch.tensor(1.0))
+    assert got.argmax() == 1
+    # counts/6 plus the weighted vote / (2 * 6) (under half a vote), renormalised
+    counts = torch.tensor([[1, 3, 1, 1]]) / 6.0
+    weighted = vote_scores(LOGITS, "weighted")
+    torch.testing.assert_close(got * (1 + 1 / 12), counts + weighted / 12)
+    # ties among classes 0, 2, 3 are broken by the rank-weighted vote, not by class index
+    tied = [0, 2, 3]
+    assert got[0, tied].argmax() == weighted[0, tied].argmax() == 0
+
+
+def test_topk_vote_with_identical_samples_is_the_top1_class():
+    """Every sample ranks the classes alike: the top-k counts tie over k classes; the vote
+    must still return each sample's top class (before the tie-break it returned the lowest
+    class index of the k)."""
+    logits = torch.tensor([[0.1, 0.5, 3.0, 2.0], [0.0, 9.0, 8.0, 7.0]]).expand(5, 2, 4)
+    assert vote_scores(logits, "topk", k=3).argmax(1).tolist() == [2, 1]
 
 
 def test_soft_vote_is_mean_softmax_not_mean_logits():
@@ -69,8 +85,8 @@ def test_sigma_zero_deterministic_base_equals_base(standard_model, mnist_test):
     x = mnist_test[0][:50]
     base_pred = standard_model(x).argmax(1)
     for vote in ("prediction", "weighted", "topk", "soft"):
-        # (top-k with k > 1 ties the top k classes when every sample is identical)
-        smooth = SmoothedClassifier(standard_model, sigma=0.0, m=4, vote=vote, k=1,
+        # top-k with k = 3: every sample is identical, so the counts tie over 3 classes
+        smooth = SmoothedClassifier(standard_model, sigma=0.0, m=4, vote=vote, k=3,
                                     max_batch=64)
         with torch.no_grad():
             assert torch.equal(smooth(x).argmax(1), base_pred)

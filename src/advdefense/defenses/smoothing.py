@@ -11,7 +11,10 @@ ICML 2019, Theorem 1 and Algorithm CERTIFY/PREDICT).
     every sample ranks all classes by logit; rank ``r`` (0 = top) gets weight ``2^-r``;
     scores = summed weights / (m * sum_r 2^-r).
 ``topk``
-    weight 1 for each of a sample's top-``k`` classes; scores = counts / (m * k).
+    weight 1 for each of a sample's top-``k`` classes; scores = counts / (m * k), ties
+    between equal counts broken by the ``weighted`` vote (which adds under half a vote, then
+    the scores are renormalised). Without it, when all samples agree on the same top-k set
+    the vote falls to the lowest class index among the k.
 ``soft`` (soft prediction smoothing, paper eq. 7; Salman et al. 2019)
     mean of ``softmax(f_i(x))``. **Departure:** the SIAM reference (``mcepredict``) averages
     raw logits. We average probabilities because that is a proper probability average (the
@@ -128,7 +131,12 @@ def vote_scores(logits: torch.Tensor, vote: str, *, k: int = 3) -> torch.Tensor:
         weights = torch.pow(2.0, -ranks.to(logits.dtype))
         return weights.sum(0) / (m * (2.0 - 2.0 ** (1 - c)))
     k = min(int(k), c)
-    return (ranks < k).to(logits.dtype).sum(0) / (m * k)
+    counts = (ranks < k).to(logits.dtype).sum(0) / (m * k)
+    # Ties between equal counts (with little noise every sample votes for the same k classes)
+    # are broken by the rank-weighted vote. It adds less than half a vote, so it never
+    # reorders classes whose counts differ.
+    scores = counts + vote_scores(logits, "weighted") / (2 * m * k)
+    return scores / scores.sum(1, keepdim=True)
 
 
 class SmoothedClassifier(nn.Module):
