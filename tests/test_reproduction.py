@@ -104,3 +104,29 @@ def test_parallel_entries_match_the_serial_run(tmp_path):
     assert runs[1] == runs[2]
     with pytest.raises(ValueError, match="rebuild"):
         run_plans(plans, tmp_path / "x", title="t", command="test", seed=0, jobs=2)
+
+
+def test_smoothing_entry_chooses_sigma_and_m_on_val_only(monkeypatch):
+    """The PNI entry picks (sigma, m) from its grid using the val split; test is never read."""
+    from advdefense import data as data_module
+    from advdefense.defenses.noise import inject
+    from advdefense.presets import _choose_smoothing_on_val
+
+    from .conftest import make_smallcnn
+
+    loaded = []
+    real = data_module.load_split
+
+    def spy(name, split="train", **kw):
+        loaded.append(split)
+        return real(name, split, **kw)
+
+    monkeypatch.setattr(data_module, "load_split", spy)
+    plan = next(p for p in mnist5k_plans() if p.key == "pni_at")
+    sm = {"sigmas": [0.0, 0.1], "ms": [1, 2], "n_val": 8}
+    sigma, m, how = _choose_smoothing_on_val(inject(make_smallcnn(), kind="pni").eval(), plan,
+                                             sm, eps=0.3, seed=0, samples=2)
+    assert loaded == ["val"]
+    assert sigma in sm["sigmas"] and m in sm["ms"] and "8 val images" in how
+    assert _choose_smoothing_on_val(None, plan, {"sigma": 0.2, "m": 8}, eps=0.3, seed=0,
+                                    samples=2)[:2] == (0.2, 8)
