@@ -297,6 +297,31 @@ def test_no_weight_decay_parameters_get_their_own_group():
     assert isinstance(adam, torch.optim.Adam)
 
 
+def test_noise_lr_scale_slows_only_the_noise_parameters():
+    """``noise_lr_scale`` gives PNI/CNI's alpha and F their own group at lr * scale: after one
+    Adam step (each element moves by about its group's lr) the noise parameters moved 100x less
+    than the weights; with scale 1 they stay in the shared undecayed group."""
+    from advdefense.defenses.noise import inject
+
+    torch.manual_seed(0)
+    model = inject(make_smallcnn(), kind="cni")
+    noise = [p for n, p in model.named_parameters() if "alpha" in n or "factor" in n]
+    weights = [p for n, p in model.named_parameters() if n.endswith("layer.weight")]
+    opt = build_optimizer(model, OptimizerConfig(name="adam", lr=1e-2, weight_decay=0.0,
+                                                 noise_lr_scale=0.01))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-2, 1e-4])
+    before = [p.detach().clone() for p in noise + weights]
+    model(torch.rand(4, 1, 28, 28)).logsumexp(1).sum().backward()
+    opt.step()
+    moved = [(p.detach() - b).abs().max().item() for p, b in zip(noise + weights, before,
+                                                                   strict=True)]
+    assert max(moved[:len(noise)]) <= 1.01e-4 < 0.5e-2 < max(moved[len(noise):])
+    plain = build_optimizer(model, OptimizerConfig(name="adam", lr=1e-2, weight_decay=0.0))
+    assert len(plain.param_groups) == 2 and all(g["lr"] == 1e-2 for g in plain.param_groups)
+    with pytest.raises(ConfigError):
+        OptimizerConfig(noise_lr_scale=0.0).validate("train.optimizer")
+
+
 def test_schedules_follow_milestones_at_epoch_end():
     model = nn.Linear(2, 2)
     opt = build_optimizer(model, OptimizerConfig(lr=0.1))

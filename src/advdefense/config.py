@@ -110,10 +110,12 @@ class OptimizerConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    noise_lr_scale: float = 1.0  # lr multiplier of PNI/CNI noise parameters
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.name", self.name, ("sgd", "adam"))
         _positive(f"{where}.lr", self.lr)
+        _positive(f"{where}.noise_lr_scale", self.noise_lr_scale)
         _at_least(f"{where}.momentum", self.momentum, 0.0)
         _at_least(f"{where}.weight_decay", self.weight_decay, 0.0)
         if self.nesterov and (self.name != "sgd" or self.momentum <= 0):

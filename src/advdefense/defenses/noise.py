@@ -67,9 +67,11 @@ __all__ = [
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
-    """A noise parameter: trainable, excluded from weight decay (``_no_weight_decay``)."""
+    """A noise parameter: trainable, excluded from weight decay (``_no_weight_decay``), with
+    its own learning rate under ``optimizer.noise_lr_scale`` (``_noise_param``)."""
     p = nn.Parameter(t)
     p._no_weight_decay = True  # type: ignore[attr-defined]
+    p._noise_param = True  # type: ignore[attr-defined]
     return p
 
 

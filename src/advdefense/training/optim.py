@@ -3,6 +3,10 @@
 ``build_optimizer(model, cfg)``: ``sgd`` (momentum, nesterov, weight decay) or ``adam``.
 Parameters carrying the attribute ``_no_weight_decay = True`` go to a group with weight decay
 0: PNI's learnable noise scales are trained this way (He et al. 2019, reference ``main.py``).
+``optimizer.noise_lr_scale`` multiplies the learning rate of the noise parameters: Adam moves
+every element by about ``lr`` per step whatever its gradient, so CNI's per-weight variances
+and low-rank factors (initialised at 1e-3-1e-2) outgrow smallcnn's weights within an epoch
+at the weights' ``lr`` (measured: ``docs/smoothing.md``).
 
 ``EpochSchedule``: ``none``, ``step`` (multiply by ``gamma`` at each milestone epoch) or
 ``cosine`` (``lr_0 * (1 + cos(pi * e / epochs)) / 2``). It is stepped at the **end** of each
@@ -26,21 +30,32 @@ from ..config import OptimizerConfig, ScheduleConfig
 __all__ = ["build_optimizer", "EpochSchedule", "build_schedule", "param_groups"]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Split trainable parameters into a decayed group and a ``_no_weight_decay`` group."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, *, noise_lr: float | None = None
+                 ) -> list[dict[str, Any]]:
+    """Split trainable parameters into a decayed group and a ``_no_weight_decay`` group; with
+    ``noise_lr``, the noise-injection parameters (``_noise_param``: PNI/CNI alpha and F) get
+    their own undecayed group at that learning rate."""
+    decay, no_decay, noise = [], [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (no_decay if getattr(p, "_no_weight_decay", False) else decay).append(p)
+        if noise_lr is not None and getattr(p, "_noise_param", False):
+            noise.append(p)
+        elif getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if noise:
+        groups.append({"params": noise, "weight_decay": 0.0, "lr": noise_lr})
     return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    noise_lr = cfg.lr * cfg.noise_lr_scale if cfg.noise_lr_scale != 1.0 else None
+    groups = param_groups(model, cfg.weight_decay, noise_lr=noise_lr)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
