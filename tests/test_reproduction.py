@@ -75,18 +75,33 @@ def test_help(argv, capsys):
     assert info.value.code == 0
 
 
+def _fgsm_table(model, x, y, plan):
+    """A cheap evaluator for the parallel test: clean + FGSM, no checks."""
+    from advdefense.attacks import build_attack
+    from advdefense.evaluation.harness import AttackSpec, evaluate
+    from advdefense.reproduction import table_from_result
+
+    res = evaluate(model, (x, y), [AttackSpec("fgsm", build_attack("fgsm", eps=0.3))],
+                   checks=False)
+    return {"tables": [table_from_result(res, title="fgsm")], "checks": []}
+
+
+def _two_tiny_plans() -> list[Plan]:
+    """Module-level (picklable) plan factory: two 1-epoch standard models of different seeds."""
+    plans = []
+    for key, seed in (("a", 0), ("b", 1)):
+        plan = _tiny(Plan(key, key, mnist5k_config(key, epochs=1, seed=seed), _fgsm_table))
+        plan.config["data"]["limit"] = 200
+        plans.append(plan)
+    return plans
+
+
 def test_parallel_entries_match_the_serial_run(tmp_path):
     """``jobs=2`` runs the entries in spawned worker processes (1 thread each); with the
     parent also at 1 thread, every number in the report equals the serial run's."""
-    import functools
-
     import torch
 
-    from advdefense.presets import build_plans
-
-    rebuild = functools.partial(build_plans, "mnist5k", seed=0, quick=True)
-    keys = ("standard", "pgd_at")
-    plans = [p for p in rebuild() if p.key in keys]
+    plans = _two_tiny_plans()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -94,14 +109,15 @@ def test_parallel_entries_match_the_serial_run(tmp_path):
         for jobs in (1, 2):
             root = tmp_path / f"jobs{jobs}"
             run_plans(plans, root, title="t", command="test", seed=0, n_eval=30,
-                      jobs=jobs, rebuild=rebuild if jobs > 1 else None)
+                      jobs=jobs, rebuild=_two_tiny_plans if jobs > 1 else None)
             sections = json.loads((root / "report.json").read_text())["sections"]
             runs[jobs] = [[(r["attack"], r["accuracy"]) for t in s["tables"] for r in t["rows"]]
                           for s in sections]
     finally:
         torch.set_num_threads(threads)
-    assert [len(s) for s in runs[1]] == [len(s) for s in runs[2]] and len(runs[1]) == 2
+    assert [len(s) for s in runs[1]] == [3, 3]  # clean, fgsm, worst case per entry
     assert runs[1] == runs[2]
+    assert runs[1][0] != runs[1][1]  # the two seeds differ, so a swap would be caught
     with pytest.raises(ValueError, match="rebuild"):
         run_plans(plans, tmp_path / "x", title="t", command="test", seed=0, jobs=2)
 
