@@ -172,8 +172,8 @@ def make_evaluator(kind: str, budget: dict):
         elif kind == "rna":
             from .analysis.rna_report import rna_report
 
-            # APGD-CE runs (with EOT) in the cascade below, so the three-way table keeps the
-            # attacks of the RNA paper's own protocol
+            # the three-way table keeps FGSM / PGD-20 / CW; APGD (the RNA paper also ran
+            # AutoAttack, without EOT) runs with EOT in the cascade below
             rep = rna_report(model, x, y, eps=eps, eot_samples=budget["eot"],
                              repeats=budget["repeats"], seed=seed, attacks=PAPER_ATTACKS)
             markdown.append("Paper protocol (attack on path A, classify on fresh paths) beside "
