@@ -15,7 +15,7 @@ from advdefense.attacks import APGD, APGDDLR, APGDT, ATTACKS, PGD, build_attack
 from advdefense.attacks.apgd import step_checkpoints
 from advdefense.attacks.base import project, random_start
 from advdefense.errors import AdvDefenseError
-from advdefense.randomness import seeded
+from advdefense.randomness import fresh_seed, seeded
 
 from .conftest import make_smallcnn
 from .test_attacks_core import NoisyLinear
@@ -121,8 +121,10 @@ def test_trace_and_never_losing_a_success(standard_model, mnist_test):
     atk = APGD(eps=0.15, n_iter=20, restarts=2, seed=0)
     x_adv = atk(standard_model, x, y)
     t = atk.trace
-    assert len(t.losses) >= 21 and all(r.shape == (40,) for r in t.losses)
-    assert len(t.grad_norms) == len(t.losses)
+    first = t.runs[0]
+    assert first.loss_matrix().shape == (21, 40) and len(first.grad_norms) == 21
+    for run in t.runs[1:]:  # the restart runs only on the examples not yet adversarial
+        assert run.loss_matrix().shape == (21, len(run.idx)) and len(run.idx) < 40
     with torch.no_grad():
         fooled = standard_model(x_adv).argmax(1) != y
     assert torch.equal(fooled, t.returned_adversarial)
@@ -155,49 +157,66 @@ def test_returned_point_is_the_best_iterate():
         y = model(x).argmax(1)
     atk = APGD(eps=0.05, n_iter=30, restarts=2, seed=0)
     x_adv = atk(model, x, y)
-    losses = atk.trace.loss_matrix()
+    best_seen = torch.full((30,), float("-inf"))
+    for run in atk.trace.runs:  # highest loss of every example over all runs
+        best_seen[run.idx] = torch.maximum(best_seen[run.idx], run.loss_matrix().max(0).values)
     with torch.no_grad():
         out = model(x_adv)
         ret = nn.functional.cross_entropy(out, y, reduction="none")
     adv = atk.trace.returned_adversarial
     assert torch.equal(out.argmax(1) != y, adv)
     assert (~adv).any() and adv.any(), "the test needs both kinds of examples"
-    assert torch.allclose(ret[~adv], losses.max(dim=0).values[~adv], atol=1e-5)
+    assert torch.allclose(ret[~adv], best_seen[~adv], atol=1e-5)
 
 
-def test_batched_eot_matches_a_python_loop():
-    """The first two iterates of APGD with eot_samples=k equal a hand-written loop over k
-    independent draws (same random stream), chunked or not."""
+def test_batched_eot_matches_a_python_loop(monkeypatch):
+    """The first three iterates of APGD with eot_samples=k equal a hand-written loop over the
+    k draws the attack used (fixed for the run), chunked or not."""
     torch.manual_seed(0)
     model = NoisyLinear()
     x, y = torch.rand(5, 4) * 0.6 + 0.2, torch.randint(0, 3, (5,))
     eps, k = 0.1, 4
+    drawn = []
+    original = NoisyLinear.sample_state
 
-    def loop_loss_grad(xx):
-        states = model.sample_state(xx, k)
+    def recording(self, xx, groups):
+        state = original(self, xx, groups)
+        drawn.append(state)
+        return state
+
+    monkeypatch.setattr(NoisyLinear, "sample_state", recording)
+
+    def loop_loss_grad(xx, states):
         losses, grads = [], []
-        for j in range(k):
+        for st in states:
             xi = xx.clone().requires_grad_(True)
-            loss = nn.functional.cross_entropy(model.forward_with_state(xi, states[j:j + 1]), y,
+            loss = nn.functional.cross_entropy(model.forward_with_state(xi, st), y,
                                                reduction="none")
             grads.append(torch.autograd.grad(loss.sum(), xi)[0])
             losses.append(loss.detach())
         return torch.stack(losses).mean(0), torch.stack(grads).mean(0)
 
-    with seeded(7):
-        x0 = random_start(x, eps, "linf")
-        l0, g0 = loop_loss_grad(x0)
-        x1 = project(x0 + 2 * eps * g0.sign(), x, eps, "linf")
-        l1, g1 = loop_loss_grad(x1)
-        z = project(x1 + 2 * eps * g1.sign(), x, eps, "linf")
-        x2 = project(x1 + 0.75 * (z - x1) + 0.25 * (x1 - x0), x, eps, "linf")
-        l2, _ = loop_loss_grad(x2)
-
+    traces = []
     for max_batch in (4096, 10):
+        drawn.clear()
         atk = APGD(eps=eps, n_iter=10, eot_samples=k, max_batch=max_batch, seed=7)  # w_1 = 3
         atk(model, x, y)
+        states = drawn[:k]           # one state per draw group, in draw order
+        assert all(torch.equal(a, b) for a, b in zip(drawn[k:2 * k], states, strict=True)), \
+            "eot_resample='run' keeps the same draws for the whole run"
+        with seeded(7):
+            fresh_seed()             # the run's draw seed
+            x0 = random_start(x, eps, "linf")
+        l0, g0 = loop_loss_grad(x0, states)
+        x1 = project(x0 + 2 * eps * g0.sign(), x, eps, "linf")
+        l1, g1 = loop_loss_grad(x1, states)
+        z = project(x1 + 2 * eps * g1.sign(), x, eps, "linf")
+        x2 = project(x1 + 0.75 * (z - x1) + 0.25 * (x1 - x0), x, eps, "linf")
+        l2, _ = loop_loss_grad(x2, states)
         got = atk.trace.losses
+        traces.append(torch.stack(got))
         assert torch.allclose(got[0], l0, atol=1e-5)
         assert torch.allclose(got[1], l1, atol=1e-5)
         assert torch.allclose(got[2], l2, atol=1e-5)
         assert torch.allclose(atk.trace.grad_norms[0], g0.norm(dim=1), atol=1e-5)
+    assert torch.allclose(traces[0], traces[1], atol=1e-5), "max_batch is only a memory setting"

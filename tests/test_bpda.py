@@ -34,7 +34,7 @@ class GaussianNoise(StochasticModule):
         self.groups_seen: list[int] = []
 
     def sample_state(self, x, groups):
-        self.groups_seen.append(groups)
+        self.groups_seen.append(current_groups())  # draw groups of the forward call
         return self.sigma * torch.randn_like(x)
 
     def forward_with_state(self, x, state):

@@ -1,19 +1,18 @@
-"""Attack-failure checks: they must fire on broken evaluations and stay quiet on sound ones."""
+"""Attack-failure checks: each one must fire on a broken evaluation and stay quiet on a sound
+one (a test of each kind per check)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from advdefense.attacks import PGD
+from advdefense.attacks import PGD, TransferAttack
+from advdefense.attacks.base import Attack
+from advdefense.errors import AdvDefenseError
 from advdefense.evaluation import AttackSpec, evaluate, format_checks, run_checks
-from advdefense.evaluation.checks import (
-    CHECK_NAMES,
-    check_convergence,
-    check_eps_monotone,
-    check_silent_success,
-)
-from advdefense.evaluation.harness import EntryResult, EvalResult, TraceSummary
+from advdefense.evaluation.checks import CHECK_NAMES, CheckSettings, MonotoneSettings
+from advdefense.evaluation.harness import EntryResult, EvalResult, RunRecord, TraceSummary
 from advdefense.evaluation.protocols import Verdict
 
 
@@ -35,129 +34,323 @@ class UndeclaredNoise(nn.Module):
         return self.model((x + self.sigma * torch.randn_like(x)).clamp(0, 1))
 
 
-CHEAP = ("eps_monotone", "more_iterations")  # probes covered by their own tests below
-
-
 def by_name(checks):
     return {c.name: c for c in checks}
 
 
-def test_masked_model_trips_gradient_and_unbounded_checks(standard_model, mnist_test):
-    x, y = mnist_test[0][:32], mnist_test[1][:32]
-    masked = nn.Sequential(Quantize(), standard_model).eval()
-    specs = [AttackSpec("pgd", PGD(eps=0.3, steps=10, seed=0))]
-    res = evaluate(masked, (x, y), specs, checks=True,
-                   check_options={"n_probe": 32, "unbounded_steps": 30, "skip": CHEAP})
-    checks = by_name(res.checks)
-    assert checks["zero_gradients"].passed is False, format_checks(res.checks)
-    assert "BPDA" in checks["zero_gradients"].remedy
-    assert checks["unbounded_attack"].passed is False, format_checks(res.checks)
-    assert checks["randomness_without_eot"].passed is True
+def only(*names, **kw) -> CheckSettings:
+    """Settings that run just the named checks."""
+    return CheckSettings(skip=tuple(n for n in CHECK_NAMES if n not in names), **kw)
 
 
-def test_clean_model_passes_gradient_and_unbounded_checks(standard_model, mnist_test):
-    x, y = mnist_test[0][:32], mnist_test[1][:32]
-    specs = [AttackSpec("pgd", PGD(eps=0.3, steps=10, seed=0))]
-    res = evaluate(standard_model, (x, y), specs, checks=True,
-                   check_options={"n_probe": 32, "unbounded_steps": 30, "skip": CHEAP})
-    checks = by_name(res.checks)
-    for name in ("zero_gradients", "nonfinite_gradients", "unbounded_attack",
-                 "randomness_without_eot", "silent_success"):
-        assert checks[name].passed is True, format_checks(res.checks)
-    assert set(checks) == set(CHECK_NAMES) - set(CHEAP)
-    for c in res.checks:
-        assert c.passed in (True, False, None) and c.detail
+def linear_task(n=24, d=16, seed=0):
+    """A linear 3-class model and inputs it classifies with a margin."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 3)).eval()
+    x = torch.rand(n, d) * 0.6 + 0.2
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
 
 
-def test_randomness_without_eot_is_detected(standard_model, mnist_test):
-    x, y = mnist_test[0][:16], mnist_test[1][:16]
-    noisy = UndeclaredNoise(standard_model).eval()
-    res = evaluate(noisy, (x, y), [AttackSpec("fgsm", PGD(eps=0.1, steps=1))], checks=False)
-    c = by_name(run_checks(noisy, (x, y), res, probes=False))["randomness_without_eot"]
-    assert c.passed is False and "EOT" in c.remedy
+def result_of(entries: dict, n: int, stochastic=False) -> EvalResult:
+    clean = EntryResult("clean", "clean", "-", Verdict.full(n))
+    worst = clean.verdict
+    for e in entries.values():
+        worst = worst & e.verdict
+    return EvalResult(n, stochastic, 1, clean, entries, worst, torch.zeros(n, dtype=torch.long))
 
 
-def test_declared_randomness_with_eot1_fails_and_with_eot_passes(mnist_test, standard_model):
+def verdict_of(robust: list[bool]) -> Verdict:
+    t = torch.tensor(robust)
+    return Verdict(t, t.clone(), t.clone())
+
+
+# -- randomness ------------------------------------------------------------------------------
+def test_randomness_without_eot_fires_on_eot1_and_passes_with_eot():
     from .test_evaluation import InputNoise
 
-    x, y = mnist_test[0][:16], mnist_test[1][:16]
-    model = nn.Sequential(InputNoise(0.2), standard_model).eval()
-    res = evaluate(model, (x, y), [AttackSpec("pgd", PGD(eps=0.1, steps=2))], repeats=3,
-                   checks=False)
-    assert by_name(run_checks(model, (x, y), res, probes=False))[
-        "randomness_without_eot"].passed is False
-    res = evaluate(model, (x, y), [AttackSpec("pgd", PGD(eps=0.1, steps=2, eot_samples=4))],
-                   repeats=3, checks=False)
-    assert by_name(run_checks(model, (x, y), res, probes=False))[
-        "randomness_without_eot"].passed is True
+    model, x, y = linear_task()
+    noisy = nn.Sequential(InputNoise(0.2), model).eval()
+    res = evaluate(noisy, (x, y), [AttackSpec("pgd", PGD(eps=0.1, steps=2))], repeats=3,
+                   checks=only("randomness_without_eot"))
+    c = by_name(res.checks)["randomness_without_eot"]
+    assert c.passed is False and "EOT" in c.remedy
+    res = evaluate(noisy, (x, y), [AttackSpec("pgd", PGD(eps=0.1, steps=2, eot_samples=4))],
+                   repeats=3, checks=only("randomness_without_eot"))
+    assert by_name(res.checks)["randomness_without_eot"].passed is True
 
 
-def _result_with_trace(trace, verdict=None, name="pgd", protocol="fresh"):
-    n = trace.losses.shape[1] if trace.losses is not None else len(trace.ever_adversarial)
-    v = verdict or Verdict.full(n)
-    entry = EntryResult(f"{name}/{protocol}", name, protocol, v, trace=trace)
-    return EvalResult(n, False, 1, EntryResult("clean", "clean", "-", Verdict.full(n)),
-                      {entry.label: entry}, v, torch.zeros(n, dtype=torch.long))
+def test_undeclared_randomness_is_wrapped_and_still_flagged_without_eot():
+    model, x, y = linear_task()
+    noisy = UndeclaredNoise(model).eval()
+    res = evaluate(noisy, (x, y), [AttackSpec("fgsm", PGD(eps=0.1, steps=1))], repeats=4,
+                   checks=only("randomness_without_eot"))
+    assert res.stochastic and res.repeats == 4 and res.config["randomness"] == "undeclared"
+    assert by_name(res.checks)["randomness_without_eot"].passed is False
 
 
-def test_silent_success_check():
-    t = TraceSummary(1, ever_adversarial=torch.tensor([True, False, True]),
-                     returned_adversarial=torch.tensor([True, False, False]))
-    assert check_silent_success(_result_with_trace(t)).passed is False
-    t.returned_adversarial = torch.tensor([True, False, True])
-    assert check_silent_success(_result_with_trace(t)).passed is True
+# -- gradients -------------------------------------------------------------------------------
+class NaNGrad(nn.Module):
+    """Logits whose input gradient is NaN (the slope of sqrt at 0, times 0)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        extra = torch.sqrt(x.flatten(1) * 0).sum(1, keepdim=True)
+        return self.model(x) + extra
 
 
-def test_convergence_check_uses_last_ten_percent():
-    steps = torch.arange(1, 41, dtype=torch.float32)
-    rising = torch.stack([steps, steps]).t()        # loss still growing linearly
-    flat = torch.ones(40, 2)
-    flat[:20] = torch.linspace(0, 1, 20)[:, None]   # converged after step 20
-    no_adv = torch.tensor([False, False])
-    r = _result_with_trace(TraceSummary(1, 40, losses=rising, returned_adversarial=no_adv))
-    assert check_convergence(r).passed is False
-    r = _result_with_trace(TraceSummary(1, 40, losses=flat, returned_adversarial=no_adv))
-    assert check_convergence(r).passed is True
-    r = _result_with_trace(TraceSummary(1, 5, losses=rising[:5], returned_adversarial=no_adv))
-    assert check_convergence(r).passed is None
+def test_nonfinite_gradients_fire_and_pass():
+    model, x, y = linear_task()
+    settings = only("nonfinite_gradients")
+    assert run_checks(NaNGrad(model), (x, y), None, settings)[0].passed is False
+    assert run_checks(model, (x, y), None, settings)[0].passed is True
 
 
-def test_eps_monotone_from_given_accuracies(standard_model):
-    x = torch.zeros(1, 1, 28, 28)
-    y = torch.zeros(1, dtype=torch.long)
-    kw = dict(eps=0.3, accuracies=None)
-    kw["accuracies"] = {0.1: 0.8, 0.2: 0.5, 0.3: 0.2}
-    assert check_eps_monotone(standard_model, x, y, **kw).passed is True
-    kw["accuracies"] = {0.1: 0.5, 0.2: 0.7, 0.3: 0.2}
-    assert check_eps_monotone(standard_model, x, y, **kw).passed is False
-    kw["accuracies"] = {0.1: 0.6, 0.2: 0.6, 0.3: 0.6}
-    assert check_eps_monotone(standard_model, x, y, **kw).passed is False
+def test_zero_gradients_flag_a_single_example():
+    model, x, y = linear_task()
+    masked = nn.Sequential(Quantize(), model).eval()
+    c = run_checks(masked, (x, y), None, only("zero_gradients"))[0]
+    assert c.passed is False and f"{len(y)} of {len(y)}" in c.detail and "BPDA" in c.remedy
+    assert run_checks(model, (x, y), None, only("zero_gradients"))[0].passed is True
+
+    class OneFlat(nn.Module):  # zero gradient on the first example only
+        def forward(self, inp):
+            mask = torch.ones_like(inp)
+            mask[0] = 0
+            return model(inp * mask + inp.detach() * (1 - mask))
+
+    c = run_checks(OneFlat(), (x, y), None, only("zero_gradients"))[0]
+    assert c.passed is False and "1 of" in c.detail
 
 
-def test_blackbox_beats_whitebox_via_paper_protocol():
-    from advdefense.evaluation.checks import check_blackbox
+# -- output range and dynamic models ---------------------------------------------------------
+def test_output_range_fires_on_probabilities():
+    model, x, y = linear_task()
+    probs = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+    assert run_checks(probs, (x, y), None, only("output_range"))[0].passed is False
+    assert run_checks(model, (x, y), None, only("output_range"))[0].passed is True
 
+
+class Counter(nn.Module):
+    """A model that changes at every call (a buffer counting forward passes)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def test_dynamic_model_fires_on_a_changing_model():
+    model, x, y = linear_task()
+    assert run_checks(Counter(model), (x, y), None, only("dynamic_model"))[0].passed is False
+    assert run_checks(model, (x, y), None, only("dynamic_model"))[0].passed is True
+
+
+# -- probes ----------------------------------------------------------------------------------
+def test_unbounded_attack_starts_from_x_and_fires_on_a_masked_model():
+    """Quantized inputs have zero gradients: from the clean point the attack cannot move, so
+    the check fires (a random start in the eps-1 ball would already be noise that fools it)."""
+    model, x, y = linear_task()
+    masked = nn.Sequential(Quantize(), model).eval()
+    settings = only("unbounded_attack").with_(eps=0.3)
+    c = run_checks(masked, (x, y), None, settings)[0]
+    assert c.passed is False and "from the clean point" in c.detail
+    assert run_checks(model, (x, y), None, settings)[0].passed is True
+
+
+def test_eps_monotone_from_given_accuracies():
+    model, x, y = linear_task()
+
+    def run(acc):
+        s = only("eps_monotone", monotone=MonotoneSettings(accuracies=tuple(acc.items())))
+        return run_checks(model, (x, y), None, s.with_(eps=0.3))[0].passed
+
+    assert run({0.1: 0.8, 0.2: 0.5, 0.3: 0.2}) is True
+    assert run({0.1: 0.5, 0.2: 0.7, 0.3: 0.2}) is False   # rises
+    assert run({0.1: 0.6, 0.2: 0.6, 0.3: 0.6}) is False   # flat
+
+
+def test_more_iterations_fires_when_the_base_attack_is_too_short():
+    """sum(x) must rise by 12 eps to flip the label: PGD-2 from a random start gets about 7,
+    PGD-10 reaches the corner (16 eps)."""
+    from advdefense.evaluation.checks import IterationsSettings
+
+    d, eps = 16, 0.05
+    model = nn.Linear(d, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.stack([torch.zeros(d), torch.ones(d)]))
+    torch.manual_seed(0)
+    x = torch.rand(32, d) * 0.5 + 0.25
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([0.0, 0.0]))
+    shift = x.sum(1) + 12 * eps                    # per-example threshold via a wrapper
+
+    class Threshold(nn.Module):
+        def forward(self, inp):
+            z = model(inp)
+            t = shift[: inp.shape[0]] if inp.shape[0] == shift.shape[0] else shift.repeat(
+                inp.shape[0] // shift.shape[0])
+            return torch.stack([t, z[:, 1]], dim=1)
+
+    y = torch.zeros(32, dtype=torch.long)
+    net = Threshold().eval()
+    s = only("more_iterations", iterations=IterationsSettings(steps=2, factor=5, restarts=1))
+    c = run_checks(net, (x, y), None, s.with_(eps=eps, n_probe=32))[0]
+    assert c.passed is False and "not converged" in c.detail, c.detail
+    s = only("more_iterations", iterations=IterationsSettings(steps=10, factor=2, restarts=1))
+    assert run_checks(net, (x, y), None, s.with_(eps=eps, n_probe=32))[0].passed is True
+
+
+# -- checks on the evaluation's own results --------------------------------------------------
+def test_blackbox_is_decided_by_the_attack_class_not_its_label():
     n = 4
-    clean = EntryResult("clean", "clean", "-", Verdict.full(n))
-    white = EntryResult("pgd/fresh", "pgd", "fresh", Verdict.full(n))
-    fooled = Verdict(torch.tensor([True, False, True, True]), torch.ones(n, dtype=torch.bool),
-                     torch.ones(n, dtype=torch.bool))
-    black = EntryResult("square/fresh", "square", "fresh", fooled)
-    r = EvalResult(n, False, 1, clean, {"pgd/fresh": white, "square/fresh": black},
-                   fooled, torch.zeros(n, dtype=torch.long))
-    assert check_blackbox(r).passed is False
-    r.entries["square/fresh"] = EntryResult("square/fresh", "square", "fresh", Verdict.full(n))
-    assert check_blackbox(r).passed is True
-    del r.entries["square/fresh"]
-    assert check_blackbox(r).passed is None
+    fooled = verdict_of([True, False, True, True])
+    white = EntryResult("pgd/fresh", "pgd", "fresh", Verdict.full(n),
+                        trace=TraceSummary(1, access="white-box"))
+    black = EntryResult("rs/fresh", "my-random-search", "fresh", fooled,
+                        trace=TraceSummary(1, access="gradient-free"))
+    settings = only("blackbox_beats_whitebox")
+    model, x, y = linear_task()
+    r = result_of({"pgd/fresh": white, "rs/fresh": black}, n)
+    assert run_checks(model, (x, y), r, settings)[0].passed is False
+    # a white-box attack that happens to be called "square" is not a black box
+    misnamed = EntryResult("square/fresh", "square", "fresh", fooled,
+                           trace=TraceSummary(1, access="white-box"))
+    r = result_of({"pgd/fresh": white, "square/fresh": misnamed}, n)
+    assert run_checks(model, (x, y), r, settings)[0].passed is None
+    r = result_of({"pgd/fresh": white, "rs/fresh": EntryResult(
+        "rs/fresh", "rs", "fresh", Verdict.full(n), trace=TraceSummary(1, access="gradient-free"))},
+        n)
+    assert run_checks(model, (x, y), r, settings)[0].passed is True
 
 
-def test_more_iterations_and_sweep_probes_run_on_real_model(standard_model, mnist_test):
-    from advdefense.evaluation.checks import check_more_iterations
+class SilentAttack(Attack):
+    """Finds the adversarial point and then returns the clean input."""
 
-    x, y = mnist_test[0][:32], mnist_test[1][:32]
-    c = check_eps_monotone(standard_model, x, y, eps=0.3, steps=5)
-    assert c.passed is True, c.detail  # a standard model loses accuracy as eps grows
-    c = check_more_iterations(standard_model, x, y, eps=0.1, steps=3, iterations_factor=2,
-                              iterations_restarts=1)
-    assert c.passed in (True, False) and "PGD-3" in c.detail
+    name = "silent"
+
+    def __init__(self, *, eps: float, norm: str = "linf", eot_samples: int = 1,
+                 max_batch: int = 4096, seed: int | None = None, restarts: int = 1,
+                 targeted: bool = False) -> None:
+        super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
+                         seed=seed, restarts=restarts, targeted=targeted)
+
+    def run(self, model, x, y, target, recorder):
+        x_adv = PGD(eps=self.eps, steps=10)(model, x, y)
+        with torch.no_grad():
+            recorder.saw(None, model(x_adv).argmax(1) != y)
+        return x.clone()
+
+
+def test_silent_success_fires_on_a_lost_adversarial_point():
+    model, x, y = linear_task()
+    settings = only("silent_success")
+    res = evaluate(model, (x, y), [AttackSpec("silent", SilentAttack(eps=0.5))], checks=settings)
+    c = by_name(res.checks)["silent_success"]
+    assert c.passed is False and "silent/fresh on" in c.detail
+    res = evaluate(model, (x, y), [AttackSpec("pgd", PGD(eps=0.5, steps=10))], checks=settings)
+    assert by_name(res.checks)["silent_success"].passed is True
+
+
+def test_transfer_failure_fires_when_the_substitute_is_another_model():
+    model, x, y = linear_task(seed=0)
+    other, _, _ = linear_task(seed=1)
+    settings = only("transfer_failure")
+    bad = TransferAttack(substitute=other, attack=PGD(eps=0.5, steps=10))
+    res = evaluate(model, (x, y), [AttackSpec("transfer", bad)], checks=settings)
+    c = by_name(res.checks)["transfer_failure"]
+    own = TransferAttack(substitute=model, attack=PGD(eps=0.5, steps=10))
+    res_own = evaluate(model, (x, y), [AttackSpec("transfer", own)], checks=settings)
+    assert by_name(res_own.checks)["transfer_failure"].passed is True
+    fooled_sub = int(res.entries["transfer/fresh"].trace.substitute_adversarial.sum())
+    assert fooled_sub >= 5
+    if c.passed is not False:  # the other model's points must mostly fail on the target
+        pytest.fail(c.detail)
+
+
+def test_convergence_judges_each_ragged_run_on_its_own_tail():
+    steps = torch.arange(1, 41, dtype=torch.float32)
+    flat = torch.ones(40, 4)
+    flat[:20] = torch.linspace(0, 1, 20)[:, None]
+    rising = steps[:30, None].repeat(1, 2)      # a restart on 2 examples, still climbing
+    returned = torch.zeros(4, dtype=torch.bool)
+    model, x, y = linear_task()
+    settings = only("loss_not_converged")
+
+    def judge(runs):
+        t = TraceSummary(1, 40, runs=runs, returned_adversarial=returned)
+        r = result_of({"a/fresh": EntryResult("a/fresh", "a", "fresh", Verdict.full(4),
+                                              trace=t)}, 4)
+        return run_checks(model, (x, y), r, settings)[0]
+
+    assert judge([RunRecord(torch.arange(4), flat)]).passed is True
+    c = judge([RunRecord(torch.arange(4), flat), RunRecord(torch.tensor([1, 3]), rising)])
+    assert c.passed is False and "1 of 2 runs" in c.detail
+    assert judge([RunRecord(torch.arange(4), flat[:5])]).passed is None
+    # attacks that minimize a distance (FAB) are not judged
+    t = TraceSummary(1, 40, maximizes_loss=False, runs=[RunRecord(torch.arange(4), flat * steps[:, None])],
+                     returned_adversarial=returned)
+    r = result_of({"f/fresh": EntryResult("f/fresh", "fab", "fresh", Verdict.full(4),
+                                          trace=t)}, 4)
+    assert run_checks(model, (x, y), r, settings)[0].passed is None
+
+
+def test_restarts_not_converging_fires_when_the_last_restart_still_finds_points():
+    model, x, y = linear_task()
+    settings = only("restarts_not_converging")
+
+    def judge(new):
+        t = TraceSummary(1, 10, restarts=3, new_in_last_run=new)
+        r = result_of({"a/fresh": EntryResult("a/fresh", "a", "fresh", Verdict.full(4),
+                                              trace=t)}, 4)
+        return run_checks(model, (x, y), r, settings)[0].passed
+
+    assert judge(2) is False and judge(0) is True
+    # a real APGD with restarts reports how many points its last restart found
+    res = evaluate(model, (x, y), [AttackSpec("pgd", PGD(eps=0.05, steps=5, restarts=3))],
+                   checks=settings)
+    assert res.entries["pgd/fresh"].trace.new_in_last_run is not None
+    assert by_name(res.checks)["restarts_not_converging"].passed in (True, False)
+
+
+# -- settings --------------------------------------------------------------------------------
+def test_settings_are_typed_and_skip_runs_nothing(monkeypatch):
+    from advdefense.evaluation import checks as checks_module
+
+    with pytest.raises(AdvDefenseError, match="unknown check"):
+        CheckSettings(skip=("no_such_check",))
+    model, x, y = linear_task()
+    called = []
+    monkeypatch.setattr(checks_module, "CHECKS", tuple(
+        (name, (lambda ctx, name=name: called.append(name) or checks_module.CheckResult(
+            name, True, "ok")), needs, probes)
+        for name, _, needs, probes in checks_module.CHECKS))
+    out = run_checks(model, (x, y), None, CheckSettings(skip=("unbounded_attack",),
+                                                        probes=False))
+    assert "unbounded_attack" not in called and "eps_monotone" not in called
+    assert [c.name for c in out] == called and "zero_gradients" in called
+
+
+def test_every_check_runs_on_a_real_evaluation(standard_model, mnist_test):
+    x, y = mnist_test[0][:16], mnist_test[1][:16]
+    specs = [AttackSpec("pgd", PGD(eps=0.3, steps=10, seed=0))]
+    settings = CheckSettings(n_probe=16).with_(
+        unbounded=CheckSettings().unbounded.__class__(steps=20),
+        monotone=MonotoneSettings(steps=3))
+    res = evaluate(standard_model, (x, y), specs, checks=settings)
+    checks = by_name(res.checks)
+    for name in ("nonfinite_gradients", "unbounded_attack", "randomness_without_eot",
+                 "silent_success", "output_range", "dynamic_model"):
+        assert checks[name].passed is True, format_checks(res.checks)
+    assert set(checks) == set(CHECK_NAMES) - {"transfer_failure"} or set(checks) == set(
+        CHECK_NAMES)
+    for c in res.checks:
+        assert c.passed in (True, False, None) and c.detail

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from advdefense.attacks.base import AttackRecorder
 from advdefense.attacks import ATTACKS, PGD, build_attack, eot_loss_grad
 from advdefense.attacks.epgd import EPGD, SmoothAdv, smoothadv_loss_grad
 from advdefense.attacks.nattack import NAttack
@@ -109,7 +110,7 @@ def test_nattack_reduces_accuracy_of_standard_model(standard_model, mnist_test):
     with torch.no_grad():
         acc = (standard_model(x_adv).argmax(1) == y).float().mean()
     assert acc <= 0.5, acc
-    assert attack.queries > 0
+    assert attack.trace.forward_rows > 0
     assert attack.trace.ever_adversarial.float().mean() >= 0.5
 
 
@@ -119,14 +120,14 @@ def test_nattack_uses_probabilities_of_a_smoothed_model(standard_model, mnist_te
     attack = NAttack(eps=0.3, steps=2, population=10, check_every=1, seed=0)
     with torch.no_grad():
         probs = smooth(x)
-        logp = attack._log_probs(smooth, x)
+        logp = attack._log_probs(smooth, x, 1, AttackRecorder(3))
         torch.testing.assert_close(logp, probs.clamp_min(1e-12).log())  # not log_softmax
-        torch.testing.assert_close(attack._log_probs(standard_model, x),
+        torch.testing.assert_close(attack._log_probs(standard_model, x, 1, AttackRecorder(3)),
                                    standard_model(x).log_softmax(1))
     x_adv = attack(smooth, x, y)
     assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.3 + 1e-6
     # queries: 3 mean checks per step at most plus 10 candidates per active example per step
-    assert 0 < attack.queries <= 2 * 3 + 2 * 3 * 10
+    assert 0 < attack.trace.forward_rows <= 2 * 3 + 2 * 3 * 10
     with pytest.raises(AdvDefenseError):
         NAttack(eps=0.1, norm="l2")
 

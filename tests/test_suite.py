@@ -71,12 +71,12 @@ def test_state_file_resumes_to_the_uninterrupted_result(standard_model, mnist_te
         run_suite(standard_model, (x, y), attacks=[("fgsm", first), ("pgd", flaky)],
                   state_path=state, **kw)
     saved = json.loads(state.read_text())
-    assert saved["finished"] == ["fgsm"]
+    assert list(saved["entries"]) == ["fgsm"]
     calls_before = first.calls
     resumed = run_suite(standard_model, (x, y), attacks=[("fgsm", first), ("pgd", flaky)],
                         state_path=state, **kw)
     assert first.calls == calls_before  # the finished attack was skipped
-    assert json.loads(state.read_text())["finished"] == ["fgsm", "pgd"]
+    assert list(json.loads(state.read_text())["entries"]) == ["fgsm", "pgd"]
     full = run_suite(standard_model, (x, y),
                      attacks=[("fgsm", FGSM(eps=0.15, random_start=True, seed=1)),
                               ("pgd", PGD(eps=0.15, steps=5, seed=2))], **kw)
@@ -88,6 +88,24 @@ def test_state_file_resumes_to_the_uninterrupted_result(standard_model, mnist_te
     with pytest.raises(AdvDefenseError, match="different run"):
         run_suite(standard_model, (x, y), attacks=[("fgsm", FGSM(eps=0.2))], state_path=state,
                   eps=0.2, checks=False)
+
+
+def test_state_file_of_another_model_is_refused(standard_model, mnist_test, tmp_path):
+    """The fingerprint covers the weights: a state written for one model never resumes
+    another (same architecture, same data, same settings)."""
+    import copy
+
+    x, y = mnist_test[0][:20], mnist_test[1][:20]
+    state = tmp_path / "state.json"
+    kw = dict(eps=0.15, checks=False, state_path=state,
+              attacks=[("fgsm", FGSM(eps=0.15))])
+    run_suite(standard_model, (x, y), **kw)
+    other = copy.deepcopy(standard_model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(AdvDefenseError, match="another model"):
+        run_suite(other, (x, y), **kw)
+    run_suite(standard_model, (x, y), **kw)  # the same model resumes
 
 
 def test_missing_attack_is_a_clear_error(standard_model, mnist_test, monkeypatch):

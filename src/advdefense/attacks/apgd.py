@@ -37,6 +37,12 @@ Departures from the reference code (``fra31/auto-attack``, ``autopgd_base.py``),
   (:func:`~.base.eot_loss_grad`) and the step-size logic uses the **mean** loss over draws;
   AutoAttack's ``rand`` version loops ``eot_iter = 20`` times and uses the last draw's loss;
   success means adversarial on *all* k draws (AutoAttack: one stochastic forward pass);
+* by default (``eot_resample="run"``) the k draws are fixed for a whole run and redrawn for
+  every restart/target: Algorithm 1 compares losses across iterations (the successful-step
+  count, ``f_max``, the restart from ``x_max``), which fresh draws at every step turn into
+  comparisons of noise, so the schedule halves the step and restarts from a lucky point.
+  Over fixed draws the objective is deterministic (a k-model ensemble) and the schedule works
+  as designed; ``eot_resample="step"`` gives AutoAttack's fresh draws per step;
 * APGD-T picks its targets by masking the true class and sorting the (EOT-mean) clean logits;
   the code takes ranks 2..10 of the sorted logits, which is the same for correctly classified
   points.
@@ -56,9 +62,11 @@ import torch
 from torch import nn
 
 from ..errors import AdvDefenseError
+from ..randomness import fresh_seed
 from .base import (
     Attack,
-    EOTResult,
+    AttackRecorder,
+    BestIterate,
     Objective,
     as_objective,
     eot_loss_grad,
@@ -98,10 +106,9 @@ class APGD(Attack):
 
     Keyword-only hyper-parameters (paper/AutoAttack defaults): ``n_iter=100`` (``steps`` is an
     alias), ``loss="ce"`` (``"dlr"``, any loss of :mod:`.losses` or an :class:`Objective`),
-    ``rho=0.75``, ``momentum=0.75``, ``initial_step=2.0`` (times eps), ``restarts=1``; plus the
-    common ones of :class:`~.base.Attack` (``eps``, ``norm``, ``eot_samples``, ``max_batch``,
-    ``seed``, ``targeted``). Restarts after the first run only on examples not yet
-    adversarial. ``x``: (N, C, H, W) in [0, 1]; ``y``: (N,).
+    ``rho=0.75``, ``momentum=0.75``, ``initial_step=2.0`` (times eps), ``restarts=1``,
+    ``eot_resample="run"``; plus the common ones of :class:`~.base.Attack`. Restarts after the
+    first run only on examples not yet adversarial. ``x``: (N, C, H, W) in [0, 1]; ``y``: (N,).
     """
 
     name = "apgd-ce"
@@ -118,9 +125,15 @@ class APGD(Attack):
         rho: float = 0.75,
         momentum: float = 0.75,
         initial_step: float = 2.0,
-        **common,
+        eot_samples: int = 1,
+        eot_resample: str = "run",
+        max_batch: int = 4096,
+        seed: int | None = None,
+        restarts: int = 1,
+        targeted: bool = False,
     ) -> None:
-        super().__init__(eps=eps, norm=norm, **common)
+        super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
+                         seed=seed, restarts=restarts, targeted=targeted)
         if n_iter is not None and steps is not None and int(n_iter) != int(steps):
             raise AdvDefenseError(f"give n_iter or steps, not both ({n_iter} vs {steps})")
         n = n_iter if n_iter is not None else (steps if steps is not None else 100)
@@ -130,11 +143,15 @@ class APGD(Attack):
             raise AdvDefenseError(f"rho must be in (0, 1], got {rho}")
         if not 0.0 < momentum <= 1.0:
             raise AdvDefenseError(f"momentum must be in (0, 1], got {momentum}")
+        if eot_resample not in ("step", "run"):
+            raise AdvDefenseError(f"eot_resample must be 'step' or 'run', got {eot_resample!r}")
         self.n_iter = int(n)
         self.rho = float(rho)
         self.momentum = float(momentum)
         self.initial_step = float(initial_step)
         self.objective = as_objective(self.default_loss if loss is None else loss)
+        self.loss = self.objective
+        self.eot_resample = eot_resample
         self.checkpoints = step_checkpoints(self.n_iter)
 
     @property
@@ -142,70 +159,37 @@ class APGD(Attack):
         """Iterations per run (read by the evaluation's convergence check)."""
         return self.n_iter
 
-    # -- the shared bookkeeping ------------------------------------------------------------
-    def _init_state(self, x: torch.Tensor) -> None:
-        n = x.shape[0]
-        self._best_x = x.clone()
-        self._best_frac = torch.full((n,), -1.0, device=x.device)
-        self._best_loss = torch.full((n,), float("-inf"), device=x.device)
-        self._ever = torch.zeros(n, dtype=torch.bool, device=x.device)
-        self._last_loss = torch.zeros(n, device=x.device)
-        self._last_gn = torch.zeros(n, device=x.device)
-
-    def _keep(self, idx: torch.Tensor, x_cur: torch.Tensor, res: EOTResult,
-              y: torch.Tensor, user_target: torch.Tensor | None) -> None:
-        """Update the returned point of examples ``idx`` with the iterate ``x_cur``."""
-        frac = res.wrong_fraction(y, user_target)
-        better = (frac > self._best_frac[idx]) | (
-            (frac == self._best_frac[idx]) & (res.loss > self._best_loss[idx]))
-        sel = idx[better]
-        self._best_x[sel] = x_cur[better]
-        self._best_frac[sel] = frac[better]
-        self._best_loss[sel] = res.loss[better]
-        self._ever[idx] |= frac == 1.0
-
-    def _record(self, idx: torch.Tensor, res: EOTResult) -> torch.Tensor:
-        """Append full-length (n,) trace rows; examples not in ``idx`` repeat their last value.
-        Returns the gradient with non-finite entries zeroed."""
-        grad = res.grad
-        assert grad is not None
-        bad = ~torch.isfinite(grad)
-        nbad = int(bad.sum())
-        if nbad:
-            self.trace.nonfinite += nbad
-            grad = torch.where(bad, torch.zeros_like(grad), grad)
-        self._last_loss = self._last_loss.clone()
-        self._last_loss[idx] = res.loss
-        self._last_gn = self._last_gn.clone()
-        self._last_gn[idx] = grad.flatten(1).norm(dim=1)
-        self.trace.losses.append(self._last_loss)
-        self.trace.grad_norms.append(self._last_gn)
-        return grad
-
-    def _eot(self, model, x, y, target, k):
+    def _eot(self, model, x, y, target, k, recorder, seed):
         try:
             return eot_loss_grad(model, x, y, self.objective, eot_samples=k,
-                                 max_batch=self.max_batch, target=target)
+                                 max_batch=self.max_batch, target=target, seed=seed,
+                                 recorder=recorder)
         except ValueError as err:  # e.g. the DLR loss with too few classes
             raise AdvDefenseError(f"{self.name}: {err}; use loss='ce'") from err
 
     # -- one run of Algorithm 1 -------------------------------------------------------------
     def _single_run(self, model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
                     idx: torch.Tensor, loss_target: torch.Tensor | None,
-                    user_target: torch.Tensor | None, k: int) -> None:
+                    user_target: torch.Tensor | None, k: int, best: BestIterate,
+                    recorder: AttackRecorder) -> None:
         x, y = x_all[idx], y_all[idx]
         lt = None if loss_target is None else loss_target[idx]
         ut = None if user_target is None else user_target[idx]
         m = x.shape[0]
         view = (m,) + (1,) * (x.dim() - 1)
+        recorder.begin_run(idx)
+        draws = fresh_seed() if self.eot_resample == "run" else None
+
+        def evaluate(x_it):
+            res = self._eot(model, x_it, y, lt, k, recorder, draws)
+            best.offer(idx, x_it, res, y, ut, recorder)
+            grad = recorder.sanitize(res.grad)
+            recorder.step(res.loss, grad.flatten(1).norm(dim=1))
+            return res.loss, grad
 
         x_cur = random_start(x, self.eps, self.norm)
-        res = self._eot(model, x_cur, y, lt, k)
-        self._keep(idx, x_cur, res, y, ut)
-        grad = self._record(idx, res)
-        loss_cur = res.loss.clone()
+        loss_cur, grad = evaluate(x_cur)
         x_prev = x_cur.clone()
-
         x_max, f_max, grad_max = x_cur.clone(), loss_cur.clone(), grad.clone()
         step = torch.full((m,), self.initial_step * self.eps, device=x.device)
         checkpoints = set(self.checkpoints) - {0}
@@ -220,10 +204,7 @@ class APGD(Attack):
                         self.eps, self.norm)
             x_new = project(x_cur + alpha * (z - x_cur) + (1.0 - alpha) * (x_cur - x_prev), x,
                             self.eps, self.norm)
-            res = self._eot(model, x_new, y, lt, k)
-            self._keep(idx, x_new, res, y, ut)
-            grad_new = self._record(idx, res)
-            loss_new = res.loss
+            loss_new, grad_new = evaluate(x_new)
             successes += (loss_new > loss_cur).float()
             improved = loss_new > f_max
             x_max[improved] = x_new[improved]
@@ -236,35 +217,26 @@ class APGD(Attack):
                 cond2 = ~halved_last & (f_max <= f_max_last)
                 halve = cond1 | cond2
                 step = torch.where(halve, step / 2.0, step)
-                if bool(halve.any()):
-                    x_cur = x_cur.clone()
-                    grad = grad.clone()
-                    x_cur[halve] = x_max[halve]
-                    grad[halve] = grad_max[halve]
-                    loss_cur = torch.where(halve, f_max, loss_cur)
+                hv = halve.view(view)
+                x_cur = torch.where(hv, x_max, x_cur)
+                grad = torch.where(hv, grad_max, grad)
+                loss_cur = torch.where(halve, f_max, loss_cur)
                 halved_last = halve
                 f_max_last = f_max.clone()
                 successes.zero_()
                 last_w = t
 
-    def _still_robust(self) -> torch.Tensor:
-        return (self._best_frac < 1.0).nonzero().squeeze(1)
-
-    def run(self, model: nn.Module, x, y, target):
+    def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         k = self.effective_eot(model)
-        self._init_state(x)
+        best = BestIterate(x)
         for r in range(self.restarts):
             idx = (torch.arange(x.shape[0], device=x.device) if r == 0
-                   else self._still_robust())
+                   else (~best.adversarial).nonzero().squeeze(1))
             if idx.numel() == 0:
                 break
-            self._single_run(model, x, y, idx, target, target, k)
-        return self._finish()
-
-    def _finish(self) -> torch.Tensor:
-        self.trace.ever_adversarial = self._ever
-        self.trace.returned_adversarial = self._best_frac == 1.0
-        return self._best_x
+            self._single_run(model, x, y, idx, target, target, k, best, recorder)
+        recorder.returned_adversarial = best.adversarial
+        return best.x
 
 
 class APGDDLR(APGD):
@@ -285,19 +257,27 @@ class APGDT(APGD):
     name = "apgd-t"
     default_loss = "dlr"
 
-    def __init__(self, *, eps: float, n_target_classes: int = 9, **kwargs) -> None:
-        if kwargs.get("targeted"):
+    def __init__(self, *, eps: float, n_target_classes: int = 9, norm: str = "linf",
+                 n_iter: int | None = None, steps: int | None = None,
+                 loss: str | LossFn | Objective | None = None, rho: float = 0.75,
+                 momentum: float = 0.75, initial_step: float = 2.0, eot_samples: int = 1,
+                 eot_resample: str = "run", max_batch: int = 4096, seed: int | None = None,
+                 restarts: int = 1, targeted: bool = False) -> None:
+        if targeted:
             raise AdvDefenseError("apgd-t picks its own targets; use apgd-ce/apgd-dlr with "
                                   "targeted=True for a given target")
-        super().__init__(eps=eps, **kwargs)
+        super().__init__(eps=eps, norm=norm, n_iter=n_iter, steps=steps, loss=loss, rho=rho,
+                         momentum=momentum, initial_step=initial_step, eot_samples=eot_samples,
+                         eot_resample=eot_resample, max_batch=max_batch, seed=seed,
+                         restarts=restarts)
         if int(n_target_classes) < 1:
             raise AdvDefenseError(f"n_target_classes must be >= 1, got {n_target_classes}")
         self.n_target_classes = int(n_target_classes)
 
-    def run(self, model: nn.Module, x, y, target):
+    def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         k = self.effective_eot(model)
         clean = eot_loss_grad(model, x, y, "ce", eot_samples=k, max_batch=self.max_batch,
-                              need_grad=False)
+                              need_grad=False, recorder=recorder)
         logits = clean.logits.mean(dim=0)
         n_classes = logits.shape[1]
         if n_classes < 4:
@@ -311,14 +291,16 @@ class APGDT(APGD):
         masked.scatter_(1, y[:, None], float("-inf"))
         ranked = masked.argsort(dim=1, descending=True)[:, :n_targets]
 
-        self._init_state(x)
+        best = BestIterate(x)
         first = True
         for j in range(n_targets):
             tgt = ranked[:, j].contiguous()
             for _ in range(self.restarts):
-                idx = torch.arange(x.shape[0], device=x.device) if first else self._still_robust()
+                idx = (torch.arange(x.shape[0], device=x.device) if first
+                       else (~best.adversarial).nonzero().squeeze(1))
                 first = False
                 if idx.numel() == 0:
                     break
-                self._single_run(model, x, y, idx, tgt, None, k)
-        return self._finish()
+                self._single_run(model, x, y, idx, tgt, None, k, best, recorder)
+        recorder.returned_adversarial = best.adversarial
+        return best.x

@@ -19,6 +19,7 @@ subclasses implement :meth:`Attack.run`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import AdvDefenseError
-from ..randomness import draw_groups, is_stochastic, seeded
+from ..randomness import draw_seed, is_stochastic, replicated_forward, seeded
 from .losses import LossFn, get_loss
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,136 @@ class EOTResult:
         return hit.float().mean(dim=0)
 
 
-# Rows per pass of replicated EOT draws on CPU. ``max_batch`` is a memory budget; on a GPU
-# filling it is fastest, but on CPU a larger working set only costs cache misses: for smallcnn
-# + PNI, batch 128 x EOT 8 took 4.5 s with all 1,024 rows in one pass and 3.1 s with one draw
-# per pass (1 thread). Set to None to batch up to ``max_batch`` on CPU too.
-CPU_EOT_ROWS: int | None = 256
+# -- the recorder: what happened inside one attack call -------------------------------------
+@dataclass
+class RunTrace:
+    """One run of an attack (a restart, a target class) over the examples ``idx`` of the call:
+    ``losses`` (steps, m) the objective of each iterate (its own scale: CE, margin, ...),
+    ``grad_norms`` (steps, m) the input-gradient norms (empty for gradient-free attacks)."""
+
+    idx: torch.Tensor
+    losses: list[torch.Tensor] = field(default_factory=list)
+    grad_norms: list[torch.Tensor] = field(default_factory=list)
+    new_adversarial: int = 0   # examples first seen adversarial in this run
+
+    def loss_matrix(self) -> torch.Tensor:
+        return torch.stack(self.losses) if self.losses else torch.empty(0, len(self.idx))
+
+
+class AttackRecorder:
+    """Observer of one attack call, owned by the caller (after secml-torch's trackers).
+
+    Attack loops report to it: :meth:`begin_run` for every run (restart or target),
+    :meth:`step` with each iterate's per-example loss and gradient norm, :meth:`saw` with the
+    examples whose iterate was adversarial on all EOT draws, :meth:`sanitize` for each gradient
+    (non-finite entries are counted and zeroed), :meth:`count` for the rows pushed through the
+    model. The base :class:`Attack` sets ``returned_adversarial``. Nothing is kept on the attack
+    object: two calls never share state.
+    """
+
+    def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
+        self.n = n
+        self.runs: list[RunTrace] = []
+        self.nonfinite = 0
+        self.forward_rows = 0
+        self.backward_rows = 0
+        self.ever_adversarial = torch.zeros(n, dtype=torch.bool, device=device)
+        self.returned_adversarial: torch.Tensor | None = None
+        #: transfer attacks: examples adversarial on the substitute model
+        self.substitute_adversarial: torch.Tensor | None = None
+
+    # -- reported by the attack loops --------------------------------------------------------
+    def begin_run(self, idx: torch.Tensor | None = None) -> RunTrace:
+        if idx is None:
+            idx = torch.arange(self.n)
+        run = RunTrace(idx.detach().cpu())
+        self.runs.append(run)
+        return run
+
+    def step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> None:
+        if not self.runs:
+            self.begin_run()
+        run = self.runs[-1]
+        run.losses.append(loss.detach().float().cpu())
+        if grad_norm is not None:
+            run.grad_norms.append(grad_norm.detach().float().cpu())
+
+    def saw(self, idx: torch.Tensor | None, adversarial: torch.Tensor) -> None:
+        """Examples ``idx`` (all when ``None``) whose current iterate is adversarial."""
+        if idx is None:
+            idx = torch.arange(self.n, device=self.ever_adversarial.device)
+        hit = idx[adversarial]
+        new = int((~self.ever_adversarial[hit]).sum())
+        if new and self.runs:
+            self.runs[-1].new_adversarial += new
+        self.ever_adversarial[hit] = True
+
+    def sanitize(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient with NaN/inf entries set to zero; their number is recorded."""
+        bad = ~torch.isfinite(grad)
+        count = int(bad.sum())
+        if count:
+            self.nonfinite += count
+            grad = torch.where(bad, torch.zeros_like(grad), grad)
+        return grad
+
+    def count(self, rows: int, backward: bool) -> None:
+        self.forward_rows += int(rows)
+        if backward:
+            self.backward_rows += int(rows)
+
+    # -- read by the evaluation and the tests ------------------------------------------------
+    @property
+    def losses(self) -> list[torch.Tensor]:
+        """Per-step (n,) losses of a call made of a single full run (compatibility view)."""
+        return [t for r in self.runs for t in r.losses]
+
+    @property
+    def grad_norms(self) -> list[torch.Tensor]:
+        return [t for r in self.runs for t in r.grad_norms]
+
+    def loss_matrix(self) -> torch.Tensor:
+        """(steps, n) losses when every run covers all examples; else the first run's."""
+        full = [r for r in self.runs if len(r.idx) == self.n]
+        if len(full) == len(self.runs) and full:
+            return torch.cat([r.loss_matrix() for r in full], dim=0)
+        return self.runs[0].loss_matrix() if self.runs else torch.empty(0)
+
+
+class BestIterate:
+    """The point an attack returns, per example: the iterate adversarial on the largest
+    fraction of EOT draws, ties broken by the higher loss. An adversarial point, once found, is
+    never lost (Pintor et al. 2022's "silent success" cannot happen by construction)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        self.x = x.clone()
+        self.frac = torch.full((n,), -1.0, device=x.device)
+        self.loss = torch.full((n,), float("-inf"), device=x.device)
+
+    def update(self, idx: torch.Tensor | None, x_cur: torch.Tensor, frac: torch.Tensor,
+               loss: torch.Tensor) -> None:
+        """Offer iterate ``x_cur`` of examples ``idx`` (all when ``None``)."""
+        if idx is None:
+            idx = torch.arange(self.x.shape[0], device=self.x.device)
+        better = (frac > self.frac[idx]) | ((frac == self.frac[idx]) & (loss > self.loss[idx]))
+        sel = idx[better]
+        self.x[sel] = x_cur[better]
+        self.frac[sel] = frac[better]
+        self.loss[sel] = loss[better]
+
+    def offer(self, idx, x_cur: torch.Tensor, res: EOTResult, y: torch.Tensor,
+              target: torch.Tensor | None, recorder: AttackRecorder) -> torch.Tensor:
+        """Offer an EOT-evaluated iterate and tell the recorder which were adversarial on
+        every draw. Returns the per-example adversarial fraction."""
+        frac = res.wrong_fraction(y, target)
+        self.update(idx, x_cur, frac, res.loss)
+        recorder.saw(idx, frac == 1.0)
+        return frac
+
+    @property
+    def adversarial(self) -> torch.Tensor:
+        return self.frac == 1.0
 
 
 def eot_loss_grad(
@@ -155,83 +281,108 @@ def eot_loss_grad(
     max_batch: int = 4096,
     target: torch.Tensor | None = None,
     need_grad: bool = True,
+    seed: int | None = None,
+    recorder: AttackRecorder | None = None,
 ) -> EOTResult:
     """Mean loss over ``eot_samples`` independent draws of the model's randomness, and its
     gradient with respect to ``x``, evaluated batched.
 
-    The batch is repeated ``k`` times along dim 0 (copy ``j`` = rows ``j*n..(j+1)*n``) and run
-    under :func:`draw_groups` so each copy sees its own draw. Rows are processed in chunks of
-    at most ``max_batch`` (whole copies when possible; on CPU at most :data:`CPU_EOT_ROWS` rows
-    of replicated copies); this is the only loop.
+    The draws come from :func:`~advdefense.randomness.replicated_forward`: the batch is
+    repeated along dim 0 (copy ``j`` = draw ``j``), chunked by ``max_batch`` rows, one
+    backward pass per chunk; a model whose randomness does not honour ``draw_groups`` gets one
+    forward call per draw. ``seed`` fixes the draws (the same seed gives the same draws,
+    whatever the chunking); ``None`` draws fresh ones from the global RNG.
     ``objective`` is an :class:`Objective` or a loss name/function of :mod:`.losses`.
     """
     objective = as_objective(objective)
     n = x.shape[0]
     k = max(1, int(eot_samples))
-    ex_chunk = max(1, min(n, max_batch))
     loss_sum = torch.zeros(n, device=x.device)
     grad = torch.zeros_like(x) if need_grad else None
-    logits_parts: list[torch.Tensor] = []
-    for start in range(0, n, ex_chunk):
-        xs, ys = x[start : start + ex_chunk], y[start : start + ex_chunk]
-        ts = None if target is None else target[start : start + ex_chunk]
-        m = xs.shape[0]
-        rows = max_batch
-        if x.device.type == "cpu" and CPU_EOT_ROWS is not None:
-            rows = min(rows, CPU_EOT_ROWS)
-        per_pass = max(1, rows // m)
-        chunk_logits = []
-        for k0 in range(0, k, per_pass):
-            kc = min(per_pass, k - k0)
-            xi = xs.detach().clone().requires_grad_(need_grad)
-            xr = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
-            yr = ys.repeat(kc)
-            tr = None if ts is None else ts.repeat(kc)
-            with torch.set_grad_enabled(need_grad), draw_groups(kc):
-                row_losses, out = objective(model, xr, yr, tr)
-                if out.dim() != 2 or out.shape[0] != xr.shape[0]:
-                    raise AdvDefenseError(
-                        f"model must return logits (N, classes); got shape {tuple(out.shape)}")
-                losses = row_losses.view(kc, m)
-                if need_grad:
-                    (g,) = torch.autograd.grad(losses.sum() / k, xi)
-                    grad[start : start + m] += g  # type: ignore[index]
-            loss_sum[start : start + m] += losses.detach().sum(dim=0)
-            chunk_logits.append(out.detach().view(kc, m, -1))
-        logits_parts.append(torch.cat(chunk_logits, dim=0))
-    return EOTResult(loss_sum / k, grad, torch.cat(logits_parts, dim=1))
+    parts: dict[int, list[torch.Tensor]] = {}
+
+    def body(xr: torch.Tensor, start: int, k0: int, kc: int) -> None:
+        m = xr.shape[0] // kc
+        xi = x[start : start + m].detach().clone().requires_grad_(need_grad)
+        inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
+        ys = y[start : start + m].repeat(kc)
+        ts = None if target is None else target[start : start + m].repeat(kc)
+        with torch.set_grad_enabled(need_grad):
+            row_losses, out = objective(model, inp, ys, ts)
+            if out.dim() != 2 or out.shape[0] != inp.shape[0]:
+                raise AdvDefenseError(
+                    f"model must return logits (N, classes); got shape {tuple(out.shape)}")
+            losses = row_losses.view(kc, m)
+            if need_grad:
+                (g,) = torch.autograd.grad(losses.sum() / k, xi)
+                grad[start : start + m] += g  # type: ignore[index]
+        if recorder is not None:
+            recorder.count(inp.shape[0], need_grad)
+        loss_sum[start : start + m] += losses.detach().sum(dim=0)
+        parts.setdefault(start, []).append(out.detach().view(kc, m, -1))
+
+    replicated_forward(model, x, k, body, max_batch=max_batch, seed=seed)
+    out = torch.cat([torch.cat(parts[s], dim=0) for s in sorted(parts)], dim=1)
+    return EOTResult(loss_sum / k, grad, out)
 
 
-@dataclass
-class AttackTrace:
-    """What happened inside the last call, for the attack-failure checks.
+def majority_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         target: torch.Tensor | None = None, *, draws: int = 10,
+                         max_batch: int = 4096, recorder: AttackRecorder | None = None
+                         ) -> torch.Tensor:
+    """A repeated verdict for an attack's own stopping rule: True where ``x`` is adversarial
+    (misclassified, or on the target) on more than half of ``draws`` fresh draws."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device)
+    res = eot_loss_grad(model, x, y, "ce", eot_samples=draws, max_batch=max_batch,
+                        need_grad=False, recorder=recorder)
+    return res.wrong_fraction(y, target) > 0.5
 
-    ``losses``: (steps, n) mean EOT loss of each iterate; ``grad_norms``: (steps, n) norm of
-    each step's gradient; ``nonfinite``: number of non-finite gradient entries seen;
-    ``ever_adversarial``: (n,) whether any iterate was adversarial on *all* EOT draws (for
-    deterministic models: misclassified), ``returned_adversarial``: the same for the returned
-    point.
-    """
 
-    losses: list[torch.Tensor] = field(default_factory=list)
-    grad_norms: list[torch.Tensor] = field(default_factory=list)
-    nonfinite: int = 0
-    ever_adversarial: torch.Tensor | None = None
-    returned_adversarial: torch.Tensor | None = None
-
-    def loss_matrix(self) -> torch.Tensor:
-        return torch.stack(self.losses) if self.losses else torch.empty(0)
+def check_adversarial_output(x_adv, x: torch.Tensor, eps: float, norm: str,
+                             name: str = "attack") -> torch.Tensor:
+    """Validate an attack's output before it is counted: same shape as ``x``, finite, inside
+    [0, 1] and the eps-ball (with a small float tolerance). Raises :class:`AdvDefenseError`."""
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        shape = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
+        raise AdvDefenseError(f"{name} returned {shape}, expected a tensor of shape "
+                              f"{tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise AdvDefenseError(f"{name} returned non-finite values")
+    tol = 1e-5
+    if x_adv.min() < -tol or x_adv.max() > 1 + tol:
+        raise AdvDefenseError(f"{name} returned values outside [0, 1] "
+                              f"([{float(x_adv.min()):.4g}, {float(x_adv.max()):.4g}])")
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    worst = float(size.max()) if size.numel() else 0.0
+    if worst > eps * (1 + 1e-4) + tol:
+        raise AdvDefenseError(f"{name} left the {norm} eps-ball: perturbation {worst:.4g} > "
+                              f"eps {eps:g}")
+    return x_adv
 
 
 class Attack(ABC):
     """Base of every attack: ``attack(model, x, y, target=None) -> x_adv``.
 
-    Keyword-only hyper-parameters common to all attacks: ``eps`` (radius, in [0,1] pixel
-    units), ``norm`` (``"linf"`` or ``"l2"``), ``eot_samples``, ``max_batch`` (rows per forward
-    pass: the memory budget), ``seed``, ``restarts``, ``targeted``.
+    Keyword-only settings common to all attacks (every subclass lists them explicitly):
+    ``eps`` (radius, in [0,1] pixel units), ``norm`` (``"linf"`` or ``"l2"``),
+    ``eot_samples``, ``max_batch`` (rows per forward pass: the memory budget), ``seed``,
+    ``restarts``, ``targeted``. ``repr(attack)`` lists every setting of the constructor: it is
+    the attack's identity in reports and in suite fingerprints.
+
+    A call takes an optional ``seed`` (default: the attack's own; the evaluation passes one per
+    batch so batches and processes never replay the same random starts and draws) and an
+    optional :class:`AttackRecorder` (default: a new one, readable as ``attack.trace`` after
+    the call).
     """
 
     name = "attack"
+    #: the recorded loss is maximized (judged by the convergence check); False for FAB
+    maximizes_loss = True
+    #: how the attack finds its points: "white-box" (gradients), "gradient-free" (scores
+    #: only: Square, NAttack) or "transfer" (crafted on another model)
+    access = "white-box"
 
     def __init__(
         self,
@@ -258,12 +409,32 @@ class Attack(ABC):
         self.max_batch = int(max_batch)
         self.seed = seed
         self.restarts = int(restarts)
-        self.targeted = targeted
-        self.trace = AttackTrace()
+        self.targeted = bool(targeted)
+        self.trace = AttackRecorder(0)
+
+    def settings(self) -> dict[str, object]:
+        """Every keyword setting of the constructor with its current value."""
+        out: dict[str, object] = {}
+        for cls in type(self).__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None or cls is object:
+                continue
+            for p in inspect.signature(init).parameters.values():
+                if p.kind is p.KEYWORD_ONLY and p.name not in out and hasattr(self, p.name):
+                    out[p.name] = getattr(self, p.name)
+        return out
 
     def __repr__(self) -> str:
-        keys = ("eps", "norm", "eot_samples", "restarts", "targeted")
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in keys)
+        def show(v: object) -> str:
+            if isinstance(v, Objective):
+                return repr(v.name)
+            if isinstance(v, float):
+                return f"{v:.6g}"
+            if isinstance(v, (nn.Module, Attack)):
+                return type(v).__name__ if isinstance(v, nn.Module) else repr(v)
+            return repr(v)
+
+        args = ", ".join(f"{k}={show(v)}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
 
     def effective_eot(self, model: nn.Module) -> int:
@@ -271,21 +442,35 @@ class Attack(ABC):
         return self.eot_samples if is_stochastic(model) else 1
 
     def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target=None
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target=None,
+        seed: int | None = None, recorder: AttackRecorder | None = None,
     ) -> torch.Tensor:
         check_inputs(x, y)
         if self.targeted and target is None:
             raise AdvDefenseError(f"{self.name} is targeted: pass target=")
         x, y = x.detach(), y.detach()
-        self.trace = AttackTrace()
+        recorder = AttackRecorder(x.shape[0], x.device) if recorder is None else recorder
+        self.trace = recorder
         if self.eps == 0 or x.shape[0] == 0:
+            recorder.returned_adversarial = torch.zeros(x.shape[0], dtype=torch.bool)
             return x.clone()
-        with eval_mode(model), seeded(self.seed):
-            x_adv = self.run(model, x, y, target if self.targeted else None)
+        seed = self.seed if seed is None else seed
+        with eval_mode(model), seeded(seed):
+            x_adv = self.run(model, x, y, target if self.targeted else None, recorder)
+        if recorder.returned_adversarial is None:
+            recorder.returned_adversarial = recorder.ever_adversarial.clone()
         return project(x_adv.detach(), x, self.eps, self.norm)
 
     @abstractmethod
     def run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+        recorder: AttackRecorder,
     ) -> torch.Tensor:
-        """Return adversarial examples; the model is already in eval mode and seeded."""
+        """Return adversarial examples; the model is already in eval mode and seeded. Report
+        to ``recorder``; set ``recorder.returned_adversarial`` for the returned points."""
+
+
+def batch_seed(seed: int | None, index: int) -> int | None:
+    """The seed of batch ``index`` (e.g. the position of its first example in the dataset) of
+    an attack seeded with ``seed``: batches and processes get independent random streams."""
+    return None if seed is None else draw_seed(seed, index, 7)

@@ -45,6 +45,8 @@ class BPDA(nn.Module):
     """``forward_module`` on the forward pass, ``backward_module``'s gradient (identity if
     ``None``) on the backward pass (Athalye et al. 2018, Sec. 4.1)."""
 
+    batched_draws = True  # its random parts are StochasticModules of its submodules
+
     def __init__(self, forward_module: nn.Module, backward_module: nn.Module | None = None) -> None:
         super().__init__()
         if not callable(forward_module):

@@ -12,10 +12,10 @@ EPGD
 SmoothAdv
     ``L = -log((1/m) sum_i softmax(f(x + eta_i))_y)``: the softmaxes are averaged first and
     the log taken outside (the CE of the soft-smoothed classifier). By Jensen,
-    ``L_SmoothAdv <= L_EPGD`` on the same draws. When the ``n * m`` rows do not fit in
-    ``max_batch`` the loss is computed in two passes over the *same* draws (each chunk is
-    re-seeded identically): pass 1 gives the mean probability ``p_bar``, pass 2 backpropagates
-    ``-(1/(m p_bar)) sum_i softmax_i,y`` chunk by chunk, which is the exact gradient.
+    ``L_SmoothAdv <= L_EPGD`` on the same draws. The loss is computed in two passes over the
+    *same* draws (:func:`~advdefense.randomness.replicated_forward` with one seed, so memory
+    never holds the whole ``m x n`` graph): pass 1 gives the mean probability ``p_bar``, pass 2
+    backpropagates ``-(1/(m p_bar)) sum_i softmax_i,y`` chunk by chunk, the exact gradient.
 
 If the attacked ``model`` is a :class:`~advdefense.defenses.smoothing.SmoothedClassifier`,
 its base and ``sigma`` are used (``sigma=None``). Steps: sign for L-inf, normalised gradient
@@ -31,8 +31,9 @@ from torch import nn
 
 from ..defenses.smoothing import NoisyBase, SmoothedClassifier
 from ..errors import AdvDefenseError
-from ..randomness import draw_groups, seeded
-from .base import EOTResult, Objective, normalize_step, project, random_start
+from ..randomness import fresh_seed, replicated_forward
+from .base import AttackRecorder, EOTResult, Objective
+from .losses import LossFn
 from .pgd import PGD
 
 
@@ -51,15 +52,21 @@ class EPGD(PGD):
 
     name = "epgd"
 
-    def __init__(self, *, eps: float, steps: int = 20, sigma: float | None = None,
-                 eot_samples: int = 8, **kw) -> None:
-        super().__init__(eps=eps, steps=steps, eot_samples=eot_samples, **kw)
+    def __init__(self, *, eps: float, steps: int = 20, step_size: float | None = None,
+                 sigma: float | None = None, norm: str = "linf", random_start: bool = True,
+                 loss: str | LossFn | Objective = "ce", eot_samples: int = 8,
+                 eot_resample: str = "step", max_batch: int = 4096, seed: int | None = None,
+                 restarts: int = 1, targeted: bool = False) -> None:
+        super().__init__(eps=eps, steps=steps, step_size=step_size, norm=norm,
+                         random_start=random_start, loss=loss, eot_samples=eot_samples,
+                         eot_resample=eot_resample, max_batch=max_batch, seed=seed,
+                         restarts=restarts, targeted=targeted)
         if sigma is not None and not sigma >= 0:
             raise AdvDefenseError(f"sigma must be >= 0, got {sigma}")
         self.sigma = sigma
 
-    def run(self, model, x, y, target):
-        return super().run(_noisy_view(model, self.sigma), x, y, target)
+    def run(self, model, x, y, target, recorder):
+        return super().run(_noisy_view(model, self.sigma), x, y, target, recorder)
 
 
 class _SmoothAdvObjective(Objective):
@@ -72,44 +79,34 @@ class _SmoothAdvObjective(Objective):
 
 def smoothadv_loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, samples: int,
                         max_batch: int = 4096, target: torch.Tensor | None = None,
-                        need_grad: bool = True) -> EOTResult:
-    """SmoothAdv loss ``-log mean_i softmax(model(x)_i)_y`` over ``samples`` draws (rows
-    repeated under ``draw_groups``) and its input gradient; targeted: ``+log`` of the target's
-    mean probability. ``model`` is the noisy view (input noise included)."""
+                        need_grad: bool = True, recorder: AttackRecorder | None = None
+                        ) -> EOTResult:
+    """SmoothAdv loss ``-log mean_i softmax(model(x)_i)_y`` over ``samples`` draws and its
+    input gradient; targeted: ``+log`` of the target's mean probability. ``model`` is the
+    noisy view (input noise included). Two passes over the same seeded draws."""
     n = x.shape[0]
     k = max(1, int(samples))
     cls = y if target is None else target
     sign = 1.0 if target is None else -1.0
-    if n * k <= max_batch:
-        xi = x.detach().clone().requires_grad_(need_grad)
-        with torch.set_grad_enabled(need_grad), draw_groups(k):
-            logits = model(xi.repeat(k, *([1] * (x.dim() - 1))))
-            probs = logits.view(k, n, -1).softmax(2)
-            p_bar = probs.gather(2, cls.view(1, n, 1).expand(k, n, 1)).squeeze(2).mean(0)
-            loss = -sign * torch.log(p_bar.clamp_min(1e-30))
-            grad = torch.autograd.grad(loss.sum(), xi)[0] if need_grad else None
-        return EOTResult(loss.detach(), grad, logits.detach().view(k, n, -1))
-    # two passes over identical draws: chunks of whole copies, each re-seeded the same way
-    per_pass = max(1, max_batch // n) if n <= max_batch else 1
-    ex_chunk = min(n, max_batch)
-    base_seed = int(torch.randint(0, 2**31 - 1, (1,)))
-    plan = [(s, k0, min(per_pass, k - k0)) for s in range(0, n, ex_chunk)
-            for k0 in range(0, k, per_pass)]
-
-    def chunk_forward(j, s, kc, xin):
-        with seeded(base_seed + j), draw_groups(kc):
-            xs = xin[s : s + ex_chunk]
-            return model(xs.repeat(kc, *([1] * (x.dim() - 1)))).view(kc, xs.shape[0], -1)
-
+    draws = fresh_seed()
     p_sum = torch.zeros(n, device=x.device, dtype=x.dtype)
     logit_parts: dict[int, list[torch.Tensor]] = {}
-    with torch.no_grad():
-        for j, (s, _k0, kc) in enumerate(plan):
-            out = chunk_forward(j, s, kc, x)
-            cs = cls[s : s + out.shape[1]]
-            p_sum[s : s + out.shape[1]] += out.softmax(2).gather(
-                2, cs.view(1, -1, 1).expand(kc, -1, 1)).squeeze(2).sum(0)
-            logit_parts.setdefault(s, []).append(out)
+
+    def probs_of(out, start, kc):
+        s = out.shape[0] // kc
+        cs = cls[start : start + s]
+        z = out.view(kc, s, -1)
+        return z, z.softmax(2).gather(2, cs.view(1, -1, 1).expand(kc, -1, 1)).squeeze(2)
+
+    def first_pass(xr, start, k0, kc):
+        with torch.no_grad():
+            z, p = probs_of(model(xr), start, kc)
+        p_sum[start : start + z.shape[1]] += p.sum(0)
+        logit_parts.setdefault(start, []).append(z)
+        if recorder is not None:
+            recorder.count(xr.shape[0], False)
+
+    replicated_forward(model, x, k, first_pass, max_batch=max_batch, seed=draws)
     p_bar = p_sum / k
     loss = -sign * torch.log(p_bar.clamp_min(1e-30))
     logits = torch.cat([torch.cat(logit_parts[s], 0) for s in sorted(logit_parts)], 1)
@@ -117,14 +114,19 @@ def smoothadv_loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, s
     if need_grad:
         grad = torch.zeros_like(x)
         coef = -sign / (k * p_bar.clamp_min(1e-30))
-        for j, (s, _k0, kc) in enumerate(plan):
-            xi = x.detach().clone().requires_grad_(True)
+
+        def second_pass(xr, start, k0, kc):
+            s = xr.shape[0] // kc
+            xi = x[start : start + s].detach().clone().requires_grad_(True)
+            inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
             with torch.enable_grad():
-                out = chunk_forward(j, s, kc, xi)
-                cs = cls[s : s + out.shape[1]]
-                p = out.softmax(2).gather(2, cs.view(1, -1, 1).expand(kc, -1, 1)).squeeze(2)
-                obj = (p.sum(0) * coef[s : s + out.shape[1]]).sum()
-                grad += torch.autograd.grad(obj, xi)[0]
+                _, p = probs_of(model(inp), start, kc)
+                obj = (p.sum(0) * coef[start : start + s]).sum()
+                grad[start : start + s] += torch.autograd.grad(obj, xi)[0]
+            if recorder is not None:
+                recorder.count(inp.shape[0], True)
+
+        replicated_forward(model, x, k, second_pass, max_batch=max_batch, seed=draws)
     return EOTResult(loss, grad, logits)
 
 
@@ -134,48 +136,21 @@ class SmoothAdv(PGD):
 
     name = "smoothadv"
 
-    def __init__(self, *, eps: float, steps: int = 20, sigma: float | None = None,
-                 eot_samples: int = 8, **kw) -> None:
-        kw.pop("loss", None)
-        super().__init__(eps=eps, steps=steps, eot_samples=eot_samples,
-                         loss=_SmoothAdvObjective(), **kw)
+    def __init__(self, *, eps: float, steps: int = 20, step_size: float | None = None,
+                 sigma: float | None = None, norm: str = "linf", random_start: bool = True,
+                 eot_samples: int = 8, max_batch: int = 4096, seed: int | None = None,
+                 restarts: int = 1, targeted: bool = False) -> None:
+        super().__init__(eps=eps, steps=steps, step_size=step_size, norm=norm,
+                         random_start=random_start, loss=_SmoothAdvObjective(),
+                         eot_samples=eot_samples, max_batch=max_batch, seed=seed,
+                         restarts=restarts, targeted=targeted)
         if sigma is not None and not sigma >= 0:
             raise AdvDefenseError(f"sigma must be >= 0, got {sigma}")
         self.sigma = sigma
 
-    def run(self, model, x, y, target):
-        view = _noisy_view(model, self.sigma)
-        k = self.effective_eot(view)
-        n = x.shape[0]
-        best_x = x.clone()
-        best_frac = torch.full((n,), -1.0, device=x.device)
-        best_loss = torch.full((n,), float("-inf"), device=x.device)
-        ever = torch.zeros(n, dtype=torch.bool, device=x.device)
+    def _eot(self, model, x, y, target, k, recorder, *, need_grad=True, seed=None):
+        return smoothadv_loss_grad(model, x, y, samples=k, max_batch=self.max_batch,
+                                   target=target, need_grad=need_grad, recorder=recorder)
 
-        def evaluate(x_cur, need_grad):
-            nonlocal ever
-            res = smoothadv_loss_grad(view, x_cur, y, samples=k, max_batch=self.max_batch,
-                                      target=target, need_grad=need_grad)
-            frac = res.wrong_fraction(y, target)
-            better = (frac > best_frac) | ((frac == best_frac) & (res.loss > best_loss))
-            best_x[better] = x_cur[better]
-            best_frac[better] = frac[better]
-            best_loss[better] = res.loss[better]
-            ever = ever | (frac == 1.0)
-            self.trace.losses.append(res.loss)
-            return res
-
-        for _ in range(self.restarts):
-            x_adv = random_start(x, self.eps, self.norm) if self.random_start else x.clone()
-            for _step in range(self.steps):
-                grad = evaluate(x_adv, True).grad
-                self.trace.grad_norms.append(grad.flatten(1).norm(dim=1))
-                nonfinite = ~torch.isfinite(grad)
-                self.trace.nonfinite += int(nonfinite.sum())
-                grad = torch.where(nonfinite, torch.zeros_like(grad), grad)
-                x_adv = project(x_adv + self.step_size * normalize_step(grad, self.norm), x,
-                                self.eps, self.norm)
-            evaluate(x_adv, False)
-        self.trace.ever_adversarial = ever
-        self.trace.returned_adversarial = best_frac == 1.0
-        return best_x
+    def run(self, model, x, y, target, recorder):
+        return super().run(_noisy_view(model, self.sigma), x, y, target, recorder)

@@ -42,13 +42,14 @@ Example::
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import AdvDefenseError
-from ..randomness import draw_groups
-from .base import Attack, eot_loss_grad
+from ..randomness import replicated_forward
+from .base import Attack, AttackRecorder, eot_loss_grad
 
 log = logging.getLogger(__name__)
 
@@ -112,40 +113,51 @@ def project_hyperplane_box(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor,
 
 def logit_diff_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                      others: torch.Tensor, *, eot_samples: int = 1,
-                     max_batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_batch: int = 4096, recorder: AttackRecorder | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``d[i, j] = z_{y_i}(x_i) - z_{others[i, j]}(x_i)`` (n, m) and its input gradient
-    (n, m, ...), both averaged over ``eot_samples`` draws evaluated batched (repeat along the
-    batch under :func:`draw_groups`, chunked by ``max_batch`` rows). One forward pass and
-    ``m`` backward passes per chunk."""
+    (n, m, ...), both averaged over ``eot_samples`` draws evaluated batched
+    (:func:`~advdefense.randomness.replicated_forward`). One forward pass and ``m`` backward
+    passes per chunk."""
     n, m = others.shape
     k = max(1, int(eot_samples))
     diffs = torch.zeros(n, m, device=x.device)
     grads = torch.zeros((n, m) + tuple(x.shape[1:]), device=x.device)
-    ex_chunk = max(1, min(n, max_batch))
-    for start in range(0, n, ex_chunk):
-        xs, ys = x[start:start + ex_chunk], y[start:start + ex_chunk]
-        os_ = others[start:start + ex_chunk]
-        s = xs.shape[0]
-        per_pass = max(1, max_batch // s)
-        for k0 in range(0, k, per_pass):
-            kc = min(per_pass, k - k0)
-            xi = xs.detach().clone().requires_grad_(True)
-            xr = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
-            with torch.enable_grad(), draw_groups(kc):
-                out = model(xr)
-                if out.dim() != 2 or out.shape[0] != xr.shape[0]:
-                    raise AdvDefenseError(
-                        f"model must return logits (N, classes); got shape {tuple(out.shape)}")
-                z = out.view(kc, s, -1)
-                zy = z.gather(2, ys[None, :, None].expand(kc, s, 1))
-                zo = z.gather(2, os_[None].expand(kc, s, m))
-                dd = zy - zo                                               # (kc, s, m)
-                for j in range(m):
-                    (g,) = torch.autograd.grad(dd[:, :, j].sum() / k, xi,
-                                               retain_graph=j < m - 1)
-                    grads[start:start + s, j] += g
-            diffs[start:start + s] += dd.detach().sum(dim=0) / k
+
+    def body(xr, start, k0, kc):
+        s = xr.shape[0] // kc
+        ys, os_ = y[start:start + s], others[start:start + s]
+        xi = x[start:start + s].detach().clone().requires_grad_(True)
+        inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
+        with torch.enable_grad():
+            out = model(inp)
+            if out.dim() != 2 or out.shape[0] != inp.shape[0]:
+                raise AdvDefenseError(
+                    f"model must return logits (N, classes); got shape {tuple(out.shape)}")
+            z = out.view(kc, s, -1)
+            zy = z.gather(2, ys[None, :, None].expand(kc, s, 1))
+            zo = z.gather(2, os_[None].expand(kc, s, m))
+            dd = zy - zo                                               # (kc, s, m)
+            for j in range(m):
+                (g,) = torch.autograd.grad(dd[:, :, j].sum() / k, xi, retain_graph=j < m - 1)
+                grads[start:start + s, j] += g
+        if recorder is not None:
+            recorder.count(inp.shape[0], True)
+        diffs[start:start + s] += dd.detach().sum(dim=0) / k
+
+    replicated_forward(model, x, k, body, max_batch=max_batch)
     return diffs, grads
+
+
+@dataclass
+class _Best:
+    """Per-call state of FAB: the smallest adversarial perturbation found per example."""
+
+    x: torch.Tensor
+    dist: torch.Tensor
+
+    def robust(self, eps: float) -> torch.Tensor:
+        return (self.dist > eps).nonzero().squeeze(1)
 
 
 class FAB(Attack):
@@ -154,16 +166,21 @@ class FAB(Attack):
     Keyword-only hyper-parameters: ``n_iter=100`` (``steps`` alias), ``alpha_max=0.1``,
     ``eta=1.05``, ``beta=0.9``, ``restarts=1``; plus the common ones of
     :class:`~.base.Attack`. ``x``: (N, C, H, W) in [0, 1]; ``y``: (N,).
+    The recorder gets ``z_c - z_y`` of the followed class per iteration; FAB minimizes a
+    distance, so its loss is not judged for convergence (``maximizes_loss = False``).
     """
 
     name = "fab"
+    maximizes_loss = False
 
     def __init__(self, *, eps: float, norm: str = "linf", n_iter: int | None = None,
                  steps: int | None = None, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9, **common) -> None:
-        if common.get("targeted"):
+                 beta: float = 0.9, eot_samples: int = 1, max_batch: int = 4096,
+                 seed: int | None = None, restarts: int = 1, targeted: bool = False) -> None:
+        if targeted:
             raise AdvDefenseError(f"{self.name} does not take a target; use fab-t")
-        super().__init__(eps=eps, norm=norm, **common)
+        super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
+                         seed=seed, restarts=restarts)
         n = n_iter if n_iter is not None else (steps if steps is not None else 100)
         if int(n) < 1:
             raise AdvDefenseError(f"n_iter must be >= 1, got {n}")
@@ -179,20 +196,16 @@ class FAB(Attack):
         return self.n_iter
 
     # -- helpers -----------------------------------------------------------------------------
-    def _adversarial(self, model, x, y, k) -> torch.Tensor:
+    def _adversarial(self, model, x, y, k, recorder) -> torch.Tensor:
         res = eot_loss_grad(model, x, y, "ce", eot_samples=k, max_batch=self.max_batch,
-                            need_grad=False)
+                            need_grad=False, recorder=recorder)
         return res.wrong_fraction(y) == 1.0
 
-    def _direction(self, model, x1, y, others, k):
+    def _direction(self, model, x1, y, others, k, recorder):
         """Linearized boundary (d (m,), g (m, d)) of the chosen class for each row."""
         diffs, grads = logit_diff_grads(model, x1, y, others, eot_samples=k,
-                                        max_batch=self.max_batch)
-        grads = grads.flatten(2)
-        bad = ~torch.isfinite(grads)
-        if bool(bad.any()):
-            self.trace.nonfinite += int(bad.sum())
-            grads = torch.where(bad, torch.zeros_like(grads), grads)
+                                        max_batch=self.max_batch, recorder=recorder)
+        grads = recorder.sanitize(grads.flatten(2))
         if others.shape[1] == 1:
             return diffs[:, 0], grads[:, 0]
         dual = grads.abs().sum(dim=2) if self.norm == "linf" else grads.norm(dim=2)
@@ -212,20 +225,21 @@ class FAB(Attack):
         return (x0 + 0.5 * radius.view(view) * t).clamp(0.0, 1.0)
 
     # -- one run on a subset -----------------------------------------------------------------
-    def _single_run(self, model, x_all, y_all, idx, others_all, k, random_init: bool) -> None:
+    def _single_run(self, model, x_all, y_all, idx, others_all, k, random_init: bool,
+                    best: _Best, recorder: AttackRecorder) -> None:
         x0, y = x_all[idx], y_all[idx]
         others = others_all[idx]
         m = x0.shape[0]
         view = (m,) + (1,) * (x0.dim() - 1)
         flat0 = x0.flatten(1)
+        recorder.begin_run(idx)
         if random_init:
-            radius = torch.minimum(self._best_dist[idx], torch.full_like(self._best_dist[idx],
-                                                                         self.eps))
+            radius = torch.minimum(best.dist[idx], torch.full_like(best.dist[idx], self.eps))
             x1 = self._random_start(x0, radius)
         else:
             x1 = x0.clone()
         for _ in range(self.n_iter):
-            d, g = self._direction(model, x1, y, others, k)
+            d, g = self._direction(model, x1, y, others, k, recorder)
             flat1 = x1.flatten(1)
             c1 = -d
             c0 = (g * (flat1 - flat0)).sum(dim=1) - d
@@ -237,60 +251,46 @@ class FAB(Attack):
             alpha = (n1 / (n1 + n0)).clamp(0.0, self.alpha_max)[:, None]
             new = ((1 - alpha) * (flat1 + self.eta * d1) + alpha * (flat0 + self.eta * d0))
             x1 = new.clamp(0.0, 1.0).view_as(x0)
-            adv = self._adversarial(model, x1, y, k)
+            adv = self._adversarial(model, x1, y, k, recorder)
             dist = _norm(x1 - x0, self.norm)
-            better = adv & (dist < self._best_dist[idx])
+            recorder.saw(idx, adv & (dist <= self.eps * (1 + 1e-6)))
+            better = adv & (dist < best.dist[idx])
             sel = idx[better]
-            self._best_x[sel] = x1[better]
-            self._best_dist[sel] = dist[better]
+            best.x[sel] = x1[better]
+            best.dist[sel] = dist[better]
             if bool(adv.any()):
                 x1 = torch.where(adv.view(view), x0 + self.beta * (x1 - x0), x1)
-            # trace: running maximum of z_c - z_y reached so far (FAB's iterates oscillate
-            # around the boundary by design, so the raw value is not a convergence signal)
-            self._last_loss = self._last_loss.clone()
-            self._last_loss[idx] = torch.maximum(self._last_loss[idx], -d)
-            self._last_gn = self._last_gn.clone()
-            self._last_gn[idx] = g.norm(dim=1)
-            self.trace.losses.append(self._last_loss)
-            self.trace.grad_norms.append(self._last_gn)
+            recorder.step(-d, g.norm(dim=1))
 
-    def _init_state(self, x: torch.Tensor) -> None:
-        n = x.shape[0]
-        self._best_x = x.clone()
-        self._best_dist = torch.full((n,), float("inf"), device=x.device)
-        self._last_loss = torch.full((n,), float("-inf"), device=x.device)
-        self._last_gn = torch.zeros(n, device=x.device)
+    def _finish(self, x: torch.Tensor, best: _Best, recorder: AttackRecorder) -> torch.Tensor:
+        ok = best.dist <= self.eps * (1 + 1e-6)
+        recorder.returned_adversarial = ok.clone()
+        return torch.where(ok.view((-1,) + (1,) * (x.dim() - 1)), best.x, x)
 
-    def _robust(self) -> torch.Tensor:
-        return (self._best_dist > self.eps).nonzero().squeeze(1)
-
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        ok = self._best_dist <= self.eps * (1 + 1e-6)
-        out = torch.where(ok.view((-1,) + (1,) * (x.dim() - 1)), self._best_x, x)
-        self.trace.ever_adversarial = ok.clone()
-        self.trace.returned_adversarial = ok.clone()
-        return out
-
-    def _clean_logits(self, model, x, y, k) -> torch.Tensor:
+    def _clean_logits(self, model, x, y, k, recorder) -> torch.Tensor:
         clean = eot_loss_grad(model, x, y, "ce", eot_samples=k, max_batch=self.max_batch,
-                              need_grad=False)
+                              need_grad=False, recorder=recorder)
         return clean.logits.mean(dim=0)
 
-    def run(self, model: nn.Module, x, y, target):
+    @staticmethod
+    def _new_best(x: torch.Tensor) -> _Best:
+        return _Best(x.clone(), torch.full((x.shape[0],), float("inf"), device=x.device))
+
+    def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         k = self.effective_eot(model)
-        logits = self._clean_logits(model, x, y, k)
+        logits = self._clean_logits(model, x, y, k, recorder)
         n_classes = logits.shape[1]
         if n_classes < 2:
             raise AdvDefenseError("FAB needs a model with at least 2 classes")
         all_cls = torch.arange(n_classes, device=x.device).expand(x.shape[0], n_classes)
         others = all_cls[all_cls != y[:, None]].view(x.shape[0], n_classes - 1)
-        self._init_state(x)
+        best = self._new_best(x)
         for r in range(self.restarts):
-            idx = torch.arange(x.shape[0], device=x.device) if r == 0 else self._robust()
+            idx = torch.arange(x.shape[0], device=x.device) if r == 0 else best.robust(self.eps)
             if idx.numel() == 0:
                 break
-            self._single_run(model, x, y, idx, others, k, random_init=r > 0)
-        return self._finish(x)
+            self._single_run(model, x, y, idx, others, k, r > 0, best, recorder)
+        return self._finish(x, best, recorder)
 
 
 class FABT(FAB):
@@ -301,15 +301,21 @@ class FABT(FAB):
 
     name = "fab-t"
 
-    def __init__(self, *, eps: float, n_target_classes: int = 9, **kwargs) -> None:
-        super().__init__(eps=eps, **kwargs)
+    def __init__(self, *, eps: float, n_target_classes: int = 9, norm: str = "linf",
+                 n_iter: int | None = None, steps: int | None = None, alpha_max: float = 0.1,
+                 eta: float = 1.05, beta: float = 0.9, eot_samples: int = 1,
+                 max_batch: int = 4096, seed: int | None = None, restarts: int = 1,
+                 targeted: bool = False) -> None:
+        super().__init__(eps=eps, norm=norm, n_iter=n_iter, steps=steps, alpha_max=alpha_max,
+                         eta=eta, beta=beta, eot_samples=eot_samples, max_batch=max_batch,
+                         seed=seed, restarts=restarts, targeted=targeted)
         if int(n_target_classes) < 1:
             raise AdvDefenseError(f"n_target_classes must be >= 1, got {n_target_classes}")
         self.n_target_classes = int(n_target_classes)
 
-    def run(self, model: nn.Module, x, y, target):
+    def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         k = self.effective_eot(model)
-        logits = self._clean_logits(model, x, y, k)
+        logits = self._clean_logits(model, x, y, k, recorder)
         n_classes = logits.shape[1]
         if n_classes < 2:
             raise AdvDefenseError("FAB-T needs a model with at least 2 classes")
@@ -317,14 +323,14 @@ class FABT(FAB):
         masked = logits.clone()
         masked.scatter_(1, y[:, None], float("-inf"))
         ranked = masked.argsort(dim=1, descending=True)[:, :n_targets]
-        self._init_state(x)
+        best = self._new_best(x)
         first = True
         for j in range(n_targets):
             tgt = ranked[:, j:j + 1].contiguous()
             for r in range(self.restarts):
-                idx = torch.arange(x.shape[0], device=x.device) if first else self._robust()
+                idx = torch.arange(x.shape[0], device=x.device) if first else best.robust(self.eps)
                 first = False
                 if idx.numel() == 0:
                     break
-                self._single_run(model, x, y, idx, tgt, k, random_init=r > 0)
-        return self._finish(x)
+                self._single_run(model, x, y, idx, tgt, k, r > 0, best, recorder)
+        return self._finish(x, best, recorder)

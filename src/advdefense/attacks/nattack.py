@@ -20,9 +20,13 @@ space searches ``x' = clip_[0,1](x + eps * tanh(z))`` instead (``z = 0`` is the 
 Default ``"tanh"`` (the paper).
 
 Only model outputs are used (no gradients), so it detects gradient masking. The population is
-evaluated batched: ``n * population`` rows in chunks of ``max_batch``. If the model declares
-``outputs_probabilities = True`` (e.g. a :class:`SmoothedClassifier`, whose output is its
-m-sample vote) its outputs are taken as probabilities, else as logits. Departures from the
+evaluated batched: ``n * population`` rows in chunks of ``max_batch``. If the model has a
+``soft_scores(x)`` method (a :class:`SmoothedClassifier`: the mean softmax of its samples) the
+candidates are scored with it, since a hard vote is flat almost everywhere and gives the
+search no direction; else if it declares ``outputs_probabilities = True`` its outputs are
+taken as probabilities, else as logits. On a stochastic model every score is the mean
+probability over ``eot_samples`` draws, and an example stops only when its candidate is
+adversarial on the majority of ``confirm_draws`` fresh draws, not after one lucky draw. Departures from the
 reference code (``Cold-Winter/Nattack``): batched over examples instead of one example at a
 time; ``mu`` is initialised to zero (the reference uses ``0.001 * N(0, 1)``); L-inf only.
 """
@@ -34,18 +38,23 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import AdvDefenseError
-from .base import Attack
+from ..randomness import is_stochastic, replicated_forward
+from .base import Attack, AttackRecorder, majority_adversarial
 
 
 class NAttack(Attack):
     """``NAttack(eps=0.031, population=300, sigma=0.1, lr=0.02, steps=500)``."""
 
     name = "nattack"
+    access = "gradient-free"
 
     def __init__(self, *, eps: float, steps: int = 500, population: int = 300,
                  sigma: float = 0.1, lr: float = 0.02, check_every: int = 10,
-                 space: str = "tanh", **common) -> None:
-        super().__init__(eps=eps, **common)
+                 space: str = "tanh", confirm_draws: int = 10, norm: str = "linf",
+                 eot_samples: int = 1, max_batch: int = 4096, seed: int | None = None,
+                 restarts: int = 1, targeted: bool = False) -> None:
+        super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
+                         seed=seed, restarts=restarts, targeted=targeted)
         if self.norm != "linf":
             raise AdvDefenseError("NAttack is an L-inf attack; use norm='linf'")
         if self.targeted:
@@ -58,18 +67,28 @@ class NAttack(Attack):
         if space not in ("tanh", "delta"):
             raise AdvDefenseError(f"NAttack space must be tanh or delta, got {space!r}")
         self.space = space
-        self.queries = 0
+        self.confirm_draws = int(confirm_draws)
 
-    def _log_probs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        outs = []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], self.max_batch):
-                outs.append(model(x[start : start + self.max_batch]))
-        out = torch.cat(outs)
-        self.queries += x.shape[0]
-        if getattr(model, "outputs_probabilities", False):
-            return torch.log(out.clamp_min(1e-12))
-        return F.log_softmax(out, dim=1)
+    def _log_probs(self, model: nn.Module, x: torch.Tensor, k: int,
+                   recorder: AttackRecorder) -> torch.Tensor:
+        """Log of the mean probabilities over ``k`` draws (soft scores where available)."""
+        score = getattr(model, "soft_scores", None)
+        probs_given = callable(score) or getattr(model, "outputs_probabilities", False)
+        total = torch.zeros(x.shape[0], 0, device=x.device)
+
+        def body(xr, start, k0, kc):
+            nonlocal total
+            with torch.no_grad():
+                out = score(xr) if callable(score) else model(xr)
+            p = out if probs_given else F.softmax(out, dim=1)
+            p = p.view(kc, -1, p.shape[1]).sum(0)
+            if total.shape[1] == 0:
+                total = torch.zeros(x.shape[0], p.shape[1], device=x.device)
+            total[start : start + p.shape[0]] += p
+            recorder.count(xr.shape[0], False)
+
+        replicated_forward(model, x, k, body, max_batch=self.max_batch)
+        return torch.log((total / k).clamp_min(1e-12))
 
     @staticmethod
     def _margin(logp: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -84,23 +103,35 @@ class NAttack(Attack):
         cand = 0.5 * (torch.tanh(x_atanh + z) + 1)
         return (x + (cand - x).clamp(-self.eps, self.eps)).clamp(0, 1)
 
-    def run(self, model, x, y, target):
-        self.queries = 0
+    def _adversarial(self, model, x, y, wrong, stochastic, recorder):
+        """``wrong`` (by the mean scores) confirmed on fresh draws for a random model."""
+        if not stochastic or not bool(wrong.any()):
+            return wrong
+        out = wrong.clone()
+        sel = wrong.nonzero().squeeze(1)
+        out[sel] = majority_adversarial(model, x[sel], y[sel], draws=self.confirm_draws,
+                                        max_batch=self.max_batch, recorder=recorder)
+        return out
+
+    def run(self, model, x, y, target, recorder: AttackRecorder):
+        stochastic = is_stochastic(model)
+        k = self.effective_eot(model)
         n, shape = x.shape[0], x.shape[1:]
         b = self.population
         x_atanh = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
         mu = torch.zeros_like(x)
         best = x.clone()
         active = torch.ones(n, dtype=torch.bool, device=x.device)
-        ever = torch.zeros(n, dtype=torch.bool, device=x.device)
+        found = torch.zeros(n, dtype=torch.bool, device=x.device)
+        recorder.begin_run()
         for step in range(self.steps):
             if step % self.check_every == 0:
                 x_mu = self._candidates(x_atanh, x, mu)
-                wrong = self._log_probs(model, x_mu).argmax(1) != y
-                newly = active & wrong
+                wrong = active & (self._log_probs(model, x_mu, k, recorder).argmax(1) != y)
+                newly = self._adversarial(model, x_mu, y, wrong, stochastic, recorder)
                 best[newly] = x_mu[newly]
-                ever |= newly
-                active &= ~wrong
+                found |= newly
+                active &= ~newly
                 if not active.any():
                     break
             idx = active.nonzero().squeeze(1)
@@ -108,23 +139,29 @@ class NAttack(Attack):
             eps_noise = torch.randn(na, b, *shape, device=x.device)
             z = mu[idx, None] + self.sigma * eps_noise
             cand = self._candidates(x_atanh[idx, None], x[idx, None], z)
-            logp = self._log_probs(model, cand.reshape(na * b, *shape))
+            logp = self._log_probs(model, cand.reshape(na * b, *shape), k, recorder)
             loss = self._margin(logp, y[idx].repeat_interleave(b)).view(na, b)
-            self.trace.losses.append(loss.mean(1))
+            row = torch.full((n,), float("nan"), device=x.device)
+            row[idx] = loss.mean(1)
+            row[found] = 0.0
+            recorder.step(-row)
             adv = loss.eq(0)
-            if adv.any():  # a population member already succeeded: keep it
+            if adv.any():  # a population member looks adversarial: keep it once confirmed
                 hit = adv.any(1)
                 first = adv.float().argmax(1)
                 rows = idx[hit]
-                best[rows] = cand[hit, first[hit]]
-                ever[rows] = True
-                active[rows] = False
+                pick = cand[hit, first[hit]]
+                ok = self._adversarial(model, pick, y[rows],
+                                       torch.ones(len(rows), dtype=torch.bool, device=x.device),
+                                       stochastic, recorder)
+                best[rows[ok]] = pick[ok]
+                found[rows[ok]] = True
+                active[rows[ok]] = False
             a = (loss - loss.mean(1, keepdim=True)) / (loss.std(1, keepdim=True) + 1e-7)
             step_dir = (a.view(na, b, *([1] * len(shape))) * eps_noise).sum(1)
             mu[idx] = mu[idx] - self.lr / (b * self.sigma) * step_dir
-        still = active
-        if still.any():
-            best[still] = self._candidates(x_atanh, x, mu)[still]
-        self.trace.ever_adversarial = ever
-        self.trace.returned_adversarial = ever.clone()
+        if active.any():
+            best[active] = self._candidates(x_atanh, x, mu)[active]
+        recorder.saw(None, found)
+        recorder.returned_adversarial = found.clone()
         return best

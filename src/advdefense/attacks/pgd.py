@@ -22,8 +22,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..randomness import fresh_seed
+
 from .base import (
     Attack,
+    AttackRecorder,
+    BestIterate,
     Objective,
     as_objective,
     eot_loss_grad,
@@ -39,6 +43,8 @@ class PGD(Attack):
     optional target.
 
     ``step_size`` defaults to ``eps / 4`` (the 2/255-at-8/255 convention of the papers).
+    ``eot_resample``: ``"step"`` (default) draws fresh randomness at every step (classic EOT);
+    ``"run"`` keeps the same ``eot_samples`` draws for a whole run (a deterministic objective).
     """
 
     name = "pgd"
@@ -52,53 +58,50 @@ class PGD(Attack):
         norm: str = "linf",
         random_start: bool = True,
         loss: str | LossFn | Objective = "ce",
-        **common,
+        eot_samples: int = 1,
+        eot_resample: str = "step",
+        max_batch: int = 4096,
+        seed: int | None = None,
+        restarts: int = 1,
+        targeted: bool = False,
     ) -> None:
-        super().__init__(eps=eps, norm=norm, **common)
+        super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
+                         seed=seed, restarts=restarts, targeted=targeted)
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
+        if eot_resample not in ("step", "run"):
+            raise ValueError(f"eot_resample must be 'step' or 'run', got {eot_resample!r}")
         self.steps = int(steps)
         self.step_size = self.eps / 4 if step_size is None else float(step_size)
-        self.random_start = random_start
+        self.random_start = bool(random_start)
         self.objective = as_objective(loss)
+        self.loss = self.objective
+        self.eot_resample = eot_resample
 
-    def run(self, model: nn.Module, x, y, target):
+    def _eot(self, model, x, y, target, k, recorder, *, need_grad=True, seed=None):
+        return eot_loss_grad(model, x, y, self.objective, eot_samples=k,
+                             max_batch=self.max_batch, target=target, need_grad=need_grad,
+                             seed=seed, recorder=recorder)
+
+    def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         k = self.effective_eot(model)
-        best_x = x.clone()
-        best_frac = torch.full((x.shape[0],), -1.0, device=x.device)
-        best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
-        ever = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-
-        def keep(x_cur, res):
-            nonlocal ever
-            frac = res.wrong_fraction(y, target)
-            better = (frac > best_frac) | ((frac == best_frac) & (res.loss > best_loss))
-            best_x[better] = x_cur[better]
-            best_frac[better] = frac[better]
-            best_loss[better] = res.loss[better]
-            ever = ever | (frac == 1.0)
-
+        best = BestIterate(x)
         for _ in range(self.restarts):
+            recorder.begin_run()
+            draws = fresh_seed() if self.eot_resample == "run" else None
             x_adv = random_start(x, self.eps, self.norm) if self.random_start else x.clone()
             for _step in range(self.steps):
-                res = eot_loss_grad(model, x_adv, y, self.objective, eot_samples=k,
-                                    max_batch=self.max_batch, target=target)
-                keep(x_adv, res)
-                grad = res.grad
-                self.trace.losses.append(res.loss)
-                self.trace.grad_norms.append(grad.flatten(1).norm(dim=1))
-                nonfinite = ~torch.isfinite(grad)
-                self.trace.nonfinite += int(nonfinite.sum())
-                grad = torch.where(nonfinite, torch.zeros_like(grad), grad)
+                res = self._eot(model, x_adv, y, target, k, recorder, seed=draws)
+                best.offer(None, x_adv, res, y, target, recorder)
+                grad = recorder.sanitize(res.grad)
+                recorder.step(res.loss, grad.flatten(1).norm(dim=1))
                 x_adv = project(x_adv + self.step_size * normalize_step(grad, self.norm), x,
                                 self.eps, self.norm)
-            final = eot_loss_grad(model, x_adv, y, self.objective, eot_samples=k,
-                                  max_batch=self.max_batch, target=target, need_grad=False)
-            keep(x_adv, final)
-            self.trace.losses.append(final.loss)
-        self.trace.ever_adversarial = ever
-        self.trace.returned_adversarial = best_frac == 1.0
-        return best_x
+            final = self._eot(model, x_adv, y, target, k, recorder, need_grad=False, seed=draws)
+            best.offer(None, x_adv, final, y, target, recorder)
+            recorder.step(final.loss)
+        recorder.returned_adversarial = best.adversarial
+        return best.x
 
 
 class FGSM(PGD):
@@ -111,9 +114,13 @@ class FGSM(PGD):
     name = "fgsm"
 
     def __init__(self, *, eps: float, random_start: bool = False, step_size: float | None = None,
-                 **common) -> None:
+                 norm: str = "linf", loss: str | LossFn | Objective = "ce",
+                 eot_samples: int = 1, max_batch: int = 4096, seed: int | None = None,
+                 restarts: int = 1, targeted: bool = False) -> None:
         super().__init__(eps=eps, steps=1, step_size=eps if step_size is None else step_size,
-                         random_start=random_start, **common)
+                         random_start=random_start, norm=norm, loss=loss,
+                         eot_samples=eot_samples, max_batch=max_batch, seed=seed,
+                         restarts=restarts, targeted=targeted)
 
 
 class CWLinf(PGD):
@@ -123,6 +130,12 @@ class CWLinf(PGD):
 
     name = "cw"
 
-    def __init__(self, *, eps: float, steps: int = 30, **common) -> None:
-        common.setdefault("loss", "margin")
-        super().__init__(eps=eps, steps=steps, **common)
+    def __init__(self, *, eps: float, steps: int = 30, step_size: float | None = None,
+                 norm: str = "linf", random_start: bool = True,
+                 loss: str | LossFn | Objective = "margin", eot_samples: int = 1,
+                 eot_resample: str = "step", max_batch: int = 4096, seed: int | None = None,
+                 restarts: int = 1, targeted: bool = False) -> None:
+        super().__init__(eps=eps, steps=steps, step_size=step_size, norm=norm,
+                         random_start=random_start, loss=loss, eot_samples=eot_samples,
+                         eot_resample=eot_resample, max_batch=max_batch, seed=seed,
+                         restarts=restarts, targeted=targeted)

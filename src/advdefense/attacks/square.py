@@ -13,8 +13,10 @@ Random search on the margin ``m(x) = z_y(x) - max_{c != y} z_c(x)`` (targeted:
   eps; each query moves the perturbation mass of two random windows W1, W2 into W1, adds a new
   pseudo-Gaussian pattern with random sign per channel (window side odd, >= 3), and rescales
   the whole perturbation to norm eps;
-* ``p_i``: AutoAttack's schedule rescaled to the budget: with ``j = floor(i / n_queries * 10^4)``,
-  ``p = p_init / 2^{#{b in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000) : b < j}}``.
+* ``p_i``: AutoAttack's schedule ``p = p_init / 2^{#{b in (10, 50, 200, 500, 1000, 2000, 4000,
+  6000, 8000) : b < i}}`` on the query index ``i``, as AutoAttack's standard version runs it
+  (``resc_schedule=False``); ``rescale_schedule=True`` maps ``i`` to ``floor(i / n_queries *
+  10^4)`` first (the Square paper's rescaling to the budget).
 
 Defaults are AutoAttack's: ``n_queries=5000``, ``p_init=0.8``, ``restarts=1``, margin loss.
 Every query evaluates only the examples not yet fooled. The per-example best margin never
@@ -28,9 +30,13 @@ Departures from the reference code (``fra31/auto-attack``, ``square.py``), on pu
 * ``n_queries`` is the total budget per example, the initialization included (the reference
   makes ``n_queries`` iterations after it);
 * stochastic models: the margin of a query is the mean over ``eot_samples`` draws evaluated
-  batched along the batch dimension (:func:`~.base.eot_loss_grad` without gradients); an
-  example is done when *all* draws are adversarial. AutoAttack's Square has no EOT;
-* a query is accepted when the mean margin decreases or when it is adversarial on all draws;
+  batched along the batch dimension (:func:`~.base.eot_loss_grad` without gradients). The
+  current best and the proposal are scored on the **same** draws (common random numbers) and
+  the best's margin is re-estimated at every query, so one lucky estimate never sticks; a
+  proposal is accepted when its margin is lower on those draws. An example stops only when the
+  proposal is adversarial on all ``eot_samples`` draws *and* on the majority of
+  ``confirm_draws`` fresh draws (a repeated verdict), not after one lucky draw.
+  AutoAttack's Square has no EOT;
 * our pseudo-Gaussian pattern is written from the paper's description, not from the code.
 
 Example::
@@ -46,7 +52,15 @@ import torch
 from torch import nn
 
 from ..errors import AdvDefenseError
-from .base import Attack, Objective, as_objective, eot_loss_grad
+from ..randomness import fresh_seed, is_stochastic
+from .base import (
+    Attack,
+    AttackRecorder,
+    Objective,
+    as_objective,
+    eot_loss_grad,
+    majority_adversarial,
+)
 from .losses import LossFn
 
 __all__ = ["Square", "square_p", "pseudo_gaussian"]
@@ -54,9 +68,10 @@ __all__ = ["Square", "square_p", "pseudo_gaussian"]
 _THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def square_p(i: int, n_queries: int, p_init: float) -> float:
-    """Fraction of pixels changed at query ``i`` (AutoAttack's schedule, rescaled to the budget)."""
-    j = int(i / n_queries * 10000)
+def square_p(i: int, n_queries: int, p_init: float, rescale: bool = False) -> float:
+    """Fraction of pixels changed at query ``i``: AutoAttack's schedule, on the raw query
+    index (its standard version) or, with ``rescale``, on ``i`` rescaled to 10,000 queries."""
+    j = int(i / n_queries * 10000) if rescale else int(i)
     return p_init / 2 ** sum(j > b for b in _THRESHOLDS)
 
 
@@ -121,33 +136,56 @@ class Square(Attack):
     """Square attack (Andriushchenko et al. 2020), score-based black box (no gradients).
 
     Keyword-only hyper-parameters: ``n_queries=5000`` (per example, init included),
-    ``p_init=0.8``, ``loss="margin"`` (or any loss of :mod:`.losses`/:class:`Objective`,
-    minimized as ``-loss``), plus the common ones of :class:`~.base.Attack`. Inputs must be
+    ``p_init=0.8``, ``rescale_schedule=False``, ``loss="margin"`` (or any loss of
+    :mod:`.losses`/:class:`Objective`, minimized as ``-loss``), ``confirm_draws=10``
+    (stochastic models), plus the common ones of :class:`~.base.Attack`. Inputs must be
     images (N, C, H, W).
     """
 
     name = "square"
+    access = "gradient-free"
 
     def __init__(self, *, eps: float, norm: str = "linf", n_queries: int = 5000,
-                 p_init: float = 0.8, loss: str | LossFn | Objective = "margin",
-                 **common) -> None:
-        super().__init__(eps=eps, norm=norm, **common)
+                 p_init: float = 0.8, rescale_schedule: bool = False,
+                 loss: str | LossFn | Objective = "margin", confirm_draws: int = 10,
+                 eot_samples: int = 1, max_batch: int = 4096, seed: int | None = None,
+                 restarts: int = 1, targeted: bool = False) -> None:
+        super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
+                         seed=seed, restarts=restarts, targeted=targeted)
         if int(n_queries) < 1:
             raise AdvDefenseError(f"n_queries must be >= 1, got {n_queries}")
         if not 0.0 < p_init <= 1.0:
             raise AdvDefenseError(f"p_init must be in (0, 1], got {p_init}")
+        if int(confirm_draws) < 1:
+            raise AdvDefenseError(f"confirm_draws must be >= 1, got {confirm_draws}")
         self.n_queries = int(n_queries)
         self.p_init = float(p_init)
+        self.rescale_schedule = bool(rescale_schedule)
+        self.confirm_draws = int(confirm_draws)
         self.objective = as_objective(loss)
+        self.loss = self.objective
 
     @property
     def steps(self) -> int:
         return self.n_queries
 
-    def _margin(self, model, x, y, target, k):
+    def _margin(self, model, x, y, target, k, recorder, seed=None):
         res = eot_loss_grad(model, x, y, self.objective, eot_samples=k,
-                            max_batch=self.max_batch, target=target, need_grad=False)
+                            max_batch=self.max_batch, target=target, need_grad=False,
+                            seed=seed, recorder=recorder)
         return -res.loss, res.wrong_fraction(y, target) == 1.0
+
+    def _confirmed(self, model, x, y, target, fooled, recorder, stochastic: bool):
+        """``fooled`` examples that stay adversarial on the majority of fresh draws."""
+        if not stochastic or not bool(fooled.any()):
+            return fooled
+        out = fooled.clone()
+        sel = fooled.nonzero().squeeze(1)
+        out[sel] = majority_adversarial(model, x[sel], y[sel],
+                                        None if target is None else target[sel],
+                                        draws=self.confirm_draws, max_batch=self.max_batch,
+                                        recorder=recorder)
+        return out
 
     # -- initializations ---------------------------------------------------------------------
     def _init_linf(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,9 +242,10 @@ class Square(Attack):
         return (x + self._to_eps(delta)).clamp(0.0, 1.0)
 
     # -- the search --------------------------------------------------------------------------
-    def run(self, model: nn.Module, x, y, target):
+    def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         if x.dim() != 4:
             raise AdvDefenseError(f"square needs images (N, C, H, W), got shape {tuple(x.shape)}")
+        stochastic = is_stochastic(model)
         k = self.effective_eot(model)
         n = x.shape[0]
         best_x = x.clone()
@@ -219,37 +258,42 @@ class Square(Attack):
             idx = torch.arange(n, device=x.device) if r == 0 else (~done).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
+            recorder.begin_run(idx)
             xs, ys = x[idx], y[idx]
             ts = None if target is None else target[idx]
             run_x = init(xs)
-            run_margin, run_done = self._margin(model, run_x, ys, ts, k)
-            self._record(idx, run_margin, best_margin)
+            run_margin, fooled = self._margin(model, run_x, ys, ts, k, recorder)
+            run_done = self._confirmed(model, run_x, ys, ts, fooled, recorder, stochastic)
+            recorder.saw(idx, run_done)
+            recorder.step(-run_margin)
             for i in range(1, self.n_queries):
                 active = (~run_done).nonzero().squeeze(1)
                 if active.numel() == 0:
                     break
-                xa = xs[active]
-                cand = propose(xa, run_x[active], square_p(i - 1, self.n_queries, self.p_init))
+                xa, ya = xs[active], ys[active]
                 ta = None if ts is None else ts[active]
-                margin, fooled = self._margin(model, cand, ys[active], ta, k)
+                p = square_p(i - 1, self.n_queries, self.p_init, self.rescale_schedule)
+                cand = propose(xa, run_x[active], p)
+                if stochastic:  # the best and the proposal on the same fresh draws
+                    draws = fresh_seed()
+                    current, _ = self._margin(model, run_x[active], ya, ta, k, recorder, draws)
+                    run_margin[active] = current
+                    margin, fooled = self._margin(model, cand, ya, ta, k, recorder, draws)
+                else:
+                    margin, fooled = self._margin(model, cand, ya, ta, k, recorder)
+                fooled = self._confirmed(model, cand, ya, ta, fooled, recorder, stochastic)
                 accept = (margin < run_margin[active]) | fooled
                 sel = active[accept]
                 run_x[sel] = cand[accept]
                 run_margin[sel] = margin[accept]
                 run_done[sel] = fooled[accept]
-                self._record(idx, run_margin, best_margin)
+                recorder.saw(idx[sel], fooled[accept])
+                recorder.step(-run_margin)
             better = (run_done & ~done[idx]) | (
                 (run_done == done[idx]) & (run_margin < best_margin[idx]))
             sel = idx[better]
             best_x[sel] = run_x[better]
             best_margin[sel] = run_margin[better]
             done[sel] = run_done[better]
-        self.trace.ever_adversarial = done.clone()
-        self.trace.returned_adversarial = done.clone()
+        recorder.returned_adversarial = done.clone()
         return best_x
-
-    def _record(self, idx, run_margin, best_margin) -> None:
-        """One (n,) trace row: minus the best margin so far (this run or an earlier one)."""
-        row = -best_margin.clone()
-        row[idx] = torch.maximum(row[idx], -run_margin)
-        self.trace.losses.append(row)

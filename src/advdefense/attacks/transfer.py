@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import AdvDefenseError
-from .base import Attack
+from .base import Attack, AttackRecorder
 
 
 class TransferAttack(Attack):
@@ -49,10 +49,12 @@ class TransferAttack(Attack):
         self.substitute = substitute
         self.inner = attack
 
-    def run(self, model, x, y, target):
-        x_adv = self.inner(self.substitute, x, y, target=target)
-        self.trace = self.inner.trace
-        return x_adv.detach()
+    access = "transfer"
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target=None):
-        return super().__call__(model, x, y, target=target)
+    def run(self, model, x, y, target, recorder):
+        inner = AttackRecorder(x.shape[0], x.device)
+        x_adv = self.inner(self.substitute, x, y, target=target, recorder=inner)
+        # what the substitute saw, for the transfer-failure check; the target is never queried
+        recorder.substitute_adversarial = inner.returned_adversarial
+        recorder.returned_adversarial = torch.zeros(x.shape[0], dtype=torch.bool)
+        return x_adv.detach()

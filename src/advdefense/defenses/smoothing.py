@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import AdvDefenseError
-from ..randomness import current_groups, draw_groups
+from ..randomness import StochasticModule, current_groups, replicated_forward
 from .noise import GaussianInput
 
 log = logging.getLogger(__name__)
@@ -89,32 +89,37 @@ def _check_sigma(sigma: float) -> float:
 
 
 def sample_logits(base: nn.Module, x: torch.Tensor, *, sigma: float, m: int,
-                  max_batch: int = 4096) -> torch.Tensor:
+                  max_batch: int = 4096, seed: int | None = None) -> torch.Tensor:
     """(m, N, C) logits of ``m`` independent draws ``base(x + sigma * eta)``, batched.
 
-    Rows are processed in chunks of at most ``max_batch``; within a chunk the copies are
-    stacked along dim 0 under ``draw_groups`` (independent weight noise per copy).
+    The draws come from :func:`~advdefense.randomness.replicated_forward` (copies stacked
+    under ``draw_groups``, chunks of at most ``max_batch`` rows, so a noise-injected base also
+    gets a fresh weight draw per sample); ``seed`` fixes the m draws whatever the chunking.
     Gradients flow if enabled by the caller.
     """
     noisy = NoisyBase(base, sigma)
-    n = x.shape[0]
-    ex_chunk = max(1, min(n, max_batch))
-    parts = []
-    for start in range(0, n, ex_chunk):
-        xs = x[start : start + ex_chunk]
-        per_pass = max(1, max_batch // xs.shape[0])
-        outs = []
-        for k0 in range(0, m, per_pass):
-            kc = min(per_pass, m - k0)
-            xr = xs.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xs
-            with draw_groups(kc):
-                out = noisy(xr)
-            if out.dim() != 2 or out.shape[0] != xr.shape[0]:
-                raise AdvDefenseError(
-                    f"base model must return logits (N, classes); got {tuple(out.shape)}")
-            outs.append(out.view(kc, xs.shape[0], -1))
-        parts.append(torch.cat(outs, dim=0))
-    return torch.cat(parts, dim=1)
+    parts: dict[int, list[torch.Tensor]] = {}
+
+    def body(xr, start, k0, kc):
+        out = noisy(xr)
+        if out.dim() != 2 or out.shape[0] != xr.shape[0]:
+            raise AdvDefenseError(
+                f"base model must return logits (N, classes); got {tuple(out.shape)}")
+        parts.setdefault(start, []).append(out.view(kc, xr.shape[0] // kc, -1))
+
+    replicated_forward(noisy, x, m, body, max_batch=max_batch, seed=seed)
+    return torch.cat([torch.cat(parts[s], dim=0) for s in sorted(parts)], dim=1)
+
+
+class _DrawSeeds(StochasticModule):
+    """The smoothed classifier's Monte-Carlo draws as one seed per draw group, so that
+    ``freeze`` fixes its m samples and ``draw_groups`` gives each group its own m samples."""
+
+    def sample_state(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        return torch.randint(0, 2**62, (groups,))
+
+    def forward_with_state(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 def vote_scores(logits: torch.Tensor, vote: str, *, k: int = 3) -> torch.Tensor:
@@ -150,6 +155,7 @@ class SmoothedClassifier(nn.Module):
     """
 
     stochastic = True
+    batched_draws = True        # draw groups are split here; see sample_logits
     outputs_probabilities = True
 
     def __init__(self, base: nn.Module, *, sigma: float, m: int = 512, vote: str = "prediction",
@@ -168,6 +174,7 @@ class SmoothedClassifier(nn.Module):
         self.m, self.vote, self.k = int(m), vote, int(k)
         self.max_batch = int(max_batch)
         self.abstain_alpha = abstain_alpha
+        self.draws = _DrawSeeds()
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}, m={self.m}, vote={self.vote}"
@@ -176,18 +183,29 @@ class SmoothedClassifier(nn.Module):
         """The base model with this classifier's input noise: what EOT attacks target."""
         return NoisyBase(self.base, self.sigma)
 
+    @property
+    def frozen(self) -> bool:
+        """Frozen when its draws are (``freeze`` on it or a model holding it)."""
+        return self.draws.frozen
+
     def sample_logits(self, x: torch.Tensor, m: int | None = None) -> torch.Tensor:
         """(m, N, C) per-sample logits. If the caller runs this classifier under
         ``draw_groups(G)`` (e.g. repeated stochastic predictions), each of the G copies gets
-        its own m fresh samples, weight noise included."""
+        its own m fresh samples, weight noise included; under ``freeze`` the m samples are
+        the same at every call."""
         m = self.m if m is None else m
-        groups = current_groups()
-        if groups > 1 and x.shape[0] % groups == 0:
-            n = x.shape[0] // groups
-            return torch.cat([sample_logits(self.base, x[j * n : (j + 1) * n], sigma=self.sigma,
-                                            m=m, max_batch=self.max_batch)
-                              for j in range(groups)], dim=1)
-        return sample_logits(self.base, x, sigma=self.sigma, m=m, max_batch=self.max_batch)
+        self.draws(x)
+        seeds = [int(s) for s in self.draws.last_state.tolist()]
+        groups = current_groups() if len(seeds) > 1 else 1
+        n = x.shape[0] // groups
+        return torch.cat([sample_logits(self.base, x[j * n : (j + 1) * n], sigma=self.sigma,
+                                        m=m, max_batch=self.max_batch, seed=seeds[j])
+                          for j in range(groups)], dim=1)
+
+    def soft_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) mean softmax of the m samples: a score that moves with the input even
+        where the hard vote is flat (for score-based attacks such as NAttack)."""
+        return F.softmax(self.sample_logits(x), dim=2).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.sample_logits(x)

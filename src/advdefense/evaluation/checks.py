@@ -2,44 +2,58 @@
 
 Each check returns a :class:`CheckResult` ``(name, passed, detail, remedy)``; ``passed`` is
 ``True``/``False``, or ``None`` when the check could not be judged (say, no black-box attack was
-run). The checks are our own implementation of ideas from Pintor et al. 2022, "Indicators of
-Attack Failure: Debugging and Improving Optimization of Adversarial Examples" (silent success,
-non-converging loss, unbounded attack, transfer/black-box beating white-box, incomplete
-optimization) and from AutoAttack's ``checks.py`` (Croce & Hein 2020: randomness without EOT,
-zero gradients, Square beating white-box) and Carlini et al. 2019, "On Evaluating Adversarial
-Robustness" (accuracy must fall to ~0 for an unbounded attack and decrease with eps).
+run). The checks are our own implementation of the indicators of Pintor et al. 2022,
+"Indicators of Attack Failure: Debugging and Improving Optimization of Adversarial Examples"
+(silent success, non-converging loss, unbounded attack, transfer failure, non-converging
+restarts, incomplete optimization), of AutoAttack's ``checks.py`` (Croce & Hein 2020:
+randomness without EOT, zero gradients, output range, dynamic model, Square beating white-box)
+and of Carlini et al. 2019, "On Evaluating Adversarial Robustness" (accuracy must fall to ~0
+for an unbounded attack and decrease with eps).
 
-=====================  =================================================================
-name                   fails when
-=====================  =================================================================
-randomness_without_eot two forward passes of the same input differ while an attack in the
-                       evaluation ran with ``eot_samples == 1`` on the live model (or the
-                       randomness is not declared through :mod:`advdefense.randomness`)
-nonfinite_gradients    an attack or the probe saw NaN/inf gradients
-zero_gradients         more than ``zero_grad_fraction`` of probed examples (or of first
-                       attack steps) have an all-zero input gradient
-unbounded_attack       PGD with eps = ``unbounded_eps`` (1.0 L-inf: every image reachable),
-                       ``unbounded_steps`` steps, leaves accuracy above ``unbounded_max_acc``
-eps_monotone           PGD accuracy rises by more than ``monotone_tol`` when eps grows, or
-                       does not fall at all between eps/4 and 2 eps
-more_iterations        PGD with ``iterations_factor`` x steps and ``iterations_restarts``
-                       restarts changes accuracy by more than ``iterations_tol``
-blackbox_beats_whitebox a black-box (Square) or transfer (``paper`` protocol) attack fools
-                       more than ``blackbox_tol`` examples that every white-box attack missed
-silent_success         an attack found an adversarial iterate but did not return it
-loss_not_converged     the mean loss over still-robust examples changed by more than
-                       ``converge_tol`` (relative) over the last 10% of the iterations
-=====================  =================================================================
+======================= ===============================================================
+name                    fails when
+======================= ===============================================================
+randomness_without_eot  the model is random and an attack ran on the live model with
+                        ``eot_samples == 1`` (or only frozen-draw protocols ran)
+nonfinite_gradients     an attack or the probe saw NaN/inf gradients
+zero_gradients          any example (more than ``gradients.max_zero_examples``) has an
+                        all-zero input gradient of the margin loss in the probe or at the
+                        first step of an attack (AutoAttack flags any such point)
+output_range            the model's outputs are probabilities (non-negative rows summing to
+                        one) instead of logits
+dynamic_model           the model's parameters or buffers change during forward passes in
+                        eval mode
+unbounded_attack        PGD from the clean point (no random start) with eps covering the
+                        whole input box leaves more than ``unbounded.max_accuracy`` accuracy
+eps_monotone            robust accuracy rises with eps or does not fall over the sweep
+more_iterations         PGD with 5x steps and 2 restarts moves accuracy by > 3 points
+blackbox_beats_whitebox a gradient-free attack (Square, NAttack) or a transfer (a
+                        ``TransferAttack``, the ``paper`` protocol) fools examples that every
+                        white-box attack missed
+silent_success          an attack saw an adversarial point during its run, but the point it
+                        returned is classified correctly by the final repeated verdict
+transfer_failure        of the examples a transfer's substitute (or the ``paper``
+                        protocol's frozen draw) was fooled on, fewer than
+                        ``transfer.min_rate`` fool the target
+loss_not_converged      a run's mean loss over its still-robust examples changed by more
+                        than ``convergence.tol`` between the last two windows of 10% of its
+                        steps (each run, restart or target judged on its own tail)
+restarts_not_converging the last restart of an attack with restarts > 1 still found new
+                        adversarial examples
+======================= ===============================================================
 
-The probes (gradient probe, unbounded attack, eps sweep, more iterations) run on the first
-``n_probe`` examples, with the EOT of the evaluation's attacks, and are seeded.
+Settings live in one frozen :class:`CheckSettings` (a group per check); ``skip`` removes
+checks before anything runs. The probes run on the first ``n_probe`` examples, with the EOT
+of the evaluation's attacks, and are seeded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -47,23 +61,111 @@ from torch import nn
 
 from ..attacks import PGD
 from ..attacks.base import eot_loss_grad, eval_mode
+from ..errors import AdvDefenseError
 from ..randomness import is_stochastic, seeded
 from .protocols import verdict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECK_NAMES", "CheckResult", "BLACK_BOX_ATTACKS", "format_checks", "run_checks",
-           "check_randomness", "check_gradients", "check_unbounded", "check_eps_monotone",
-           "check_more_iterations", "check_blackbox", "check_silent_success",
-           "check_convergence"]
+__all__ = ["CHECK_NAMES", "CHECKS", "CheckResult", "CheckSettings", "format_checks",
+           "run_checks"]
 
-#: names of all checks, in the order they are reported
-CHECK_NAMES = ("randomness_without_eot", "nonfinite_gradients", "zero_gradients",
-               "unbounded_attack", "eps_monotone", "more_iterations", "blackbox_beats_whitebox",
-               "silent_success", "loss_not_converged")
 
-#: registry names of attacks that use no gradients
-BLACK_BOX_ATTACKS = frozenset({"square"})
+@dataclass(frozen=True)
+class GradientSettings:
+    """Zero gradients: fail when more than ``max_zero_examples`` examples have a gradient
+    norm ``<= zero_eps``."""
+
+    max_zero_examples: int = 0
+    zero_eps: float = 0.0
+
+
+@dataclass(frozen=True)
+class UnboundedSettings:
+    """``eps`` default: 1.0 (L-inf) or sqrt(d) (L2); PGD from the clean point."""
+
+    eps: float | None = None
+    steps: int = 100
+    max_accuracy: float = 0.02
+
+
+@dataclass(frozen=True)
+class MonotoneSettings:
+    """``accuracies`` (eps -> accuracy of an existing sweep) replaces the probe sweep."""
+
+    factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    steps: int = 20
+    tol: float = 0.03
+    accuracies: tuple[tuple[float, float], ...] | None = None
+
+
+@dataclass(frozen=True)
+class IterationsSettings:
+    steps: int = 20
+    factor: int = 5
+    restarts: int = 2
+    tol: float = 0.03
+
+
+@dataclass(frozen=True)
+class BlackboxSettings:
+    tol: int = 0
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    min_rate: float = 0.5
+    min_examples: int = 5
+
+
+@dataclass(frozen=True)
+class ConvergenceSettings:
+    tol: float = 0.05
+    fraction: float = 0.1
+    min_steps: int = 10
+
+
+@dataclass(frozen=True)
+class RestartSettings:
+    max_new: int = 0
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Every setting of the attack-failure checks, one group per check.
+
+    ``eps``/``norm``/``eot_samples``/``repeats`` default to those of the evaluation (largest
+    eps, largest EOT of the fresh-protocol attacks, the verdict's repeats). ``probes=False``
+    skips the checks that run new attacks (unbounded, eps sweep, more iterations);
+    ``skip`` names checks not to run at all.
+    """
+
+    eps: float | None = None
+    norm: str | None = None
+    eot_samples: int | None = None
+    repeats: int | None = None
+    n_probe: int = 64
+    seed: int = 0
+    probes: bool = True
+    skip: tuple[str, ...] = ()
+    gradients: GradientSettings = GradientSettings()
+    unbounded: UnboundedSettings = UnboundedSettings()
+    monotone: MonotoneSettings = MonotoneSettings()
+    iterations: IterationsSettings = IterationsSettings()
+    blackbox: BlackboxSettings = BlackboxSettings()
+    transfer: TransferSettings = TransferSettings()
+    convergence: ConvergenceSettings = ConvergenceSettings()
+    restarts: RestartSettings = RestartSettings()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.skip) - set(CHECK_NAMES)
+        if unknown:
+            raise AdvDefenseError(
+                f"unknown check(s) {sorted(unknown)}; choose from {', '.join(CHECK_NAMES)}")
+
+    def with_(self, **changes) -> CheckSettings:
+        """A copy with some settings changed (groups as objects)."""
+        return replace(self, **changes)
 
 
 @dataclass
@@ -95,276 +197,398 @@ def format_checks(checks: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------
-def _probe_acc(model, x, y, repeats: int) -> float:
-    v = verdict(model, x, y, repeats=repeats)
-    return float(v.all.float().mean()) if len(y) else math.nan
+@dataclass
+class Context:
+    """What every check may read: the model, the probe examples, the evaluation's result and
+    the resolved settings."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    result: Any
+    settings: CheckSettings
+    eps: float | None
+    norm: str
+    eot: int
+    repeats: int
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    def entries(self):
+        return [] if self.result is None else list(self.result.entries.values())
+
+    def acc(self, x_adv: torch.Tensor) -> float:
+        v = verdict(self.model, x_adv, self.y, repeats=self.repeats)
+        return float(v.all.float().mean()) if len(self.y) else math.nan
+
+    def pgd(self, **kw) -> PGD:
+        return PGD(norm=self.norm, eot_samples=self.eot, seed=self.seed, **kw)
 
 
-def check_randomness(model: nn.Module, x: torch.Tensor, result=None, *,
-                     forwards: int = 2) -> CheckResult:
-    """(a) Randomness detected without EOT (AutoAttack ``check_randomized``)."""
-    with eval_mode(model), torch.inference_mode():
-        outs = [model(x) for _ in range(max(2, forwards))]
-    random = any(not torch.allclose(outs[0], o, rtol=1e-5, atol=1e-6) for o in outs[1:])
-    remedy = ("attack with EOT (eot_samples >= 20, the 'rand' suite) and report the "
-              "repeated-prediction verdict")
-    if not random:
-        return CheckResult("randomness_without_eot", True,
-                           "two forward passes of the same input agree (deterministic model)")
-    if not is_stochastic(model):
-        return CheckResult(
-            "randomness_without_eot", False,
-            "forward passes differ but the model declares no stochastic layer, so attacks "
-            "ran without EOT and verdicts used one prediction",
-            "implement the randomness as an advdefense.randomness.StochasticModule (or set "
-            "model.stochastic = True) so EOT and repeated verdicts apply; " + remedy)
-    if result is None:
-        return CheckResult("randomness_without_eot", None,
-                           "model is stochastic; no attack results to inspect")
-    fresh = [e for e in result.entries.values() if e.protocol == "fresh"]
-    if result.entries and not fresh:
-        return CheckResult("randomness_without_eot", False,
-                           "model is stochastic but every attack ran on one frozen draw "
-                           "(paper/fixed protocols only)", remedy)
-    no_eot = [e.label for e in fresh if e.trace is not None and e.trace.eot_samples <= 1]
+# -- the checks ------------------------------------------------------------------------------
+_EOT_REMEDY = ("attack with EOT (eot_samples >= 20, the 'rand' suite) and report the "
+               "repeated-prediction verdict")
+
+
+def check_randomness(ctx: Context) -> CheckResult:
+    """Randomness detected without EOT (AutoAttack ``check_randomized``)."""
+    name = "randomness_without_eot"
+    with eval_mode(ctx.model), torch.inference_mode():
+        outs = [ctx.model(ctx.x[:8]) for _ in range(2)]
+    random = not torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    if not random and not is_stochastic(ctx.model):
+        return CheckResult(name, True, "two forward passes of the same input agree "
+                           "(deterministic model)")
+    if not is_stochastic(ctx.model):
+        return CheckResult(name, False, "forward passes differ but the model declares no "
+                           "stochastic layer, so attacks ran without EOT and verdicts used one "
+                           "prediction", "evaluate through advdefense.evaluation (it wraps such "
+                           "models) or use advdefense.randomness.StochasticModule; " + _EOT_REMEDY)
+    if ctx.result is None:
+        return CheckResult(name, None, "model is stochastic; no attack results to inspect")
+    fresh = [e for e in ctx.entries() if e.protocol == "fresh"]
+    if ctx.entries() and not fresh:
+        return CheckResult(name, False, "model is stochastic but every attack ran on one frozen "
+                           "draw (paper/fixed protocols only)", _EOT_REMEDY)
+    no_eot = [e.label for e in fresh if e.trace is not None and e.trace.eot_samples <= 1
+              and e.trace.access != "transfer"]
     if no_eot:
-        return CheckResult("randomness_without_eot", False,
-                           f"model is stochastic but {', '.join(no_eot)} ran with eot_samples=1",
-                           remedy)
-    return CheckResult("randomness_without_eot", True,
-                       "model is stochastic and every fresh-protocol attack used EOT")
+        return CheckResult(name, False, f"model is stochastic but {', '.join(no_eot)} ran with "
+                           "eot_samples=1", _EOT_REMEDY)
+    return CheckResult(name, True, "model is stochastic and every fresh-protocol attack used EOT")
 
 
-def check_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, result=None, *,
-                    eot_samples: int = 1, zero_grad_fraction: float = 0.05,
-                    zero_grad_eps: float = 0.0) -> list[CheckResult]:
-    """(b) Zero and non-finite input gradients: a direct CE-gradient probe on ``x`` plus the
-    gradient norms recorded in the attack traces (first step of each attack).
+def _probe_gradient(ctx: Context) -> torch.Tensor:
+    with eval_mode(ctx.model):
+        res = eot_loss_grad(ctx.model, ctx.x, ctx.y, "margin", eot_samples=ctx.eot)
+    return res.grad.flatten(1)
 
-    An example's gradient counts as zero when its L2 norm is ``<= zero_grad_eps``.
-    """
-    with eval_mode(model):
-        res = eot_loss_grad(model, x, y, "ce", eot_samples=eot_samples)
-    g = res.grad.flatten(1)
+
+def check_nonfinite(ctx: Context) -> CheckResult:
+    g = _probe_gradient(ctx)
     nonfinite = int((~torch.isfinite(g)).sum())
+    traced = sum(e.trace.nonfinite for e in ctx.entries() if e.trace is not None)
+    return CheckResult("nonfinite_gradients", nonfinite + traced == 0,
+                       f"{nonfinite} non-finite entries in the probe gradient, {traced} in "
+                       "attack gradients",
+                       "find the NaN/inf source (log of 0, division by a norm); use a margin "
+                       "loss or BPDA; results of gradient attacks are unreliable")
+
+
+def check_zero_gradients(ctx: Context) -> CheckResult:
+    """Zero input gradients (AutoAttack ``check_zero_gradients``): the count of examples, any
+    of them flagged by default."""
+    opts = ctx.settings.gradients
+    g = _probe_gradient(ctx)
     norms = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).norm(dim=1)
-    zero = float((norms <= zero_grad_eps).float().mean()) if len(norms) else 0.0
-    detail_zero = f"probe: {100 * zero:.1f}% of {len(norms)} examples have a zero gradient"
-    trace_nonfinite, trace_zero = 0, []
-    if result is not None:
-        for e in result.entries.values():
-            t = e.trace
-            if t is None:
-                continue
-            trace_nonfinite += t.nonfinite
-            if t.grad_norms is not None and t.grad_norms.numel():
-                first = t.grad_norms[0]
-                frac = float((first <= zero_grad_eps).float().mean())
-                if frac > zero_grad_fraction:
-                    trace_zero.append(f"{e.label} {100 * frac:.0f}%")
-    zero_fail = zero > zero_grad_fraction or bool(trace_zero)
-    if trace_zero:
-        detail_zero += "; zero first-step gradients in " + ", ".join(trace_zero)
-    zero_remedy = ("gradient masking suspected (non-differentiable or saturated layer): use "
-                   "BPDA for the non-differentiable part, a margin/DLR loss, or Square")
-    nonfinite_total = nonfinite + trace_nonfinite
-    return [
-        CheckResult("nonfinite_gradients", nonfinite_total == 0,
-                    f"{nonfinite} non-finite entries in the probe gradient, "
-                    f"{trace_nonfinite} in attack gradients",
-                    "find the NaN/inf source (log of 0, division by a norm); use a margin loss "
-                    "or BPDA; results of gradient attacks are unreliable"),
-        CheckResult("zero_gradients", not zero_fail, detail_zero, zero_remedy),
-    ]
+    zero = int((norms <= opts.zero_eps).sum())
+    parts = [f"probe (margin loss): {zero} of {len(norms)} examples have a zero gradient"]
+    worst = zero
+    for e in ctx.entries():
+        t = e.trace
+        if t is None or t.grad_norms is None or t.access != "white-box":
+            continue
+        first = t.grad_norms[~torch.isnan(t.grad_norms)]
+        count = int((first <= opts.zero_eps).sum())
+        if count:
+            parts.append(f"{e.label}: {count} of {len(first)} at the first step")
+        worst = max(worst, count)
+    return CheckResult("zero_gradients", worst <= opts.max_zero_examples, "; ".join(parts),
+                       "gradient masking suspected (non-differentiable or saturated layer): "
+                       "use BPDA for the non-differentiable part, a margin/DLR loss, or Square")
 
 
-def check_unbounded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "linf",
-                    unbounded_eps: float | None = None, unbounded_steps: int = 100,
-                    unbounded_max_acc: float = 0.02, eot_samples: int = 1, repeats: int = 10,
-                    seed: int = 0) -> CheckResult:
-    """(c) Accuracy must reach ~0 when eps covers the whole input box.
+def check_output_range(ctx: Context) -> CheckResult:
+    """AutoAttack ``check_range_output``: logits expected, probabilities flagged."""
+    with eval_mode(ctx.model), torch.inference_mode():
+        out = ctx.model(ctx.x[:16]).float()
+    probs = bool((out >= -1e-6).all() and (out <= 1 + 1e-6).all()
+                 and torch.allclose(out.sum(1), torch.ones(out.shape[0]), atol=1e-4))
+    if probs:
+        return CheckResult("output_range", False, "the outputs are probabilities (rows in "
+                           "[0, 1] summing to 1), not logits: cross-entropy and DLR losses "
+                           "on them are flat where the model is confident",
+                           "return logits (drop the final softmax), or attack with the margin "
+                           "loss, EPGD/SmoothAdv for smoothed classifiers, and Square")
+    return CheckResult("output_range", True, f"outputs look like logits (range "
+                       f"[{float(out.min()):.3g}, {float(out.max()):.3g}])")
 
-    ``unbounded_eps`` defaults to 1.0 (L-inf) or ``sqrt(d)`` (L2, the diameter of [0,1]^d).
-    """
-    if unbounded_eps is None:
-        unbounded_eps = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
-    attack = PGD(eps=unbounded_eps, norm=norm, steps=unbounded_steps, eot_samples=eot_samples,
-                 seed=seed)
-    with eval_mode(model), seeded(seed):
-        x_adv = attack(model, x, y)
-        acc = _probe_acc(model, x_adv, y, repeats)
+
+def _state_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_dynamic(ctx: Context) -> CheckResult:
+    """AutoAttack ``check_dynamic``: a model whose weights or buffers change while it is
+    evaluated (BatchNorm statistics updating, a counter, test-time training) is a moving
+    target: attacks and verdicts see different models."""
+    before = _state_hash(ctx.model)
+    with eval_mode(ctx.model), torch.no_grad():
+        ctx.model(ctx.x[:8])
+        ctx.model(ctx.x[:8])
+    if _state_hash(ctx.model) != before:
+        return CheckResult("dynamic_model", False, "parameters or buffers changed during two "
+                           "forward passes in eval mode",
+                           "freeze the model's state for evaluation (no BatchNorm updates in "
+                           "eval mode, no test-time adaptation), or evaluate an adaptive "
+                           "attack that models the update")
+    return CheckResult("dynamic_model", True, "parameters and buffers unchanged by forward passes")
+
+
+def check_unbounded(ctx: Context) -> CheckResult:
+    """Accuracy must reach ~0 when eps covers the whole input box (Carlini et al. 2019);
+    the attack starts from the clean point, since a random start in such a ball is already
+    noise that can fool a gradient-masked model without any optimization."""
+    opts = ctx.settings.unbounded
+    eps = opts.eps if opts.eps is not None else (
+        1.0 if ctx.norm == "linf" else math.sqrt(ctx.x[0].numel()))
+    attack = ctx.pgd(eps=eps, steps=opts.steps, step_size=eps / 10, random_start=False)
+    with eval_mode(ctx.model), seeded(ctx.seed):
+        acc = ctx.acc(attack(ctx.model, ctx.x, ctx.y))
     return CheckResult(
-        "unbounded_attack", acc <= unbounded_max_acc,
-        f"PGD-{unbounded_steps} with eps={unbounded_eps:g} ({norm}) leaves "
-        f"{100 * acc:.1f}% accuracy on {len(y)} examples (allowed {100 * unbounded_max_acc:g}%)",
+        "unbounded_attack", acc <= opts.max_accuracy,
+        f"PGD-{opts.steps} from the clean point with eps={eps:g} ({ctx.norm}) leaves "
+        f"{100 * acc:.1f}% accuracy on {len(ctx.y)} examples (allowed "
+        f"{100 * opts.max_accuracy:g}%)",
         "gradient masking suspected: the attack cannot succeed even without a budget; use "
         "BPDA/EOT, another loss, or a black-box attack (Square)")
 
 
-def check_eps_monotone(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                       norm: str = "linf", sweep_factors=(0.25, 0.5, 1.0, 2.0), steps: int = 20,
-                       monotone_tol: float = 0.03, eot_samples: int = 1, repeats: int = 10,
-                       seed: int = 0, accuracies: dict[float, float] | None = None
-                       ) -> CheckResult:
-    """(d) Accuracy must not rise as eps grows, and must fall somewhere along the sweep.
-
-    ``accuracies`` (eps -> accuracy) from an existing sweep is used when given; otherwise PGD
-    runs at ``eps * sweep_factors`` on the probe.
-    """
-    if accuracies is None:
+def check_eps_monotone(ctx: Context) -> CheckResult:
+    """Accuracy must not rise as eps grows, and must fall somewhere along the sweep."""
+    opts = ctx.settings.monotone
+    if ctx.eps is None or ctx.eps <= 0:
+        return CheckResult("eps_monotone", None, "no positive eps to sweep")
+    if opts.accuracies is not None:
+        accuracies = dict(opts.accuracies)
+    else:
         accuracies = {}
-        with eval_mode(model), seeded(seed):
-            for f in sweep_factors:
-                e = eps * f
-                atk = PGD(eps=e, norm=norm, steps=steps, eot_samples=eot_samples, seed=seed)
-                accuracies[e] = _probe_acc(model, atk(model, x, y), y, repeats)
+        with eval_mode(ctx.model), seeded(ctx.seed):
+            for f in opts.factors:
+                e = ctx.eps * f
+                accuracies[e] = ctx.acc(ctx.pgd(eps=e, steps=opts.steps)(ctx.model, ctx.x,
+                                                                          ctx.y))
     pts = sorted(accuracies.items())
     shown = ", ".join(f"{e:g}: {100 * a:.1f}%" for e, a in pts)
     if len(pts) < 2:
         return CheckResult("eps_monotone", None, f"need at least two eps values ({shown})")
     rises = [(pts[i][0], pts[i + 1][0]) for i in range(len(pts) - 1)
-             if pts[i + 1][1] > pts[i][1] + monotone_tol]
-    flat = pts[-1][1] >= pts[0][1] - monotone_tol and pts[0][1] > 0
-    passed = not rises and not flat
+             if pts[i + 1][1] > pts[i][1] + opts.tol]
+    flat = pts[-1][1] >= pts[0][1] - opts.tol and pts[0][1] > 0
     detail = f"accuracy by eps: {shown}"
     if rises:
         detail += "; rises between " + ", ".join(f"{a:g}->{b:g}" for a, b in rises)
     if flat:
         detail += "; no decrease over the sweep"
-    return CheckResult("eps_monotone", passed, detail,
+    return CheckResult("eps_monotone", not rises and not flat, detail,
                        "the attack is not optimizing (masked gradients, bad step size or "
                        "randomness): check gradients, use EOT/BPDA, tune the step size")
 
 
-def check_more_iterations(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-                          norm: str = "linf", steps: int = 20, iterations_factor: int = 5,
-                          iterations_restarts: int = 2, iterations_tol: float = 0.03,
-                          eot_samples: int = 1, repeats: int = 10, seed: int = 0
-                          ) -> CheckResult:
-    """(e) A stronger PGD (more steps and restarts) must not *raise* robust accuracy by more
-    than ``iterations_tol``; dropping it by more than that means the base attack is too weak."""
-    base = PGD(eps=eps, norm=norm, steps=steps, eot_samples=eot_samples, seed=seed)
-    strong = PGD(eps=eps, norm=norm, steps=steps * iterations_factor,
-                 restarts=iterations_restarts, eot_samples=eot_samples, seed=seed + 1)
-    with eval_mode(model), seeded(seed):
-        a_base = _probe_acc(model, base(model, x, y), y, repeats)
-        a_strong = _probe_acc(model, strong(model, x, y), y, repeats)
-    detail = (f"PGD-{steps}: {100 * a_base:.1f}%, PGD-{steps * iterations_factor} x "
-              f"{iterations_restarts} restarts: {100 * a_strong:.1f}% on {len(y)} examples")
-    if a_strong > a_base + iterations_tol:
+def check_more_iterations(ctx: Context) -> CheckResult:
+    """A stronger PGD (more steps and restarts) must not move robust accuracy by more than
+    ``tol``: up means unstable optimization, down means the base attack is too weak."""
+    opts = ctx.settings.iterations
+    if ctx.eps is None or ctx.eps <= 0:
+        return CheckResult("more_iterations", None, "no positive eps")
+    base = ctx.pgd(eps=ctx.eps, steps=opts.steps)
+    strong = PGD(eps=ctx.eps, norm=ctx.norm, steps=opts.steps * opts.factor,
+                 restarts=opts.restarts, eot_samples=ctx.eot, seed=ctx.seed + 1)
+    with eval_mode(ctx.model), seeded(ctx.seed):
+        a_base = ctx.acc(base(ctx.model, ctx.x, ctx.y))
+        a_strong = ctx.acc(strong(ctx.model, ctx.x, ctx.y))
+    detail = (f"PGD-{opts.steps}: {100 * a_base:.1f}%, PGD-{opts.steps * opts.factor} x "
+              f"{opts.restarts} restarts: {100 * a_strong:.1f}% on {len(ctx.y)} examples")
+    if a_strong > a_base + opts.tol:
         return CheckResult("more_iterations", False, detail + " (stronger attack did worse)",
                            "the optimization is unstable (randomness without EOT, too large a "
                            "step, masked gradients); use EOT and a smaller step size")
-    if a_strong < a_base - iterations_tol:
+    if a_strong < a_base - opts.tol:
         return CheckResult("more_iterations", False, detail + " (base attack not converged)",
                            "report attacks with more iterations and restarts (APGD, suite "
                            "'standard' or 'full')")
     return CheckResult("more_iterations", True, detail)
 
 
-def check_blackbox(result, *, blackbox_tol: int = 0) -> CheckResult:
-    """(f) Black-box (Square) or transfer (``paper`` protocol) attacks must not succeed on
-    examples that every white-box attack missed."""
-    white = [e for e in result.entries.values()
-             if e.name not in BLACK_BOX_ATTACKS and e.protocol in ("fresh", "fixed")]
-    other = [e for e in result.entries.values()
-             if e.name in BLACK_BOX_ATTACKS or e.protocol == "paper"]
+def _is_transfer(e) -> bool:
+    return e.protocol == "paper" or (e.trace is not None and e.trace.access == "transfer")
+
+
+def _is_blackbox(e) -> bool:
+    return e.trace is not None and e.trace.access == "gradient-free"
+
+
+def check_blackbox(ctx: Context) -> CheckResult:
+    """Gradient-free (Square, NAttack) or transfer (``TransferAttack``, the ``paper``
+    protocol) attacks must not succeed on examples that every white-box attack missed. What
+    an attack is comes from its class (``Attack.access``), not from its label."""
+    name = "blackbox_beats_whitebox"
+    entries = ctx.entries()
+    other = [e for e in entries if _is_blackbox(e) or _is_transfer(e)]
+    white = [e for e in entries if e not in other]
     if not white or not other:
-        return CheckResult("blackbox_beats_whitebox", None,
-                           "needs both white-box and black-box/transfer attacks (add 'square' "
-                           "or the 'paper' protocol)")
-    robust_white = result.clean.verdict.all.clone()
+        return CheckResult(name, None, "needs both white-box and black-box/transfer attacks "
+                           "(add 'square' or the 'paper' protocol)")
+    robust_white = ctx.result.clean.verdict.all.clone()
     for e in white:
         robust_white &= e.verdict.all if e.ran is None else (e.verdict.all | ~e.ran)
     beaten = []
     for e in other:
         fooled = ~e.verdict.all if e.ran is None else (~e.verdict.all & e.ran)
         count = int((robust_white & fooled).sum())
-        if count > blackbox_tol:
+        if count > ctx.settings.blackbox.tol:
             beaten.append(f"{e.label} on {count}")
     if beaten:
-        return CheckResult("blackbox_beats_whitebox", False,
-                           "examples robust to every white-box attack fooled by " +
-                           ", ".join(beaten),
+        return CheckResult(name, False, "examples robust to every white-box attack fooled by "
+                           + ", ".join(beaten),
                            "the white-box attacks are failing (gradient masking): use BPDA, "
                            "EOT, other losses; trust the worst case only")
-    return CheckResult("blackbox_beats_whitebox", True,
-                       f"{', '.join(e.label for e in other)} fool no example that the white-box "
-                       "attacks missed")
+    return CheckResult(name, True, f"{', '.join(e.label for e in other)} fool no example that "
+                       "the white-box attacks missed")
 
 
-def check_silent_success(result) -> CheckResult:
-    """(g) An adversarial iterate was found but the attack returned a non-adversarial point."""
-    silent = []
-    judged = False
-    for e in result.entries.values():
+def check_silent_success(ctx: Context) -> CheckResult:
+    """Pintor et al.'s silent success: an attack saw an adversarial point during its run (on
+    all of its EOT draws), yet the point it returned is classified correctly by the final
+    repeated verdict. Transfers are judged by ``transfer_failure`` instead."""
+    silent, judged = [], False
+    for e in ctx.entries():
         t = e.trace
-        if t is None or t.ever_adversarial is None or t.returned_adversarial is None:
+        if t is None or t.ever_adversarial is None or _is_transfer(e):
             continue
         judged = True
-        count = int((t.ever_adversarial & ~t.returned_adversarial).sum())
+        robust = e.verdict.all if e.ran is None else (e.verdict.all & e.ran)
+        count = int((t.ever_adversarial & robust).sum())
         if count:
             silent.append(f"{e.label} on {count}")
     if not judged:
-        return CheckResult("silent_success", None, "no attack recorded ever/returned flags")
+        return CheckResult("silent_success", None, "no attack recorded what it saw")
     if silent:
-        return CheckResult("silent_success", False,
-                           "adversarial iterates found but not returned: " + ", ".join(silent),
+        return CheckResult("silent_success", False, "an adversarial point was found but the "
+                           "returned point is classified correctly: " + ", ".join(silent),
                            "return the best iterate (most draws adversarial, then highest "
-                           "loss) instead of the last one")
-    return CheckResult("silent_success", True, "every adversarial iterate found was returned")
+                           "loss); for random models use more EOT draws so that success on "
+                           "the attack's draws carries over to fresh ones")
+    return CheckResult("silent_success", True, "every adversarial point an attack found stayed "
+                       "adversarial under the final verdict")
 
 
-def _last_run(losses: torch.Tensor, steps: int | None, restarts: int) -> torch.Tensor:
-    if steps and restarts > 1 and losses.shape[0] % restarts == 0:
-        per = losses.shape[0] // restarts
-        return losses[-per:]
-    return losses
-
-
-def check_convergence(result, *, converge_tol: float = 0.05, converge_fraction: float = 0.1,
-                      min_steps: int = 10) -> CheckResult:
-    """(h) Relative change of the mean loss of still-robust examples over the last
-    ``converge_fraction`` of the iterations (at least 2) must stay below ``converge_tol``.
-    Attacks with fewer than ``min_steps`` recorded iterations are not judged."""
-    bad, judged = [], []
-    for e in result.entries.values():
+def check_transfer(ctx: Context) -> CheckResult:
+    """Pintor et al.'s transfer failure: the substitute (or the frozen draw of the ``paper``
+    protocol) is fooled, the target is not."""
+    opts = ctx.settings.transfer
+    rows, low = [], []
+    for e in ctx.entries():
         t = e.trace
-        if t is None or t.losses is None or t.losses.shape[0] < min_steps:
+        if t is None or not _is_transfer(e):
             continue
-        losses = _last_run(t.losses, t.steps, t.restarts)
-        if losses.shape[0] < min_steps:
+        sub = t.substitute_adversarial if t.access == "transfer" else t.returned_adversarial
+        if sub is None:
             continue
-        keep = torch.ones(losses.shape[1], dtype=torch.bool)
-        if t.returned_adversarial is not None and len(t.returned_adversarial) == losses.shape[1]:
-            keep = ~t.returned_adversarial
-        if e.ran is not None and len(e.ran) == losses.shape[1]:
-            keep &= e.ran
-        if not keep.any():
-            judged.append(e.label)
+        n_sub = int(sub.sum())
+        n_hit = int((sub & ~e.verdict.all).sum())
+        rows.append(f"{e.label}: {n_hit} of {n_sub}")
+        if n_sub >= opts.min_examples and n_hit < opts.min_rate * n_sub:
+            low.append(e.label)
+    if not rows:
+        return CheckResult("transfer_failure", None, "no transfer attack was run")
+    detail = "fooled on the target of those fooled on the substitute: " + ", ".join(rows)
+    if low:
+        return CheckResult("transfer_failure", False, detail,
+                           "the transfer figures overstate robustness: report the adaptive "
+                           "(fresh-protocol, EOT) figures, which attack the target itself")
+    return CheckResult("transfer_failure", True, detail)
+
+
+def _window_change(curve: torch.Tensor, fraction: float) -> float:
+    k = max(1, math.ceil(fraction * curve.shape[0]))
+    if curve.shape[0] < 2 * k:
+        k = curve.shape[0] // 2
+    last, prev = curve[-k:].mean(), curve[-2 * k:-k].mean()
+    return float((last - prev).abs() / prev.abs().clamp_min(1e-8))
+
+
+def check_convergence(ctx: Context) -> CheckResult:
+    """Each run (restart, target) of a loss-maximizing attack: the mean loss of its examples
+    not returned adversarial must change by less than ``tol`` (relative) between the last two
+    windows of ``fraction`` of its steps. Ragged runs are judged each on their own."""
+    opts = ctx.settings.convergence
+    bad: dict[str, int] = {}
+    judged: dict[str, int] = {}
+    for e in ctx.entries():
+        t = e.trace
+        if t is None or not t.maximizes_loss or not t.runs:
             continue
-        curve = losses[:, keep].mean(dim=1)
-        if not torch.isfinite(curve).all():
-            bad.append(f"{e.label} (non-finite loss)")
-            continue
-        k = max(2, math.ceil(converge_fraction * curve.shape[0]))
-        a, b = float(curve[-k]), float(curve[-1])
-        rel = abs(b - a) / max(abs(a), 1e-8)
-        judged.append(e.label)
-        if rel > converge_tol:
-            bad.append(f"{e.label} {100 * rel:.1f}%")
+        for r in t.runs:
+            if r.losses.shape[0] < opts.min_steps or r.losses.numel() == 0:
+                continue
+            keep = torch.ones(len(r.idx), dtype=torch.bool)
+            if t.returned_adversarial is not None:
+                keep = ~t.returned_adversarial[r.idx]
+            if not keep.any():
+                continue
+            curve = r.losses[:, keep].nanmean(dim=1)
+            judged[e.label] = judged.get(e.label, 0) + 1
+            if not torch.isfinite(curve).all() or _window_change(curve, opts.fraction) > opts.tol:
+                bad[e.label] = bad.get(e.label, 0) + 1
     if bad:
-        return CheckResult("loss_not_converged", False,
-                           "mean loss of robust examples still moving over the last "
-                           f"{100 * converge_fraction:g}% of steps: " + ", ".join(bad),
+        return CheckResult("loss_not_converged", False, "mean loss of robust examples still "
+                           f"moving over the last {100 * opts.fraction:g}% of steps in: " +
+                           ", ".join(f"{k} ({v} of {judged[k]} runs)" for k, v in bad.items()),
                            "run more iterations, reduce the step size or use APGD's step-size "
-                           "schedule")
+                           "schedule; for random models, more EOT draws")
     if not judged:
         return CheckResult("loss_not_converged", None,
-                           f"no attack recorded at least {min_steps} iterations")
-    return CheckResult("loss_not_converged", True,
-                       f"loss converged (<{100 * converge_tol:g}% change) for " + ", ".join(judged))
+                           f"no attack recorded a run of at least {opts.min_steps} steps")
+    return CheckResult("loss_not_converged", True, f"loss converged (<{100 * opts.tol:g}% "
+                       "change) in every run of " + ", ".join(judged))
+
+
+def check_restarts(ctx: Context) -> CheckResult:
+    """Pintor et al.'s non-converging restarts: with restarts > 1, the last restart of each
+    call must not find new adversarial examples (else more restarts would find more)."""
+    rows, bad = [], []
+    for e in ctx.entries():
+        t = e.trace
+        if t is None or t.restarts <= 1 or t.new_in_last_run is None:
+            continue
+        rows.append(f"{e.label}: {t.new_in_last_run}")
+        if t.new_in_last_run > ctx.settings.restarts.max_new:
+            bad.append(e.label)
+    if not rows:
+        return CheckResult("restarts_not_converging", None, "no attack ran with restarts > 1")
+    detail = "new adversarial examples found by the last restart: " + ", ".join(rows)
+    if bad:
+        return CheckResult("restarts_not_converging", False, detail,
+                           "increase the restarts until the last one finds nothing new")
+    return CheckResult("restarts_not_converging", True, detail)
+
+
+#: every check in report order: (name, function, needs an evaluation result, runs new attacks)
+CHECKS: tuple[tuple[str, Callable[[Context], CheckResult], bool, bool], ...] = (
+    ("randomness_without_eot", check_randomness, False, False),
+    ("nonfinite_gradients", check_nonfinite, False, False),
+    ("zero_gradients", check_zero_gradients, False, False),
+    ("output_range", check_output_range, False, False),
+    ("dynamic_model", check_dynamic, False, False),
+    ("unbounded_attack", check_unbounded, False, True),
+    ("eps_monotone", check_eps_monotone, False, True),
+    ("more_iterations", check_more_iterations, False, True),
+    ("blackbox_beats_whitebox", check_blackbox, True, False),
+    ("silent_success", check_silent_success, True, False),
+    ("transfer_failure", check_transfer, True, False),
+    ("loss_not_converged", check_convergence, True, False),
+    ("restarts_not_converging", check_restarts, True, False),
+)
+
+#: names of all checks, in the order they are reported
+CHECK_NAMES = tuple(name for name, *_ in CHECKS)
 
 
 def _infer_attack_setting(result) -> tuple[float | None, str, int]:
@@ -375,91 +599,39 @@ def _infer_attack_setting(result) -> tuple[float | None, str, int]:
     for spec in (result.config.get("specs", []) if result is not None else []):
         if spec.get("eps") is not None:
             eps = spec["eps"] if eps is None else max(eps, spec["eps"])
-            norm = spec.get("norm", norm)
+            norm = spec.get("norm", norm) or norm
     if result is not None and eps is None:
         eps = result.config.get("eps")
         norm = result.config.get("norm", norm)
     return eps, norm, eot
 
 
-def run_checks(
-    model: nn.Module,
-    data: tuple[torch.Tensor, torch.Tensor],
-    result=None,
-    *,
-    eps: float | None = None,
-    norm: str | None = None,
-    eot_samples: int | None = None,
-    repeats: int | None = None,
-    n_probe: int = 64,
-    seed: int = 0,
-    probes: bool = True,
-    skip: tuple[str, ...] | list[str] = (),
-    eps_accuracies: dict[float, float] | None = None,
-    zero_grad_fraction: float = 0.05,
-    unbounded_steps: int = 100,
-    unbounded_max_acc: float = 0.02,
-    monotone_tol: float = 0.03,
-    iterations_factor: int = 5,
-    iterations_restarts: int = 2,
-    iterations_tol: float = 0.03,
-    blackbox_tol: int = 0,
-    converge_tol: float = 0.05,
-) -> list[CheckResult]:
-    """Run every check; see the module docstring for what each one tests.
-
-    ``eps``/``norm``/``eot_samples`` default to those of the evaluation's attacks (largest eps,
-    largest EOT of the fresh-protocol attacks). ``probes=False`` skips the checks that run new
-    attacks (c, d, e) and keeps the cheap ones; ``skip`` names checks not to run.
-    ``eps_accuracies`` (eps -> worst-case accuracy
-    of an eps sweep) replaces the probe sweep of check (d).
-    Defaults: gradient zero on > 5% of examples; unbounded accuracy > 2%; accuracy rising by
-    > 3 points with eps; stronger PGD (5x steps, 2 restarts) moving accuracy by > 3 points;
-    any example where black-box beats white-box; > 5% relative loss change over the last 10%.
-    """
-    from ..errors import AdvDefenseError
-
-    unknown = set(skip) - set(CHECK_NAMES)
-    if unknown:
-        raise AdvDefenseError(f"unknown check(s) {sorted(unknown)}; choose from {CHECK_NAMES}")
+def run_checks(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], result=None,
+               settings: CheckSettings | None = None) -> list[CheckResult]:
+    """Run every check of :data:`CHECKS` not skipped; see the module docstring."""
+    settings = CheckSettings() if settings is None else settings
+    if not isinstance(settings, CheckSettings):
+        raise AdvDefenseError("run_checks takes a CheckSettings")
     x, y = data
     inferred_eps, inferred_norm, inferred_eot = _infer_attack_setting(result)
-    eps = inferred_eps if eps is None else eps
-    norm = norm or inferred_norm
-    eot = inferred_eot if eot_samples is None else int(eot_samples)
-    repeats = (result.repeats if result is not None and result.stochastic else 10) \
-        if repeats is None else repeats
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) \
-        else torch.device("cpu")
-    xp, yp = x[:n_probe].to(device), y[:n_probe].to(device)
+    repeats = settings.repeats if settings.repeats is not None else (
+        result.repeats if result is not None and result.stochastic else 10)
+    device = next(iter(list(model.parameters()) + list(model.buffers())),
+                  torch.zeros(0)).device
+    ctx = Context(model, x[:settings.n_probe].to(device), y[:settings.n_probe].to(device),
+                  result, settings,
+                  inferred_eps if settings.eps is None else settings.eps,
+                  settings.norm or inferred_norm,
+                  inferred_eot if settings.eot_samples is None else int(settings.eot_samples),
+                  int(repeats))
     out: list[CheckResult] = []
-    with seeded(seed):
-        out.append(check_randomness(model, xp[:8], result))
-        out += check_gradients(model, xp, yp, result, eot_samples=eot,
-                               zero_grad_fraction=zero_grad_fraction)
-        if probes and "unbounded_attack" not in skip:
-            out.append(check_unbounded(model, xp, yp, norm=norm, unbounded_steps=unbounded_steps,
-                                       unbounded_max_acc=unbounded_max_acc, eot_samples=eot,
-                                       repeats=repeats, seed=seed))
-        if probes:
-            if eps is None or eps <= 0:
-                out.append(CheckResult("eps_monotone", None, "no positive eps to sweep"))
-                out.append(CheckResult("more_iterations", None, "no positive eps"))
-            if eps is not None and eps > 0 and "eps_monotone" not in skip:
-                out.append(check_eps_monotone(model, xp, yp, eps=eps, norm=norm,
-                                              monotone_tol=monotone_tol, eot_samples=eot,
-                                              repeats=repeats, seed=seed,
-                                              accuracies=eps_accuracies))
-            if eps is not None and eps > 0 and "more_iterations" not in skip:
-                out.append(check_more_iterations(
-                    model, xp, yp, eps=eps, norm=norm, iterations_factor=iterations_factor,
-                    iterations_restarts=iterations_restarts, iterations_tol=iterations_tol,
-                    eot_samples=eot, repeats=repeats, seed=seed))
-    if result is not None:
-        out.append(check_blackbox(result, blackbox_tol=blackbox_tol))
-        out.append(check_silent_success(result))
-        out.append(check_convergence(result, converge_tol=converge_tol))
-    out = [c for c in out if c.name not in skip]
+    with seeded(settings.seed):
+        for name, check, needs_result, probes in CHECKS:
+            if name in settings.skip or (probes and not settings.probes):
+                continue
+            if needs_result and result is None:
+                continue
+            out.append(check(ctx))
     for c in out:
         if c.passed is False:
             log.warning("check %s failed: %s", c.name, c.detail)

@@ -11,7 +11,12 @@ Clopper–Pearson interval (:mod:`.stats`).
 
 The worst case (``result.worst``) is the AND of clean correctness and every spec: an example
 misclassified without attack is not robust. Attack-failure checks (:mod:`.checks`) run after
-the evaluation unless ``checks=False``.
+the evaluation unless ``checks=None``.
+
+Before attacking, the model's randomness is probed (:func:`prepare_model`): a model that is
+random without declaring it through :mod:`advdefense.randomness` is wrapped so that EOT draws
+and repeated predictions are separate seeded forward calls, never one draw standing in for
+many. The output of every attack is checked (inside [0, 1] and the eps-ball) before it counts.
 
 For a deterministic model the three protocols coincide, so an attack object listed under
 several protocols is run once and its result shared.
@@ -37,17 +42,18 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..attacks import ATTACKS, Attack, build_attack
-from ..attacks.base import check_eps, eval_mode
+from ..attacks.base import AttackRecorder, batch_seed, check_eps, eval_mode
 from ..data import as_tensors
 from ..errors import AdvDefenseError
-from ..randomness import is_stochastic, seeded
+from ..randomness import SeededRandomness, is_stochastic, probe_randomness, seeded
+from .checks import CheckSettings, run_checks
 from .protocols import Verdict, check_protocol, run_protocol, verdict
 from .stats import Accuracy, accuracy
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AttackSpec", "EntryResult", "EvalResult", "TraceSummary", "evaluate",
-           "load_data", "standard_attack_specs"]
+__all__ = ["AttackSpec", "EntryResult", "EvalResult", "RunRecord", "TraceSummary", "evaluate",
+           "load_data", "model_device", "prepare_model", "standard_attack_specs"]
 
 
 @dataclass
@@ -69,60 +75,91 @@ class AttackSpec:
 
 
 @dataclass
+class RunRecord:
+    """One run of an attack (a restart or target) in evaluation coordinates: ``idx`` the
+    evaluated examples it covered, ``losses`` (steps, len(idx))."""
+
+    idx: torch.Tensor
+    losses: torch.Tensor
+
+
+@dataclass
 class TraceSummary:
-    """The parts of :class:`~advdefense.attacks.base.AttackTrace` the failure checks need,
-    concatenated over batches (columns = examples in evaluation order)."""
+    """What the attack-failure checks need of an attack's recorders, over all batches
+    (example indices are positions in the evaluation)."""
 
     eot_samples: int
     steps: int | None = None
     restarts: int = 1
-    losses: torch.Tensor | None = None          # (T, n) or None
-    grad_norms: torch.Tensor | None = None      # (S, n) or None
+    access: str = "white-box"
+    maximizes_loss: bool = True
+    runs: list[RunRecord] = field(default_factory=list)
+    grad_norms: torch.Tensor | None = None      # (n,) first-step gradient norm, NaN if none
     nonfinite: int = 0
     ever_adversarial: torch.Tensor | None = None
     returned_adversarial: torch.Tensor | None = None
+    substitute_adversarial: torch.Tensor | None = None
+    forward_rows: int = 0
+    backward_rows: int = 0
+    new_in_last_run: int | None = None  # restarts > 1: new adversarial examples, last run
+
+    @property
+    def losses(self) -> torch.Tensor | None:
+        """(steps, n) losses when the attack made one full-length run per batch of the same
+        length (PGD, APGD-CE); ``None`` for ragged traces (use :attr:`runs`)."""
+        full = [r for r in self.runs]
+        if not full or len({r.losses.shape[0] for r in full}) != 1:
+            return None
+        idx = torch.cat([r.idx for r in full])
+        if len(idx) != len(torch.unique(idx)):
+            return None
+        order = idx.argsort()
+        return torch.cat([r.losses for r in full], dim=1)[:, order]
 
     @staticmethod
-    def merge(parts: list[TraceSummary]) -> TraceSummary | None:
+    def from_recorder(rec: AttackRecorder, attack: Any, positions: torch.Tensor,
+                      eot: int) -> TraceSummary:
+        """Summary of one batch; ``positions`` maps the batch's rows to evaluation indices."""
+        steps = getattr(attack, "steps", None) or getattr(attack, "n_iter", None)
+        runs = [RunRecord(positions[r.idx], r.loss_matrix()) for r in rec.runs if r.losses]
+        first = torch.full((len(positions),), float("nan"))
+        for r in reversed(rec.runs):
+            if r.grad_norms:
+                first[r.idx] = r.grad_norms[0]
+        flag = (lambda t: None if t is None else t.detach().bool().cpu())
+        return TraceSummary(
+            eot, steps, int(getattr(attack, "restarts", 1)),
+            getattr(attack, "access", "white-box"), getattr(attack, "maximizes_loss", True),
+            runs, first, rec.nonfinite, flag(rec.ever_adversarial),
+            flag(rec.returned_adversarial), flag(rec.substitute_adversarial),
+            rec.forward_rows, rec.backward_rows,
+            rec.runs[-1].new_adversarial if len(rec.runs) > 1 else None)
+
+    @staticmethod
+    def merge(parts: list[TraceSummary], n: int, positions: list[torch.Tensor]
+              ) -> TraceSummary | None:
+        """Join batch summaries into one over ``n`` evaluated examples."""
         if not parts:
             return None
         first = parts[0]
 
-        def cat_rows(attr):
-            mats = [getattr(p, attr) for p in parts]
-            if any(m is None or m.numel() == 0 for m in mats):
+        def scatter(attr: str, fill):
+            values = [getattr(p, attr) for p in parts]
+            if any(v is None for v in values):
                 return None
-            if len({m.shape[0] for m in mats}) != 1:
-                return None
-            return torch.cat(mats, dim=1)
+            out = torch.full((n,), fill, dtype=values[0].dtype)
+            for v, pos in zip(values, positions, strict=True):
+                out[pos] = v
+            return out
 
-        def cat_flags(attr):
-            flags = [getattr(p, attr) for p in parts]
-            return None if any(f is None for f in flags) else torch.cat(flags)
-
-        return TraceSummary(first.eot_samples, first.steps, first.restarts, cat_rows("losses"),
-                            cat_rows("grad_norms"), sum(p.nonfinite for p in parts),
-                            cat_flags("ever_adversarial"), cat_flags("returned_adversarial"))
-
-
-def _summarize_trace(attack: Any, model: nn.Module, frozen: bool) -> TraceSummary:
-    trace = getattr(attack, "trace", None)
-    eot = int(getattr(attack, "eot_samples", 1))
-    if frozen or not is_stochastic(model):
-        eot = 1
-    steps = getattr(attack, "steps", None) or getattr(attack, "n_iter", None)
-    summary = TraceSummary(eot, steps, int(getattr(attack, "restarts", 1)))
-    if trace is None:
-        return summary
-    if getattr(trace, "losses", None):
-        summary.losses = torch.stack([t.detach().float().cpu() for t in trace.losses])
-    if getattr(trace, "grad_norms", None):
-        summary.grad_norms = torch.stack([t.detach().float().cpu() for t in trace.grad_norms])
-    summary.nonfinite = int(getattr(trace, "nonfinite", 0))
-    for attr in ("ever_adversarial", "returned_adversarial"):
-        value = getattr(trace, attr, None)
-        setattr(summary, attr, None if value is None else value.detach().bool().cpu())
-    return summary
+        return TraceSummary(
+            first.eot_samples, first.steps, first.restarts, first.access, first.maximizes_loss,
+            [r for p in parts for r in p.runs], scatter("grad_norms", float("nan")),
+            sum(p.nonfinite for p in parts), scatter("ever_adversarial", False),
+            scatter("returned_adversarial", False), scatter("substitute_adversarial", False),
+            sum(p.forward_rows for p in parts), sum(p.backward_rows for p in parts),
+            None if all(p.new_in_last_run is None for p in parts)
+            else sum(p.new_in_last_run or 0 for p in parts))
 
 
 @dataclass
@@ -138,6 +175,14 @@ class EntryResult:
     trace: TraceSummary | None = None
     ran: torch.Tensor | None = None   # suites: examples the attack actually ran on
     cumulative: Verdict | None = None  # suites: robust after this stage of the cascade
+    states: list[Any] = field(default_factory=list)  # paper/fixed: frozen draw per batch
+
+    @property
+    def passes(self) -> dict[str, int]:
+        """Rows the attack pushed through the model: forward and backward passes."""
+        t = self.trace
+        return {"forward": 0 if t is None else t.forward_rows,
+                "backward": 0 if t is None else t.backward_rows}
 
     def accuracy(self, kind: str = "all") -> Accuracy:
         return accuracy(self.verdict.get(kind))
@@ -162,6 +207,19 @@ class EvalResult:
     config: dict[str, Any] = field(default_factory=dict)
     checks: list = field(default_factory=list)
     kind: str = "specs"
+    adv: torch.Tensor | None = None          # keep_adv: worst-case input per example
+    adv_source: list[str] | None = None      # keep_adv: label of the attack that gave it
+
+    def summary(self) -> dict[str, Any]:
+        """A small dict: n, clean and worst-case accuracy (all-repeats verdict, %, CI) and
+        each entry's accuracy."""
+        def pct(a: Accuracy) -> dict[str, float]:
+            return {"acc": 100 * a.value, "low": 100 * a.low, "high": 100 * a.high}
+
+        return {"n": self.n, "stochastic": self.stochastic, "repeats": self.repeats,
+                "clean": pct(self.accuracy("clean")), "worst": pct(self.accuracy("worst")),
+                "entries": {lab: pct(e.accuracy()) for lab, e in self.entries.items()},
+                "failed_checks": [c.name for c in self.checks if c.passed is False]}
 
     def accuracy(self, label: str = "worst", kind: str = "all") -> Accuracy:
         """Accuracy with CI of ``"clean"``, ``"worst"`` or an entry label."""
@@ -221,9 +279,76 @@ def load_data(data, n_examples: int | None = None) -> tuple[torch.Tensor, torch.
     return x, y.long()
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
+    if p is None:
+        p = next(model.buffers(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def prepare_model(model: nn.Module, x_probe: torch.Tensor) -> tuple[nn.Module, str]:
+    """Probe the model's randomness (two forward passes of the same input, in eval mode) and
+    wrap a model that is random without declaring it in
+    :class:`~advdefense.randomness.SeededRandomness`, so its EOT draws and repeated verdicts
+    are real (separate seeded forward calls). Returns ``(model, kind)``."""
+    with eval_mode(model):
+        kind = probe_randomness(model, x_probe)
+    if kind == "undeclared":
+        log.warning("the model is random but its randomness does not honour "
+                    "advdefense.randomness draw groups: every EOT draw and every repeated "
+                    "prediction is a separate seeded forward call")
+        model = SeededRandomness(model)
+        with eval_mode(model):
+            if probe_randomness(model, x_probe) == "undeclared":
+                log.warning("the model stays random under a fixed torch seed (NumPy or Python "
+                            "random?): freezing is impossible, so the paper/fixed protocols "
+                            "are not frozen")
+    return model, kind
+
+
+def batch_runner(n: int, batch_size: int, progress: bool, desc: str):
+    """The one batch loop of evaluations: ``(start, positions)`` per batch."""
+    starts = range(0, n, int(batch_size))
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        yield start, torch.arange(start, min(start + int(batch_size), n))
+
+
+def resolve_checks(checks) -> CheckSettings | None:
+    """``checks`` argument of evaluate/run_suite: settings, ``None``/``False`` (no checks) or
+    ``True`` (defaults)."""
+    if checks is True:
+        return CheckSettings()
+    if checks is None or checks is False:
+        return None
+    if not isinstance(checks, CheckSettings):
+        raise AdvDefenseError(f"checks must be a CheckSettings or None, got "
+                              f"{type(checks).__name__}")
+    return checks
+
+
+class AdvKeeper:
+    """Keeps, per example, the worst-case adversarial input and the label of its attack:
+    the first attack whose point the verdict counts as not robust (else the clean input)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x.detach().cpu().clone()
+        self.source = ["clean"] * x.shape[0]
+        self.taken = torch.zeros(x.shape[0], dtype=torch.bool)
+
+    def offer(self, label: str, positions: torch.Tensor, x_adv: torch.Tensor,
+              broken: torch.Tensor) -> None:
+        new = broken.cpu() & ~self.taken[positions]
+        if bool(new.any()):
+            pos = positions[new]
+            self.x[pos] = x_adv.detach().cpu()[new]
+            self.taken[pos] = True
+            for p in pos.tolist():
+                self.source[p] = label
+
+
+def spec_seed(attack: Any, seed: int, position: int) -> int:
+    own = getattr(attack, "seed", None)
+    return int(own) if own is not None else int(seed) + 1000 * (position + 1)
 
 
 def evaluate(
@@ -237,28 +362,33 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     max_batch: int = 4096,
-    checks: bool = True,
-    check_options: dict[str, Any] | None = None,
+    checks: CheckSettings | bool | None = True,
+    keep_adv: bool = False,
+    index_offset: int = 0,
 ) -> EvalResult:
     """Evaluate ``model`` on clean data and under every spec; see the module docstring.
 
     ``repeats`` (default 10) is the number of stochastic predictions per verdict; ignored for
-    deterministic models. ``max_batch`` bounds the rows of one forward pass of the verdict.
-    ``checks`` runs :func:`advdefense.evaluation.checks.run_checks` afterwards with
-    ``check_options`` (its keyword arguments).
+    deterministic models. ``max_batch`` bounds the rows of one forward pass. ``checks``:
+    :class:`~.checks.CheckSettings` for the attack-failure checks afterwards (``None``: none).
+    ``keep_adv`` keeps the worst-case adversarial input per example (``result.adv``,
+    ``result.adv_source``). Every batch is seeded from (the spec's seed, the position of its
+    first example + ``index_offset``), so batches and processes draw independently.
     """
     repeats = 10 if repeats is None else int(repeats)
     if repeats < 1:
         raise AdvDefenseError(f"repeats must be >= 1, got {repeats}")
     if int(batch_size) < 1:
         raise AdvDefenseError(f"batch_size must be >= 1, got {batch_size}")
+    settings = resolve_checks(checks)
     specs = list(specs)
     for s in specs:
         if not isinstance(s, AttackSpec):
             raise AdvDefenseError(f"specs must be AttackSpec objects, got {type(s).__name__}")
     x_all, y_all = load_data(data, n_examples)
-    device = _model_device(model)
+    device = model_device(model)
     n = x_all.shape[0]
+    model, randomness = prepare_model(model, x_all[:8].to(device))
     stochastic = is_stochastic(model)
     labels = []
     for s in specs:
@@ -270,30 +400,41 @@ def evaluate(
     clean_parts: list[Verdict] = []
     parts: dict[str, list[Verdict]] = {lab: [] for lab in labels}
     traces: dict[str, list[TraceSummary]] = {lab: [] for lab in labels}
+    states: dict[str, list[Any]] = {lab: [] for lab in labels}
+    positions: list[torch.Tensor] = []
     seconds = dict.fromkeys(labels, 0.0)
     clean_seconds = 0.0
+    keeper = AdvKeeper(x_all) if keep_adv else None
     t_start = time.perf_counter()
-    with eval_mode(model), seeded(seed):
-        batches = range(0, n, int(batch_size))
-        for start in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
-            x = x_all[start : start + batch_size].to(device)
-            y = y_all[start : start + batch_size].to(device)
+    with eval_mode(model):
+        for start, pos in batch_runner(n, batch_size, progress, "evaluate"):
+            x, y = x_all[pos].to(device), y_all[pos].to(device)
+            positions.append(pos)
             t0 = time.perf_counter()
-            clean_parts.append(verdict(model, x, y, repeats=repeats, max_batch=max_batch))
+            with seeded(batch_seed(seed, index_offset + start)):
+                clean_parts.append(verdict(model, x, y, repeats=repeats, max_batch=max_batch))
             clean_seconds += time.perf_counter() - t0
-            shared: dict[int, tuple[Verdict, TraceSummary]] = {}
-            for spec, label in zip(specs, labels, strict=True):
+            shared: dict[int, tuple[Verdict, TraceSummary, torch.Tensor]] = {}
+            for i, (spec, label) in enumerate(zip(specs, labels, strict=True)):
                 t0 = time.perf_counter()
                 key = id(spec.attack)
                 if not stochastic and key in shared:
-                    v, tr = shared[key]
+                    v, tr, x_adv = shared[key]
                 else:
-                    _, v = run_protocol(model, spec.attack, x, y, spec.protocol,
-                                        repeats=repeats, max_batch=max_batch)
-                    tr = _summarize_trace(spec.attack, model, spec.protocol != "fresh")
-                    shared[key] = (v, tr)
+                    bseed = batch_seed(spec_seed(spec.attack, seed, i), index_offset + start)
+                    out = run_protocol(model, spec.attack, x, y, spec.protocol,
+                                       repeats=repeats, max_batch=max_batch, seed=bseed)
+                    eot = 1 if spec.protocol != "fresh" or not stochastic else int(
+                        getattr(spec.attack, "eot_samples", 1))
+                    v, x_adv = out.verdict, out.x_adv
+                    tr = TraceSummary.from_recorder(out.recorder, spec.attack, pos, eot)
+                    shared[key] = (v, tr, x_adv)
+                    if out.states is not None:
+                        states[label].append(out.states)
                 parts[label].append(v)
                 traces[label].append(tr)
+                if keeper is not None:
+                    keeper.offer(label, pos, x_adv, ~v.all)
                 seconds[label] += time.perf_counter() - t0
     total = time.perf_counter() - t_start
     clean = EntryResult("clean", "clean", "-", Verdict.cat(clean_parts), clean_seconds)
@@ -301,22 +442,25 @@ def evaluate(
     worst = clean.verdict
     for spec, label in zip(specs, labels, strict=True):
         e = EntryResult(label, spec.name, spec.protocol, Verdict.cat(parts[label]),
-                        seconds[label], repr(spec.attack), TraceSummary.merge(traces[label]))
+                        seconds[label], repr(spec.attack),
+                        TraceSummary.merge(traces[label], n, positions), states=states[label])
         entries[label] = e
         worst = worst & e.verdict
     config = {"n": n, "repeats": repeats if stochastic else 1, "batch_size": int(batch_size),
               "seed": seed, "max_batch": max_batch, "stochastic": stochastic,
+              "randomness": randomness,
               "specs": [{"label": lab, "name": s.name, "protocol": s.protocol,
                          "attack": repr(s.attack), "eps": getattr(s.attack, "eps", None),
-                         "norm": getattr(s.attack, "norm", None)}
+                         "norm": getattr(s.attack, "norm", None),
+                         "passes": entries[lab].passes}
                         for s, lab in zip(specs, labels, strict=True)]}
     result = EvalResult(n, stochastic, repeats if stochastic else 1, clean, entries, worst,
                         y_all.cpu(), total, config)
-    if checks:
-        from .checks import run_checks
-
+    if keeper is not None:
+        result.adv, result.adv_source = keeper.x, keeper.source
+    if settings is not None:
         t0 = time.perf_counter()
-        result.checks = run_checks(model, (x_all, y_all), result, **(check_options or {}))
+        result.checks = run_checks(model, (x_all, y_all), result, settings)
         result.config["checks_seconds"] = time.perf_counter() - t0
     return result
 

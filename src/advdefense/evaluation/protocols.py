@@ -6,16 +6,22 @@ Three protocols (the names used throughout reports and the CLI):
     the attack runs as configured, EOT included (Athalye et al. 2018), on the live model; the
     adversarial example is then classified with fresh randomness.
 ``paper`` (RNA's protocol, Dong et al. 2022, ``evaluate.py`` of the reference code)
-    the attack is crafted under :func:`~advdefense.randomness.freeze` (one random draw A) and
-    classified on fresh draws B. It is a *transfer* attack from path A to other paths and
-    over-estimates robustness; it is reported so results can be compared to the paper.
+    the attack is crafted under :func:`~advdefense.randomness.freeze` (one random draw A, a new
+    one for every batch, as the authors draw a new path per batch) and classified on fresh
+    draws B. It is a *transfer* attack from path A to other paths and over-estimates
+    robustness; it is reported so results can be compared to the paper, whose figure is the
+    **single-draw** one (the authors classify once, on one fresh path B).
 ``fixed`` (fixed-path white-box)
     attack and classification happen inside the same freeze (the model is deterministic there);
     a new frozen draw per batch.
 
+The frozen draw of a batch is made under the batch's seed, and the states used are returned
+(``get_states``), so a report can say which paths were attacked.
+
 Verdict (:func:`verdict`): for a stochastic model every prediction is repeated ``repeats``
-times, batched along the batch dimension under :func:`~advdefense.randomness.draw_groups` and
-chunked by ``max_batch`` rows. An example counts as correct only if **all** repeats are
+times through :func:`~advdefense.randomness.replicated_forward` (batched where the model's
+layers honour draw groups, one seeded forward call per repeat otherwise; chunked by
+``max_batch`` rows). An example counts as correct only if **all** repeats are
 correct; the majority-vote figure (the true class strictly outvotes every other class; a tie
 counts as wrong) and the single-draw figure (the first draw) are kept beside it, so
 ``all <= majority`` and ``all <= single`` hold per example. A deterministic model is predicted
@@ -25,15 +31,17 @@ once and the three coincide.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..attacks.base import Attack, AttackRecorder, check_adversarial_output
 from ..errors import AdvDefenseError
-from ..randomness import draw_groups, freeze, is_stochastic
+from ..randomness import freeze, get_states, is_stochastic, replicated_forward, seeded
 
-__all__ = ["PROTOCOLS", "Verdict", "check_protocol", "predictions", "run_protocol", "verdict",
-           "verdict_from_predictions"]
+__all__ = ["PROTOCOLS", "ProtocolOutcome", "Verdict", "check_protocol", "predictions",
+           "run_protocol", "verdict", "verdict_from_predictions"]
 
 PROTOCOLS = ("fresh", "paper", "fixed")
 
@@ -77,29 +85,22 @@ def predictions(model: nn.Module, x: torch.Tensor, *, repeats: int = 1,
                 max_batch: int = 4096) -> torch.Tensor:
     """Predicted classes ``(repeats, n)``, each row an independent draw of the randomness.
 
-    The batch is repeated along dim 0 under ``draw_groups`` in chunks of at most ``max_batch``
-    rows. Runs under ``torch.inference_mode``; the caller sets eval mode.
+    Runs under ``torch.inference_mode``; the caller sets eval mode.
     """
     n = x.shape[0]
     r = max(1, int(repeats))
     out = torch.empty(r, n, dtype=torch.long, device=x.device)
-    if n == 0:
-        return out
-    ex_chunk = max(1, min(n, max_batch // r))
-    per_pass = max(1, max_batch // ex_chunk)
+
+    def body(xr, start, k0, kc):
+        logits = model(xr)
+        if logits.dim() != 2 or logits.shape[0] != xr.shape[0]:
+            raise AdvDefenseError(
+                f"model must return logits (N, classes); got {tuple(logits.shape)}")
+        m = xr.shape[0] // kc
+        out[k0 : k0 + kc, start : start + m] = logits.argmax(1).view(kc, m)
+
     with torch.inference_mode():
-        for start in range(0, n, ex_chunk):
-            xs = x[start : start + ex_chunk]
-            m = xs.shape[0]
-            for k0 in range(0, r, per_pass):
-                kc = min(per_pass, r - k0)
-                xr = xs.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xs
-                with draw_groups(kc):
-                    logits = model(xr)
-                if logits.dim() != 2 or logits.shape[0] != xr.shape[0]:
-                    raise AdvDefenseError(
-                        f"model must return logits (N, classes); got {tuple(logits.shape)}")
-                out[k0 : k0 + kc, start : start + m] = logits.argmax(1).view(kc, m)
+        replicated_forward(model, x, r, body, max_batch=max_batch)
     return out
 
 
@@ -122,21 +123,60 @@ def verdict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, repeats: int 
     return verdict_from_predictions(predictions(model, x, repeats=r, max_batch=max_batch), y)
 
 
-def run_protocol(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, protocol: str, *,
-                 repeats: int = 10, max_batch: int = 4096) -> tuple[torch.Tensor, Verdict]:
-    """Run ``attack`` on ``(x, y)`` under ``protocol`` and return ``(x_adv, verdict)``.
+@dataclass
+class ProtocolOutcome:
+    """What one protocol run on a batch gives: the adversarial points, their verdict, the
+    attack's recorder and the frozen states the attack saw (``paper``/``fixed``)."""
 
-    The caller puts the model in eval mode. ``fixed`` draws one frozen state for this call
-    (attack and verdict share it); ``paper`` freezes the attack only; ``fresh`` freezes nothing.
+    x_adv: torch.Tensor
+    verdict: Verdict
+    recorder: AttackRecorder
+    states: list[Any] | None = None
+
+    def __iter__(self):
+        """Unpacks as ``x_adv, verdict``."""
+        return iter((self.x_adv, self.verdict))
+
+
+def run_protocol(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, protocol: str, *,
+                 repeats: int = 10, max_batch: int = 4096, seed: int | None = None
+                 ) -> ProtocolOutcome:
+    """Run ``attack`` on ``(x, y)`` under ``protocol``; see the module docstring.
+
+    The caller puts the model in eval mode. ``seed`` seeds this batch: the frozen draw of
+    ``paper``/``fixed`` and the attack's own randomness (default: the attack's seed). The
+    output of any attack (also a user's callable) is checked to lie in [0, 1] and the eps-ball
+    before it is counted. ``attack`` may be an :class:`~advdefense.attacks.Attack` or any
+    callable ``attack(model, x, y) -> x_adv`` with ``eps`` and ``norm`` attributes.
     """
     check_protocol(protocol)
-    if protocol == "fixed":
+    recorder = AttackRecorder(x.shape[0], x.device)
+    states = None
+
+    def craft() -> torch.Tensor:
+        if isinstance(attack, Attack):
+            out = attack(model, x, y, seed=seed, recorder=recorder)
+        else:
+            with seeded(seed):
+                out = attack(model, x, y)
+        eps = getattr(attack, "eps", None)
+        norm = getattr(attack, "norm", "linf")
+        name = getattr(attack, "name", type(attack).__name__)
+        if eps is None:
+            raise AdvDefenseError(f"attack {name!r} has no eps attribute; the evaluation "
+                                  "cannot check its output")
+        return check_adversarial_output(out, x, float(eps), norm, name).detach()
+
+    if protocol in ("fixed", "paper"):
         with freeze(model):
-            x_adv = attack(model, x, y)
-            return x_adv, verdict(model, x_adv, y, repeats=repeats, max_batch=max_batch)
-    if protocol == "paper":
-        with freeze(model):
-            x_adv = attack(model, x, y)
+            with seeded(seed), torch.inference_mode():  # draw the batch's frozen state
+                model(x[:1])
+            states = get_states(model)
+            x_adv = craft()
+            if protocol == "fixed":
+                v = verdict(model, x_adv, y, repeats=repeats, max_batch=max_batch)
+                return ProtocolOutcome(x_adv, v, recorder, states)
     else:
-        x_adv = attack(model, x, y)
-    return x_adv, verdict(model, x_adv, y, repeats=repeats, max_batch=max_batch)
+        x_adv = craft()
+    v = verdict(model, x_adv, y, repeats=repeats, max_batch=max_batch)
+    return ProtocolOutcome(x_adv, v, recorder, states)

@@ -23,11 +23,18 @@ earlier attack can never become robust again. Per attack the result keeps the ``
 its own per-example verdict (``True`` where it did not run) and the cascade's cumulative
 verdict after it (the AutoAttack-style "robust accuracy after X" row of the report).
 
-``state_path``: a JSON file saved atomically after the clean pass and after every attack
-(per-example masks + finished attacks). Rerunning with the same arguments resumes: finished
-attacks are skipped. Each attack runs under its own seed (``seed`` + its position), so a
-resumed run gives the same result as an uninterrupted one. Traces (for the failure checks) of
-attacks finished in an earlier process are not restored.
+``state_path``: a JSON file (:class:`SuiteState`) saved atomically after the clean pass and
+after every attack (per-example masks + finished attacks). Rerunning with the same arguments
+resumes: finished attacks are skipped. Its fingerprint covers the data, the settings and the
+model (a hash of the weights and buffers and of the architecture), so a state written for
+another model is refused. Each attack runs under its own seed (``seed + 1000 * (position +
+1)``), and every batch under a seed derived from that and the position of its first example,
+so a resumed run gives the same result as an uninterrupted one and batches draw
+independently. Traces (for the failure checks) of attacks finished in an earlier process are
+not restored.
+
+``protocol`` runs every attack of the suite under that protocol (default ``fresh``; ``paper``
+gives the transfer-from-a-frozen-draw figure beside it).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +54,30 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import ATTACKS, Attack
-from ..attacks.base import NORMS, check_eps, eval_mode
+from ..attacks.base import NORMS, batch_seed, check_eps, eval_mode
 from ..errors import AdvDefenseError
 from ..randomness import is_stochastic, seeded
+from .checks import CheckSettings, run_checks
 from .harness import (
+    AdvKeeper,
     EntryResult,
     EvalResult,
     TraceSummary,
-    _model_device,
-    _summarize_trace,
+    spec_seed,
+    batch_runner,
     load_data,
+    model_device,
+    prepare_model,
+    resolve_checks,
 )
-from .protocols import Verdict, run_protocol, verdict
+from .protocols import Verdict, check_protocol, run_protocol, verdict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUITES", "run_suite", "suite_plan"]
+__all__ = ["SUITES", "SuiteState", "model_fingerprint", "run_suite", "suite_plan"]
 
 SUITES = ("standard", "rand", "full")
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def suite_plan(suite: str, *, eps: float, norm: str = "linf", eot_samples: int = 20,
@@ -114,9 +127,22 @@ def _build(name: str, label: str, kwargs: dict) -> Attack:
             f"attack {name!r} does not accept the suite settings: {exc}") from None
 
 
-def _fingerprint(x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any]) -> str:
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of a model's architecture (module types and parameter/buffer names and shapes)
+    and of every weight and buffer value."""
+    h = hashlib.sha256()
+    for name, module in model.named_modules():
+        h.update(f"{name}:{type(module).__name__};".encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype};".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def _fingerprint(x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any], model: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(model.encode())
     h.update(y.cpu().numpy().tobytes())
     h.update(x.cpu().float().numpy().tobytes())
     return h.hexdigest()[:20]
@@ -130,25 +156,72 @@ def _verdict_from_json(d: dict[str, list[bool]]) -> Verdict:
     return Verdict(*(torch.tensor(d[k], dtype=torch.bool) for k in Verdict.KINDS))
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+@dataclass
+class SuiteState:
+    """What a suite has finished: the clean verdict and every finished attack's per-example
+    verdict and ``ran`` mask, under a fingerprint of (data, settings, model)."""
 
+    fingerprint: str
+    model: str
+    settings: dict[str, Any]
+    clean: Verdict | None = None
+    clean_seconds: float = 0.0
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-def _load_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdvDefenseError(f"state file {path} is unreadable ({exc}); delete it") from None
-    if state.get("version") != STATE_VERSION or state.get("fingerprint") != fingerprint:
-        raise AdvDefenseError(
-            f"state file {path} belongs to a different run (model data, suite or settings "
-            "differ); delete it or pass another state path")
-    return state
+    @property
+    def finished(self) -> list[str]:
+        return list(self.entries)
+
+    def finish(self, label: str, own: Verdict, ran: torch.Tensor, seconds: float,
+               attack: str) -> None:
+        self.entries[label] = {"verdict": own, "ran": ran, "seconds": seconds,
+                               "attack": attack}
+
+    def save(self, path: Path | None) -> None:
+        if path is None:
+            return
+        data = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "model": self.model,
+                "settings": self.settings,
+                "clean": None if self.clean is None else _verdict_to_json(self.clean),
+                "clean_seconds": self.clean_seconds,
+                "entries": {k: {**v, "verdict": _verdict_to_json(v["verdict"]),
+                                "ran": v["ran"].tolist()} for k, v in self.entries.items()}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load_or_new(cls, path: Path | None, fingerprint: str, model: str,
+                    settings: dict[str, Any]) -> SuiteState:
+        """The state saved at ``path`` if it belongs to this run, a new one if there is none;
+        a state of another run raises :class:`AdvDefenseError` (one line)."""
+        if path is None or not path.exists():
+            return cls(fingerprint, model, settings)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AdvDefenseError(f"state file {path} is unreadable ({exc}); delete it") from None
+        if data.get("version") != STATE_VERSION:
+            raise AdvDefenseError(f"state file {path} has another format version; delete it")
+        if data.get("model") != model:
+            raise AdvDefenseError(
+                f"state file {path} was written for another model (weights or architecture "
+                "differ); delete it or pass another state path")
+        if data.get("fingerprint") != fingerprint:
+            raise AdvDefenseError(
+                f"state file {path} belongs to a different run (data, suite or settings "
+                "differ); delete it or pass another state path")
+        state = cls(fingerprint, model, settings,
+                    None if data["clean"] is None else _verdict_from_json(data["clean"]),
+                    data.get("clean_seconds", 0.0))
+        for k, v in data["entries"].items():
+            state.entries[k] = {**v, "verdict": _verdict_from_json(v["verdict"]),
+                                "ran": torch.tensor(v["ran"], dtype=torch.bool)}
+        return state
 
 
 def run_suite(
@@ -167,8 +240,10 @@ def run_suite(
     seed: int = 0,
     max_batch: int = 4096,
     progress: bool = False,
-    checks: bool = True,
-    check_options: dict[str, Any] | None = None,
+    checks: CheckSettings | bool | None = True,
+    protocol: str = "fresh",
+    keep_adv: bool = False,
+    index_offset: int = 0,
 ) -> EvalResult:
     """Run a suite as a cascade and return an :class:`EvalResult` (``kind="suite"``).
 
@@ -180,9 +255,13 @@ def run_suite(
         raise AdvDefenseError(f"unknown norm {norm!r}; choose linf or l2")
     if int(repeats) < 1 or int(eot_samples) < 1:
         raise AdvDefenseError("repeats and eot_samples must be >= 1")
+    check_protocol(protocol)
+    settings_checks = resolve_checks(checks)
     x_all, y_all = load_data(data, n_examples)
     n = x_all.shape[0]
-    device = _model_device(model)
+    device = model_device(model)
+    model_hash = model_fingerprint(model)
+    model, randomness = prepare_model(model, x_all[:8].to(device))
     stochastic = is_stochastic(model)
     reps = int(repeats) if stochastic else 1
     if attacks is not None:
@@ -203,69 +282,79 @@ def run_suite(
                 _build(name, label, {})
         suite_name = suite
     settings = {"suite": suite_name, "norm": norm, "eps": eps, "eot_samples": eot_samples,
-                "repeats": reps, "seed": seed, "n": n,
+                "repeats": reps, "seed": seed, "n": n, "protocol": protocol,
+                "index_offset": index_offset,
                 "plan": [(lab, name, kw) for lab, name, kw in plan] if attacks is None
                 else [(lab, repr(given[lab])) for lab, _, _ in plan]}
-    fingerprint = _fingerprint(x_all, y_all, settings)
+    fingerprint = _fingerprint(x_all, y_all, settings, model_hash)
     path = Path(state_path) if state_path is not None else None
-    state = _load_state(path, fingerprint) if path is not None else None
-    if state is not None:
-        log.info("resuming suite from %s (finished: %s)", path, ", ".join(state["finished"]))
+    state = SuiteState.load_or_new(path, fingerprint, model_hash, settings)
+    if state.finished:
+        log.info("resuming suite from %s (finished: %s)", path, ", ".join(state.finished))
     t_start = time.perf_counter()
+    keeper = AdvKeeper(x_all) if keep_adv else None
 
-    def batched_verdict(fn, idx: torch.Tensor) -> Verdict:
+    def batched(fn, idx: torch.Tensor, attack_seed: int | None) -> Verdict:
         parts = []
-        for s in range(0, len(idx), batch_size):
-            sel = idx[s : s + batch_size]
-            parts.append(fn(x_all[sel].to(device), y_all[sel].to(device)))
+        for s, pos in batch_runner(len(idx), batch_size, False, ""):
+            sel = idx[pos]
+            first = index_offset + int(sel[0]) if len(sel) else 0
+            with seeded(batch_seed(attack_seed, first)):
+                parts.append(fn(x_all[sel].to(device), y_all[sel].to(device), sel,
+                                batch_seed(attack_seed, first)))
         return Verdict.cat(parts) if parts else Verdict.full(0)
 
     with eval_mode(model):
-        if state is None:
+        if state.clean is None:
             t0 = time.perf_counter()
-            with seeded(seed):
-                clean_v = batched_verdict(
-                    lambda x, y: verdict(model, x, y, repeats=reps, max_batch=max_batch),
-                    torch.arange(n))
-            state = {"version": STATE_VERSION, "fingerprint": fingerprint, "settings": settings,
-                     "clean": _verdict_to_json(clean_v), "clean_seconds": time.perf_counter() - t0,
-                     "finished": [], "entries": {}}
-            if path is not None:
-                _save_state(path, state)
-        clean = EntryResult("clean", "clean", "-", _verdict_from_json(state["clean"]),
-                            state["clean_seconds"])
+            state.clean = batched(
+                lambda x, y, sel, s: verdict(model, x, y, repeats=reps, max_batch=max_batch),
+                torch.arange(n), seed)
+            state.clean_seconds = time.perf_counter() - t0
+            state.save(path)
+        clean = EntryResult("clean", "clean", "-", state.clean, state.clean_seconds)
         robust = clean.verdict
         entries: dict[str, EntryResult] = {}
         stages = tqdm(list(enumerate(plan)), desc=f"suite {suite_name}", disable=not progress,
                       leave=False)
         for i, (label, name, kw) in stages:
-            if label in state["finished"]:
-                rec = state["entries"][label]
-                own = _verdict_from_json(rec["verdict"])
-                ran = torch.tensor(rec["ran"], dtype=torch.bool)
-                robust = robust & own
-                entries[label] = EntryResult(label, name, "fresh", own, rec["seconds"],
-                                             rec["attack"], None, ran, robust)
+            if label in state.entries:
+                rec = state.entries[label]
+                robust = robust & rec["verdict"]
+                entries[label] = EntryResult(label, name, protocol, rec["verdict"],
+                                             rec["seconds"], rec["attack"], None, rec["ran"],
+                                             robust)
                 continue
+            stage_seed = seed + 1000 * (i + 1)
             if attacks is not None:
                 attack = given[label]
+                stage_seed = spec_seed(attack, seed, i)
             else:
-                attack = _build(name, label, dict(kw, eps=eps, norm=norm, seed=seed,
+                attack = _build(name, label, dict(kw, eps=eps, norm=norm, seed=stage_seed,
                                                    max_batch=max_batch))
             active = robust.majority | robust.single
             idx = active.nonzero().flatten()
             log.info("suite %s: %s on %d/%d points", suite_name, label, len(idx), n)
             t0 = time.perf_counter()
             traces: list[TraceSummary] = []
+            positions: list[torch.Tensor] = []
+            frozen: list[Any] = []
 
-            def step(x, y, attack=attack, traces=traces):
-                _, v = run_protocol(model, attack, x, y, "fresh", repeats=reps,
-                                    max_batch=max_batch)
-                traces.append(_summarize_trace(attack, model, False))
-                return v
+            def step(x, y, sel, bseed, attack=attack, traces=traces, positions=positions,
+                     label=label, frozen=frozen):
+                out = run_protocol(model, attack, x, y, protocol, repeats=reps,
+                                   max_batch=max_batch, seed=bseed)
+                eot = int(getattr(attack, "eot_samples", 1)) if (
+                    stochastic and protocol == "fresh") else 1
+                traces.append(TraceSummary.from_recorder(out.recorder, attack, sel, eot))
+                positions.append(sel)
+                if out.states is not None:
+                    frozen.append(out.states)
+                if keeper is not None:
+                    keeper.offer(label, sel, out.x_adv, ~out.verdict.all)
+                return out.verdict
 
-            with seeded(seed + 1000 * (i + 1)):
-                part = batched_verdict(step, idx)
+            part = batched(step, idx, stage_seed)
             own = Verdict.full(n)
             for k in Verdict.KINDS:
                 own.get(k)[idx] = part.get(k)
@@ -273,25 +362,25 @@ def run_suite(
             ran[idx] = True
             robust = robust & own
             seconds = time.perf_counter() - t0
-            entries[label] = EntryResult(label, name, "fresh", own, seconds, repr(attack),
-                                         TraceSummary.merge(traces), ran, robust)
-            state["finished"].append(label)
-            state["entries"][label] = {"verdict": _verdict_to_json(own), "ran": ran.tolist(),
-                                       "seconds": seconds, "attack": repr(attack)}
-            if path is not None:
-                _save_state(path, state)
+            entries[label] = EntryResult(label, name, protocol, own, seconds, repr(attack),
+                                         TraceSummary.merge(traces, n, positions), ran, robust,
+                                         states=frozen)
+            state.finish(label, own, ran, seconds, repr(attack))
+            state.save(path)
     config = {"kind": "suite", "suite": suite_name, "eps": eps, "norm": norm,
               "eot_samples": eot_samples, "repeats": reps, "seed": seed, "n": n,
               "batch_size": batch_size, "max_batch": max_batch, "stochastic": stochastic,
+              "randomness": randomness, "protocol": protocol, "model_hash": model_hash,
               "state_path": None if path is None else str(path),
-              "specs": [{"label": lab, "name": name, "protocol": "fresh", "eps": eps,
-                         "norm": norm, "attack": entries[lab].attack} for lab, name, _ in plan]}
+              "specs": [{"label": lab, "name": name, "protocol": protocol, "eps": eps,
+                         "norm": norm, "attack": entries[lab].attack,
+                         "passes": entries[lab].passes} for lab, name, _ in plan]}
     result = EvalResult(n, stochastic, reps, clean, entries, robust, y_all.cpu(),
                         time.perf_counter() - t_start, config, kind="suite")
-    if checks:
-        from .checks import run_checks
-
+    if keeper is not None:
+        result.adv, result.adv_source = keeper.x, keeper.source
+    if settings_checks is not None:
         t0 = time.perf_counter()
-        result.checks = run_checks(model, (x_all, y_all), result, **(check_options or {}))
+        result.checks = run_checks(model, (x_all, y_all), result, settings_checks)
         result.config["checks_seconds"] = time.perf_counter() - t0
     return result
