@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise AdvDefenseError(f"checkpoint loading is not available in this build ({exc})") \
             from None
+    from .. import distributed as D
     from ..data import load_split
     from ..evaluation import evaluate, format_checks
     from ..evaluation.distributed import gather_result, shard
@@ -129,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.report import to_markdown, write_report
     from ..evaluation.suite import run_suite
     from ..randomness import is_stochastic
-    from ..training import distributed as D
 
     ctx = D.init_from_env("cpu")
     try:
