@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.harness import load_data
     from ..evaluation.report import to_markdown, write_report
     from ..evaluation.suite import run_suite
+    from ..provenance import relative_path, relative_value
     from ..randomness import is_stochastic
 
     ctx = D.init_from_env("cpu")
@@ -179,12 +180,14 @@ def run(args: argparse.Namespace) -> int:
         result.checks = checks
         if not ctx.is_main:
             return 0
-        extra = {"checkpoint": str(args.checkpoint), "dataset": cfg.data.name,
+        checkpoint = relative_path(args.checkpoint)
+        extra = {"checkpoint": checkpoint, "dataset": cfg.data.name,
                  "split": args.split, "processes": ctx.world_size,
-                 "command": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+                 "command": {k: relative_value(v) for k, v in vars(args).items()
+                             if not k.startswith("_")}}
         paths = write_report(result, out, sweep=sweep, extra=extra,
-                             title=f"Evaluation of {args.checkpoint}")
-        print(to_markdown(result, title=f"Evaluation of {args.checkpoint}", sweep=sweep))
+                             title=f"Evaluation of {checkpoint}")
+        print(to_markdown(result, title=f"Evaluation of {checkpoint}", sweep=sweep))
         if result.checks:
             print(format_checks(result.checks))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from ..attacks import ATTACKS, Attack
 from ..attacks.base import NORMS, check_eps, eval_mode
 from ..errors import AdvDefenseError
+from ..provenance import relative_path
 from ..randomness import is_stochastic, seeded
 from .harness import (
     EntryResult,
@@ -283,7 +284,7 @@ def run_suite(
     config = {"kind": "suite", "suite": suite_name, "eps": eps, "norm": norm,
               "eot_samples": eot_samples, "repeats": reps, "seed": seed, "n": n,
               "batch_size": batch_size, "max_batch": max_batch, "stochastic": stochastic,
-              "state_path": None if path is None else str(path),
+              "state_path": None if path is None else relative_path(path),
               "specs": [{"label": lab, "name": name, "protocol": "fresh", "eps": eps,
                          "norm": norm, "attack": entries[lab].attack} for lab, name, _ in plan]}
     result = EvalResult(n, stochastic, reps, clean, entries, robust, y_all.cpu(),
