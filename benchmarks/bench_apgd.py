@@ -15,7 +15,7 @@ The models have random weights, so the labels are the model's own clean predicti
 example starts correctly classified and both implementations attack the whole batch (both
 skip examples that are already misclassified). Images/s = batch / seconds per call.
 
-Run: ``flock /work/cpu.lock python benchmarks/bench_apgd.py``
+Run: ``python benchmarks/bench_apgd.py``
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Ours is run with its defaults (``max_batch=4096``, at most ``CPU_EOT_ROWS = 256`
 rows per pass on CPU) and fully batched (``CPU_EOT_ROWS = None``: all ``n*k`` rows of a step in
 one pass, up to 4,096) to show the effect of the chunk size on CPU.
 
-Run: ``flock /work/cpu.lock python benchmarks/bench_eot.py``
+Run: ``python benchmarks/bench_eot.py``
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ The chunked rows must stay flat once the row budget is full: ratio = extra(large
 extra(smallest k with k x batch >= max_batch), goal <= 1.5 (allocator noise); the unchunked
 rows grow about linearly in k. Every value's numbers are in the JSON (``per_value``).
 
-Run: ``flock /work/cpu.lock python benchmarks/bench_memory.py``
+Run: ``python benchmarks/bench_memory.py``
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ model, at the same eps / step size / steps / random start / batch:
 * ``ours_cmp``  ours on ``torch.compile(model)``, and ``limit_cmp`` the limit of the compiled
   model (compile time excluded; skipped with ``--no-compile`` and in ``--quick`` mode)
 
-Run: ``flock /work/cpu.lock python benchmarks/bench_pgd.py``
+Run: ``python benchmarks/bench_pgd.py``
 """
 
 from __future__ import annotations

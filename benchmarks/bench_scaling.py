@@ -12,7 +12,7 @@ DESIGN.md (ResNet-20 about 200, ResNet-18 about 26 img/s); WRN-34-10 is compared
 ResNet-18. The JSON also holds the CPU wall-time estimates of the paper configurations
 computed from these numbers (see docs/scaling.md for the formulas and the GPU assumptions).
 
-Run: ``flock /work/cpu.lock python benchmarks/bench_scaling.py``
+Run: ``python benchmarks/bench_scaling.py``
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ m = 100 and 512, against the raw limit: ``m x batch`` rows of plain ``base`` for
 ``torch.no_grad`` in chunks of the same row budget (no noise, no voting). Images/s =
 images classified per second.
 
-Run: ``flock /work/cpu.lock python benchmarks/bench_smoothing.py``
+Run: ``python benchmarks/bench_smoothing.py``
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ images. The loss is cross-entropy, plus ``2.0 x`` the mean auxiliary cross-entro
 All variants are interleaved in one run; the ratio is (defended step time) / (bn step time),
 lower is better (goal <= 1.5 for RNA and CAS; PNI/CNI reported without a goal).
 
-Run: ``flock /work/cpu.lock python benchmarks/bench_training_overhead.py``
+Run: ``python benchmarks/bench_training_overhead.py``
 """
 
 from __future__ import annotations

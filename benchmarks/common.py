@@ -7,8 +7,9 @@ median of the per-round ratios, so a slow-down that hits one round (another job 
 cores) hits both sides of that round's ratio.
 
 Results: one Markdown row per comparison on stdout and a JSON file per benchmark in
-``benchmarks/results/`` (or ``--out-dir``) holding the rows, the command line, the date and
-the machine (CPU, cores, torch/torchattacks versions, threads).
+``benchmarks/results/`` (or ``--out-dir``) holding the rows, the command line (paths relative
+to the working folder: :mod:`advdefense.provenance`), the date and the machine (CPU, cores,
+torch/torchattacks versions, threads).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from advdefense.provenance import command_line, cpu_name
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -60,16 +63,6 @@ def setup(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
@@ -90,7 +83,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:  # pragma: no cover
         load = None
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torchattacks": ta_version,
@@ -284,7 +277,7 @@ def write(name: str, args: argparse.Namespace, rows: list[dict[str, Any]],
     args.out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": name,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line([Path(sys.executable).name, *sys.argv]),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": bool(args.quick),
         "repeats": args.repeats,

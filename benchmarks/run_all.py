@@ -3,7 +3,7 @@
 Each benchmark runs as its own process (fresh interpreter, same flags), so one failing or
 missing module does not stop the others; the exit code is non-zero if any failed.
 
-Run: ``flock /work/cpu.lock python benchmarks/run_all.py [--quick] [--only pgd,eot]``
+Run: ``python benchmarks/run_all.py [--quick] [--only pgd,eot]``
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+
+from advdefense.provenance import command_line  # noqa: E402
 
 ORDER = ["pgd", "eot", "apgd", "smoothing", "training_overhead", "memory", "scaling"]
 
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
             if getattr(args, flag) is not None:
                 cmd += [f"--{flag}", str(getattr(args, flag))]
         t0 = time.perf_counter()
-        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        print(f"== {name}: {command_line(cmd)}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             failed.append(name)
         print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)

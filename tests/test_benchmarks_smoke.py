@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -49,6 +51,8 @@ def test_quick_run_writes_wellformed_rows(script, tmp_path, capsys, monkeypatch)
     for key in ("cpu", "cores", "torch", "torchattacks"):
         assert payload["machine"][key]
     assert "--quick" in payload["command"]
+    # paths are recorded relative to the working folder
+    assert not any(os.path.isabs(a) for a in shlex.split(payload["command"])), payload["command"]
     assert payload["contention"] is None or payload["contention"]["wall_s"] > 0
     rows = payload["rows"]
     assert rows, "no result rows"

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 import yaml
 
 from advdefense.config import load_config
+from advdefense.distributed import gather_per_example, shard_indices
 from advdefense.training.checkpoint import load_checkpoint
-from advdefense.training.distributed import gather_per_example, shard_indices
 from advdefense.training.trainer import Trainer
 
 CONFIG = {

@@ -147,3 +147,6 @@ def test_transfer_crafts_on_substitute_only(standard_model, mnist_test):
     built = build_attack("transfer", substitute=standard_model, attack="pgd", eps=0.3,
                          attack_options={"steps": 2})
     assert built.eps == 0.3 and built.inner.steps == 2
+    # the substitute is a model; loading a checkpoint is the caller's part (commands, presets)
+    with pytest.raises(AdvDefenseError, match="load_model_from_checkpoint"):
+        TransferAttack(substitute="runs/substitute/last.pt", attack=inner)

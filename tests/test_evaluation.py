@@ -9,11 +9,12 @@ from hypothesis import strategies as st
 from scipy.stats import beta
 from torch import nn
 
-from advdefense.attacks import FGSM, PGD
+from advdefense.attacks import FGSM, PGD, HeadsObjective
 from advdefense.errors import AdvDefenseError
 from advdefense.evaluation import (
     AttackSpec,
     Verdict,
+    cas_attack_specs,
     clopper_pearson,
     evaluate,
     standard_attack_specs,
@@ -184,3 +185,18 @@ def test_verdict_cat_and_and():
     c = a & b
     assert c.all.tolist() == [True, False, True] and not c.single.any()
     assert Verdict.cat([a, b]).all.shape == (6,)
+
+
+def test_cas_attack_specs_rows():
+    # main-logit and adaptive (main + beta*aux) rows of PGD and APGD-DLR (Bai et al. 2021)
+    specs = cas_attack_specs(0.3, aux_weight=1.5, steps=7, seed=3)
+    assert [s.name for s in specs] == ["pgd-7 main", "pgd-7 main+1.5aux", "apgd-dlr main",
+                                       "apgd-dlr main+1.5aux"]
+    main, adaptive = specs[0].attack, specs[1].attack
+    assert main.step_size == pytest.approx(0.075) and main.steps == 7
+    assert not isinstance(main.objective, HeadsObjective)
+    assert isinstance(adaptive.objective, HeadsObjective)
+    assert adaptive.objective.aux_weight == 1.5 and adaptive.objective.name == "ce+1.5*aux"
+    assert isinstance(specs[3].attack.objective, HeadsObjective)
+    assert specs[3].attack.objective.name == "dlr+1.5*aux"
+    assert [s.name for s in cas_attack_specs(0.1, apgd=False, adaptive=False)] == ["pgd-20 main"]

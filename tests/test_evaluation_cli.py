@@ -21,7 +21,8 @@ def _checkpoint(tmp_path):
     return path
 
 
-def test_evaluate_cli_writes_reports(tmp_path, capsys):
+def test_evaluate_cli_writes_reports(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the report records paths relative to the working folder
     ckpt = _checkpoint(tmp_path)
     out = tmp_path / "eval"
     rc = main(["evaluate", "--checkpoint", str(ckpt), "--attacks", "fgsm,pgd", "--eps", "0.1",
@@ -36,6 +37,8 @@ def test_evaluate_cli_writes_reports(tmp_path, capsys):
                                                            "worst"}
     assert set(report["sweep"]) == {"0.05", "0.1"}
     assert report["checks"] and report["versions"]["torch"]
+    assert report["checkpoint"] == "model.pt" and report["command"]["output"] == "eval"
+    assert str(tmp_path) not in (out / "report.json").read_text()
     printed = capsys.readouterr().out
     assert "| attack | protocol | accuracy [95% CI]" in printed and "[pass]" in printed
 

@@ -185,6 +185,12 @@ class MonitorAttackConfig:
             _positive(f"{where}.step_size", self.step_size)
 
 
+# The names of advdefense.training.recipes.RECIPES, kept here so that validating a config does
+# not import the trainer (a lower layer never imports training); tests/test_layers.py checks
+# that the two lists agree.
+RECIPE_NAMES = ("standard", "pgd_at", "trades", "mart")
+
+
 @dataclass
 class TrainConfig:
     """How to train: recipe + its arguments, epochs, optimizer, schedule and speed options.
@@ -212,9 +218,7 @@ class TrainConfig:
     init_from: str | None = None
 
     def validate(self, where: str) -> None:
-        from .training.recipes import RECIPES
-
-        _choice(f"{where}.recipe", self.recipe, RECIPES)
+        _choice(f"{where}.recipe", self.recipe, RECIPE_NAMES)
         _at_least(f"{where}.epochs", self.epochs, 1)
         if self.amp is not None:
             _choice(f"{where}.amp", self.amp, ("bf16", "fp16"))

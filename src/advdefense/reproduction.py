@@ -187,17 +187,15 @@ def _compute_minutes(sections: list[dict]) -> float:
 def write_report(root: Path, *, title: str, command: str, seed: int, sections: list[dict],
                  curves: dict[str, list[dict]], intro: str = "", total_seconds: float) -> Path:
     """Write ``report.md`` + ``report.json`` + ``accuracy_vs_eps.png`` into ``root``."""
-    import platform
-
     from .evaluation.plots import plot_curves
+    from .provenance import machine_line
 
     plot = plot_curves(curves, root / "accuracy_vs_eps.png",
                        title="PGD-20 accuracy vs eps (L-inf, 95% CI)") if curves else None
     lines = [f"# {title}", "", intro, "",
              f"- command: `{command}`", f"- seed: {seed}",
              f"- code: advdefense commit {code_version()}",
-             f"- machine: {platform.machine()}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}, python {platform.python_version()}",
+             f"- machine: {machine_line()}",
              f"- compute time, summed over the entries (training + evaluation, including "
              f"parts cached by earlier runs): {_compute_minutes(sections):.1f} min; "
              f"this invocation's wall time: {total_seconds / 60:.1f} min", ""]

@@ -2,11 +2,13 @@
 adversarial examples are crafted on an independently trained **substitute** model with an
 inner white-box attack and then given to the target model unchanged.
 
-``TransferAttack(substitute=model_or_checkpoint, attack=PGD(eps=0.3, steps=20))`` and then
+``TransferAttack(substitute=model, attack=PGD(eps=0.3, steps=20))`` and then
 ``x_adv = attack(target_model, x, y)``; the target model is never queried. The reference
 (SIAM ``run_attack_transfer.py``) transfers PGD-7 from a same-architecture substitute; here
 any inner attack and any substitute work. ``attack`` may be an :class:`Attack` or a registry
-name with ``attack_options``.
+name with ``attack_options``. The substitute is a model: loading one from a checkpoint is the
+caller's part (``advdefense.training.load_model_from_checkpoint``, as ``advdefense analyze
+smoothing --substitute`` does).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class TransferAttack(Attack):
 
     name = "transfer"
 
-    def __init__(self, *, substitute: nn.Module | str, attack: Attack | str = "pgd",
+    def __init__(self, *, substitute: nn.Module, attack: Attack | str = "pgd",
                  attack_options: dict[str, Any] | None = None, eps: float | None = None,
                  **common) -> None:
         if isinstance(attack, str):
@@ -41,11 +43,10 @@ class TransferAttack(Attack):
             raise AdvDefenseError(f"inner attack must be an Attack, got {type(attack).__name__}")
         common.setdefault("norm", attack.norm)
         super().__init__(eps=attack.eps, **common)
-        if isinstance(substitute, str):
-            from ..training.checkpoint import load_model_from_checkpoint
-            substitute, _ = load_model_from_checkpoint(substitute)
         if not isinstance(substitute, nn.Module):
-            raise AdvDefenseError("substitute must be a model or a checkpoint path")
+            raise AdvDefenseError(
+                f"substitute must be a model, got {type(substitute).__name__}; load a checkpoint "
+                "with advdefense.training.load_model_from_checkpoint(path) first")
         self.substitute = substitute
         self.inner = attack
 

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import AdvDefenseError
+from ..provenance import relative_path
 
 
 def _floats(text: str) -> list[float]:
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: getattr(args, k) for k in ("sigmas", "ms", "votes", "k", "attack", "eps",
                                                 "norm", "steps", "step_size", "attack_samples",
                                                 "n_val", "seed")}
-    write_tables(records, out, extra={"checkpoint": str(args.checkpoint), "settings": settings,
+    write_tables(records, out, extra={"checkpoint": relative_path(args.checkpoint),
+                                      "settings": settings,
                                       "chosen_on_val": asdict(best)})
     plot_sweeps(records, out)
     print((out / "sweep.md").read_text())
@@ -136,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                              nattack_vote=best.vote, repeats=args.repeats, seed=args.seed,
                              max_batch=args.max_batch, progress=progress)
         table["chosen_on_val"] = asdict(best)
-        table["substitute"] = args.substitute
+        table["substitute"] = args.substitute and relative_path(args.substitute)
         (out / "test_table.json").write_text(json.dumps(table, indent=1))
         md = (f"test: sigma={best.sigma:g}, m={best.m} chosen on val "
               f"(best vote there: {best.vote})\n\n" + table_markdown(table))

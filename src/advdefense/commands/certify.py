@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import AdvDefenseError
+from ..provenance import relative_path
 
 
 def _floats(text: str) -> list[float]:
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     pred, radius, p_lower = torch.cat(preds), torch.cat(radii), torch.cat(plow)
     correct = pred == y
     table = {f"{r:g}": float((correct & (radius >= r)).float().mean()) for r in args.radii}
-    payload = {"checkpoint": str(args.checkpoint), "sigma": args.sigma, "n0": args.n0,
+    payload = {"checkpoint": relative_path(args.checkpoint), "sigma": args.sigma, "n0": args.n0,
                "n": args.n, "alpha": args.alpha, "split": args.split, "examples": len(y),
                "seconds": seconds, "abstain_rate": float((pred == -1).float().mean()),
                "certified_accuracy": table,

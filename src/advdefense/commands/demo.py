@@ -18,13 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..presets import CURVE_EPS, demo_plans
+    from ..provenance import command_line
     from ..reproduction import run_plans
 
     out = Path(args.output)
     print(f"advdefense demo: writing into {out.resolve()}")
     report = run_plans(
         demo_plans(args.seed), out, title="advdefense demo: standard vs PGD-AT on mnist5k",
-        command="advdefense demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else []),
+        command=command_line(["advdefense", "demo",
+                              *(sys.argv[2:] if sys.argv[1:2] == ["demo"] else [])]),
         seed=args.seed, curve_eps=CURVE_EPS, n_eval=args.n,
         progress=not args.no_progress and sys.stderr.isatty(),
         intro="smallcnn on the offline mnist5k digits (4,000 train / 1,000 test). "

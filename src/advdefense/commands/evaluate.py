@@ -122,14 +122,15 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise AdvDefenseError(f"checkpoint loading is not available in this build ({exc})") \
             from None
+    from .. import distributed as D
     from ..data import load_split
     from ..evaluation import evaluate, format_checks
     from ..evaluation.distributed import gather_result, shard
     from ..evaluation.harness import load_data
     from ..evaluation.report import to_markdown, write_report
     from ..evaluation.suite import run_suite
+    from ..provenance import relative_path, relative_value
     from ..randomness import is_stochastic
-    from ..training import distributed as D
 
     ctx = D.init_from_env("cpu")
     try:
@@ -179,12 +180,14 @@ def run(args: argparse.Namespace) -> int:
         result.checks = checks
         if not ctx.is_main:
             return 0
-        extra = {"checkpoint": str(args.checkpoint), "dataset": cfg.data.name,
+        checkpoint = relative_path(args.checkpoint)
+        extra = {"checkpoint": checkpoint, "dataset": cfg.data.name,
                  "split": args.split, "processes": ctx.world_size,
-                 "command": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+                 "command": {k: relative_value(v) for k, v in vars(args).items()
+                             if not k.startswith("_")}}
         paths = write_report(result, out, sweep=sweep, extra=extra,
-                             title=f"Evaluation of {args.checkpoint}")
-        print(to_markdown(result, title=f"Evaluation of {args.checkpoint}", sweep=sweep))
+                             title=f"Evaluation of {checkpoint}")
+        print(to_markdown(result, title=f"Evaluation of {checkpoint}", sweep=sweep))
         if result.checks:
             print(format_checks(result.checks))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import AdvDefenseError
+from ..provenance import command_line
 
 PRESETS = ("mnist5k", "cifar10")
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"advdefense reproduce: {len(plans)} models into {out.resolve()}")
     report = run_plans(
         plans, out, title=f"advdefense reproduction report: {args.preset}",
-        command="advdefense " + " ".join(sys.argv[1:]), seed=args.seed,
+        command=command_line(["advdefense", *sys.argv[1:]]), seed=args.seed,
         curve_eps=None if args.no_curve else
         ([0.0, 0.1, 0.2, 0.3, 0.4] if not args.quick else [0.0, 0.3]),
         n_eval=args.n, progress=not args.no_progress and sys.stderr.isatty(),

@@ -40,8 +40,8 @@ API.
   ``forward_with_aux(x, y=None)`` gives ``(logits, [aux_logits per CAS module])``;
 * :func:`default_placement` -- the paper's sites for resnet18 / wrn34_10 (and our smallcnn);
 * :func:`apply` -- the defense-registry entry point (``defense: {cas: {...}}``);
-* :func:`attack_specs` -- main-logit and adaptive (main + β·aux) PGD and APGD-DLR rows for
-  :func:`advdefense.evaluation.evaluate`.
+* the attacks to evaluate it with are built by
+  :func:`advdefense.evaluation.cas_specs.cas_attack_specs`.
 
 Placement syntax: a module path as in ``model.named_modules()`` (``"stages.3.0"``) puts CAS on
 that module's *output*; the suffix ``":in"`` (``"linear:in"``) puts it on the module's first
@@ -436,39 +436,5 @@ def apply(model: nn.Module, options: Mapping[str, Any], info) -> CASModel:
                       input_shape=(info.in_channels, info.image_size, info.image_size))
 
 
-def attack_specs(
-    eps: float,
-    *,
-    aux_weight: float = 2.0,
-    steps: int = 20,
-    step_size: float | None = None,
-    seed: int = 0,
-    apgd: bool = True,
-    adaptive: bool = True,
-) -> list:
-    """The attacks a CAS model should be evaluated with (as :class:`AttackSpec` rows for
-    :func:`advdefense.evaluation.evaluate`): PGD-``steps`` on the main logits alone and on the
-    adaptive ``main + aux_weight * mean aux`` loss (the reference's), and APGD-DLR (Croce & Hein
-    2020) with both losses. ``step_size`` defaults to ``eps / 4``. With ``adaptive=False`` only
-    the main-logit rows are built (for models without heads, where both coincide)."""
-    from ..attacks import PGD, HeadsObjective, build_attack
-    from ..evaluation.harness import AttackSpec
-
-    step = eps / 4 if step_size is None else float(step_size)
-    specs = [AttackSpec(f"pgd-{steps} main", PGD(eps=eps, steps=steps, step_size=step,
-                                                 seed=seed))]
-    if adaptive:
-        specs.append(AttackSpec(f"pgd-{steps} main+{aux_weight:g}aux", PGD(
-            eps=eps, steps=steps, step_size=step, seed=seed,
-            loss=HeadsObjective("ce", aux_weight=aux_weight))))
-    if apgd:
-        specs.append(AttackSpec("apgd-dlr main", build_attack("apgd-dlr", eps=eps, seed=seed)))
-        if adaptive:
-            specs.append(AttackSpec(f"apgd-dlr main+{aux_weight:g}aux", build_attack(
-                "apgd-dlr", eps=eps, seed=seed,
-                loss=HeadsObjective("dlr", aux_weight=aux_weight))))
-    return specs
-
-
-__all__ = ["CASModel", "CASModule", "CASSite", "MASKS", "apply", "attach_cas", "attack_specs",
+__all__ = ["CASModel", "CASModule", "CASSite", "MASKS", "apply", "attach_cas",
            "default_placement"]

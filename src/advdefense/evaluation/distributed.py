@@ -17,7 +17,7 @@ import dataclasses
 
 import torch
 
-from ..training.distributed import gather_per_example, is_distributed, shard_indices
+from ..distributed import gather_per_example, is_distributed, shard_indices
 from .harness import EntryResult, EvalResult
 from .protocols import Verdict
 

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from ..attacks import ATTACKS, Attack
 from ..attacks.base import NORMS, batch_seed, check_eps, eval_mode
 from ..errors import AdvDefenseError
+from ..provenance import relative_path
 from ..randomness import is_stochastic, seeded
 from .checks import CheckSettings, run_checks
 from .harness import (
@@ -371,7 +372,7 @@ def run_suite(
               "eot_samples": eot_samples, "repeats": reps, "seed": seed, "n": n,
               "batch_size": batch_size, "max_batch": max_batch, "stochastic": stochastic,
               "randomness": randomness, "protocol": protocol, "model_hash": model_hash,
-              "state_path": None if path is None else str(path),
+              "state_path": None if path is None else relative_path(path),
               "specs": [{"label": lab, "name": name, "protocol": protocol, "eps": eps,
                          "norm": norm, "attack": entries[lab].attack,
                          "passes": entries[lab].passes} for lab, name, _ in plan]}

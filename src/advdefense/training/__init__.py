@@ -5,7 +5,8 @@
   ``trades``, ``mart`` (each composes with auxiliary heads through ``aux_weight``);
 * checkpoints — :func:`save_checkpoint`, :func:`load_checkpoint`,
   :func:`load_model_from_checkpoint` (``weights_only=True``);
-* :mod:`.distributed` — torchrun/DDP helpers and :func:`gather_per_example`.
+* :mod:`.distributed` — the process-group helpers of :mod:`advdefense.distributed`
+  (DDP wrapping is in the trainer).
 
 Heavy submodules are imported lazily so ``from advdefense.training import load_checkpoint``
 stays cheap and free of import cycles.

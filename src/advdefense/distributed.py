@@ -1,0 +1,157 @@
+"""Process-group helpers shared by training and evaluation (``torchrun``).
+
+``torchrun --nproc_per_node=N -m advdefense train|evaluate ...`` starts N processes with
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set;
+:func:`init_from_env` then joins the process group (``nccl`` on CUDA, ``gloo`` on CPU).
+:func:`shard_indices` gives a process its examples (``rank::world``, the order of a
+``DistributedSampler(shuffle=False)``) and :func:`gather_per_example` puts per-example results
+back in dataset order. Without a process group every helper is the identity (world size 1).
+
+Users: the Trainer (:mod:`advdefense.training.trainer`, which also wraps the model in
+DistributedDataParallel) and distributed evaluation (:mod:`advdefense.evaluation.distributed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import AdvDefenseError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DistContext",
+    "init_from_env",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "barrier",
+    "all_reduce_sum",
+    "shard_indices",
+    "gather_per_example",
+    "cleanup",
+]
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: ``rank`` of ``world_size`` (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    initialized_here: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device_type: str = "cpu") -> DistContext:
+    """Join the process group described by torchrun's environment variables.
+
+    Returns a single-process context when ``WORLD_SIZE`` is unset or 1. An already
+    initialized process group is reused.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    if not dist.is_available():
+        raise AdvDefenseError("WORLD_SIZE > 1 but torch.distributed is not available in this "
+                              "PyTorch build; run a single process")
+    rk = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rk)))
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local,
+                           dist.get_backend(), False)
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise AdvDefenseError(f"WORLD_SIZE={world} but {var} is not set; launch with "
+                                  "torchrun --nproc_per_node=N -m advdefense train|evaluate ...")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend, rank=rk, world_size=world)
+    log.info("joined process group: rank %d of %d (%s)", rk, world, backend)
+    return DistContext(rk, world, local, backend, True)
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Destroy the process group if :func:`init_from_env` created it."""
+    if ctx.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over processes (in place; returned)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shard_indices(n: int, rank_: int | None = None, world: int | None = None) -> list[int]:
+    """Indices ``rank, rank + world, ...`` of ``range(n)``: this process's share."""
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    return list(range(rank_, n, world))
+
+
+def gather_per_example(local: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """All-gather per-example results computed on :func:`shard_indices` shards, in dataset order.
+
+    ``local`` holds the results (first dimension = examples) for indices ``rank::world``
+    (also the order of a ``DistributedSampler(shuffle=False)``, whose padding is cut off by
+    ``total``). Shards may differ in length by one. Every process gets the full
+    ``(total, ...)`` tensor. Single-process: returns ``local`` (cut to ``total``).
+    """
+    if not is_distributed():
+        return local if total is None else local[:total]
+    world = dist.get_world_size()
+    n_local = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
+    sizes = [torch.zeros_like(n_local) for _ in range(world)]
+    dist.all_gather(sizes, n_local)
+    counts = [int(s) for s in sizes]
+    width = max(counts)
+    padded = local
+    if local.shape[0] < width:
+        pad = local.new_zeros((width - local.shape[0], *local.shape[1:]))
+        padded = torch.cat([local, pad])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    n = sum(counts) if total is None else total
+    out = local.new_empty((sum(counts), *local.shape[1:]))
+    for r, (part, c) in enumerate(zip(parts, counts, strict=True)):
+        out[r::world][:c] = part[:c]
+    return out[:n]
