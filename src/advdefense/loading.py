@@ -6,8 +6,9 @@
 logits ``(N, classes)`` out). ``spec`` is one of:
 
 ``pkg.module:factory`` / ``path/to/file.py:factory``
-    the model is ``factory(**model_args)``, imported from an importable module or from a
-    ``.py`` file (its folder is put on ``sys.path`` so it can import its neighbours);
+    the model is ``factory(**model_args)``, imported from an importable module (the working
+    folder is searched last) or from a ``.py`` file (its folder is put on ``sys.path`` so it
+    can import its neighbours);
 ``robustbench:ARCH``
     a RobustBench-format checkpoint (``--weights``) for an architecture we have:
     ``wrn-28-10``, ``wrn-34-10``, ``wrn-34-20`` (any ``wrn-D-W`` of their TRADES-style
@@ -401,6 +402,8 @@ def _import_file(path: Path) -> Any:
 
 
 def _import_module(name: str) -> Any:
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # the console script does not search the working folder
     try:
         return importlib.import_module(name)
     except BaseException as exc:
