@@ -108,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     dataset, _ = resolve_dataset(args, loaded)
     root = data_root(args, loaded)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    substitute = None  # loaded before any work, so a bad file fails first
+    if args.substitute and args.n_test:
+        substitute = open_model(args.substitute, device=device).model
     out = Path(args.output) if args.output else default_output(args, "smoothing", loaded)
     progress = not args.no_progress
     xv, yv = as_tensors(load_split(dataset, "val", root=root, limit=args.n_val))
@@ -133,9 +136,6 @@ def run(args: argparse.Namespace) -> int:
     if args.n_test:
         from ..analysis.smoothing_sweeps import attack_table, table_markdown
 
-        substitute = None
-        if args.substitute:
-            substitute = open_model(args.substitute, device=device).model
         nattack = None
         if args.nattack_steps > 0:
             nattack = {"steps": args.nattack_steps, "population": args.nattack_population,
