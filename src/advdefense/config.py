@@ -425,24 +425,9 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) and return the path."""
-    import os
-    import tempfile
+    from .atomic import atomic_write_text
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def build_from_config(cfg: ExperimentConfig):

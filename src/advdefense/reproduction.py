@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 
@@ -51,9 +53,10 @@ def recorded_train_seconds(run_dir: Path) -> float | None:
     return total
 
 
-def train_plan(plan: Plan, root: Path, *, progress: bool = False):
+def train_plan(plan: Plan, root: Path, *, progress: bool = False, device: str | None = None):
     """Train (or resume, or reuse) the plan's model; returns ``(model, cfg, seconds)`` where
-    ``seconds`` is the training time recorded over all epochs (not just this call's)."""
+    ``seconds`` is the training time recorded over all epochs (not just this call's).
+    ``device``: where to train and load the model (``None``: CUDA if available, else CPU)."""
     from .config import config_from_dict
     from .training.checkpoint import load_checkpoint, load_model_from_checkpoint
     from .training.trainer import Trainer
@@ -71,12 +74,13 @@ def train_plan(plan: Plan, root: Path, *, progress: bool = False):
         except Exception:  # a broken checkpoint is retrained from scratch below
             done = False
     if not done:
-        trainer = Trainer(cfg, progress=progress)
+        trainer = Trainer(cfg, progress=progress, device=device)
         try:
             trainer.fit(resume=ckpt.exists())
         finally:
             trainer.close()
-    model, cfg = load_model_from_checkpoint(ckpt)
+    model, cfg = load_model_from_checkpoint(
+        ckpt, map_location=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     recorded = recorded_train_seconds(cfg.output_dir)
     return model, cfg, recorded if recorded is not None else time.perf_counter() - t0
 
@@ -226,7 +230,8 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
 
 def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
                    curve_eps: list[float] | None = None, progress: bool = False,
-                   train_only: bool = False) -> dict[str, Any] | None:
+                   train_only: bool = False, device: str | None = None
+                   ) -> dict[str, Any] | None:
     """Train (or reuse) one entry's model and evaluate it (or reuse ``evaluation.json``).
 
     Returns the entry's report section, or None with ``train_only``.
@@ -234,7 +239,7 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
     from .data import as_tensors, load_split
 
     log.info("== %s", plan.title)
-    model, cfg, train_seconds = train_plan(plan, root, progress=progress)
+    model, cfg, train_seconds = train_plan(plan, root, progress=progress, device=device)
     if train_only:
         return None
     cache = root / plan.key / "evaluation.json"
@@ -253,13 +258,6 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
         atomic_write_text(cache, json.dumps(section, default=str))
     section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds)
     return section
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _entry_worker(rebuild: Callable[[], list[Plan]], key: str, root: Path, threads: int,
@@ -298,7 +296,8 @@ def _run_parallel(plans: list[Plan], root: Path, *, jobs: int,
 def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: int,
               intro: str = "", curve_eps: list[float] | None = None, n_eval: int = 500,
               progress: bool = False, train_only: bool = False, jobs: int = 1,
-              rebuild: Callable[[], list[Plan]] | None = None) -> Path | None:
+              rebuild: Callable[[], list[Plan]] | None = None,
+              device: str | None = None) -> Path | None:
     """Train and evaluate every plan, then write one report into ``root``.
 
     ``train_only`` trains (or resumes) every model and stops before evaluating (returns None).
@@ -307,7 +306,8 @@ def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: 
     """
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    options = dict(seed=seed, n_eval=n_eval, curve_eps=curve_eps, train_only=train_only)
+    options = dict(seed=seed, n_eval=n_eval, curve_eps=curve_eps, train_only=train_only,
+                   device=device)
     if jobs > 1 and len(plans) > 1:
         if rebuild is None:
             raise ValueError("run_plans(jobs > 1) needs rebuild= to recreate the plans")

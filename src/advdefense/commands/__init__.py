@@ -8,8 +8,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "demo": ("advdefense.commands.demo", "train standard + PGD-AT smallcnn on mnist5k and report"),
     "train": ("advdefense.commands.train", "train a model from a YAML config"),
-    "evaluate": ("advdefense.commands.evaluate", "evaluate a checkpoint against attacks/suites"),
-    "certify": ("advdefense.commands.certify", "certify a smoothed classifier (Cohen et al.)"),
+    "evaluate": ("advdefense.commands.evaluate",
+                 "evaluate a checkpoint or any model against attacks/suites"),
+    "certify": ("advdefense.commands.certify",
+                "certify the smoothed version of a model (Cohen et al.)"),
     "reproduce": ("advdefense.commands.reproduce", "train and evaluate every defense; one report"),
 }
 

@@ -7,6 +7,8 @@ Example::
         --class 3 --eps 0.3 --output runs/channels_cas_at
     advdefense analyze channels --checkpoint runs/at_mnist5k/last.pt --layer features.13 \\
         --class 3 --eps 0.3 --output runs/channels_at
+    advdefense analyze channels --model robustbench:wrn-28-10 --weights W.pt --dataset cifar10 \\
+        --layer stages.2 --class 3 --eps 0.031 --output runs/channels_rb
 
 Writes ``channels.json`` (per-channel numbers, summary with entropy and Gini of the frequency
 distribution, attack used), ``magnitude.png`` and ``frequency.png`` into ``--output``.
@@ -17,11 +19,11 @@ from __future__ import annotations
 import argparse
 
 from ..errors import AdvDefenseError
+from .evaluate import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="checkpoint written by advdefense train")
+    add_model_arguments(parser)
     parser.add_argument("--layer", required=True,
                         help="module path whose output is analysed (e.g. stages.3.1, features.13); "
                              "append ':in' for a module's input")
@@ -52,33 +54,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..analysis.channels import analyze_channels, save_report
     from ..attacks import PGD, HeadsObjective
     from ..data import as_tensors, load_split
-    from ..training.checkpoint import load_model_from_checkpoint
+    from .evaluate import data_root, model_label, open_from_args, resolve_dataset
 
     if args.eps < 0 or args.steps < 1 or args.batch_size < 1:
         raise AdvDefenseError("--eps must be >= 0, --steps and --batch-size >= 1")
     if args.max_examples is not None and args.max_examples < 1:
         raise AdvDefenseError("--max-examples must be >= 1")
-    model, cfg = load_model_from_checkpoint(args.checkpoint)
-    num_classes = None
-    try:
-        from ..data import dataset_info
+    loaded = open_from_args(args)
+    model, cfg = loaded.model, loaded.config
+    dataset, _ = resolve_dataset(args, loaded)
+    from ..data import dataset_info
 
-        num_classes = dataset_info(cfg.data.name).num_classes
-    except AdvDefenseError:
-        pass
-    if num_classes is not None and not 0 <= args.cls < num_classes:
+    num_classes = dataset_info(dataset).num_classes
+    if not 0 <= args.cls < num_classes:
         raise AdvDefenseError(f"--class must be in [0, {num_classes - 1}], got {args.cls}")
-    x, y = as_tensors(load_split(cfg.data.name, args.split))
+    x, y = as_tensors(load_split(dataset, args.split, root=data_root(args, loaded)))
     sel = (y == args.cls).nonzero().flatten()
     if args.max_examples is not None:
         sel = sel[: args.max_examples]
-    x, y = x[sel], y[sel]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x, y = x[sel].to(device), y[sel].to(device)
     beta = args.aux_weight
     if beta is None:
-        beta = float(cfg.train.recipe_args.get("aux_weight", 2.0) or 2.0)
+        beta = 2.0 if cfg is None else float(cfg.train.recipe_args.get("aux_weight", 2.0) or 2.0)
+    name = cfg.name if cfg is not None else model_label(args)
     loss = HeadsObjective("ce", aux_weight=beta) if args.objective == "adaptive" else "ce"
     step = args.eps / 8 if args.step_size is None else args.step_size
     attack = PGD(eps=args.eps, steps=args.steps, step_size=step, loss=loss, seed=args.seed)
@@ -86,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
                               threshold=args.threshold, after_mask=args.after_mask,
                               absolute=args.absolute, batch_size=args.batch_size)
     paths = save_report(report, args.output,
-                        title=f"{cfg.name} {args.layer} class {args.cls}")
+                        title=f"{name} {args.layer} class {args.cls}")
     s = report.summary()
-    print(f"{cfg.name}: layer {args.layer}, class {args.cls}, {report.natural.n} examples, "
+    print(f"{name}: layer {args.layer}, class {args.cls}, {report.natural.n} examples, "
           f"{report.natural.magnitude.numel()} channels; attack {report.attack}")
     print(f"accuracy clean {report.clean_accuracy:.3f}, adversarial {report.adv_accuracy:.3f}")
     print("            mean magnitude  mean frequency  entropy/log K  Gini")

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from ..errors import AdvDefenseError
 
 
@@ -30,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=int, default=500, help="test examples used")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rna-checkpoint", default=None,
-                        help="RNA checkpoint for the path matrix (default: train one here)")
+                        help="RNA model for the path matrix: a checkpoint, TorchScript or "
+                             "torch.export file (default: train one here)")
     parser.add_argument("--rna-space", default="bn,in",
                         help="space of the RNA model trained here when no checkpoint is given")
     parser.add_argument("--random-paths", type=int, default=3,
@@ -38,10 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-limit", type=int, default=None,
                         help="use only the first N training examples (quick runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu",
+                        help="device (default cpu; the study trains and attacks its small "
+                             "models on the CPU, so only cpu is supported for now)")
     parser.add_argument("--output", required=True, help="output directory")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from ..analysis.transfer import run_transfer_study
 
     if args.threads:
@@ -50,16 +54,14 @@ def run(args: argparse.Namespace) -> int:
             args.train_limit is not None and args.train_limit < 1):
         raise AdvDefenseError("--epochs, --examples, --steps and --train-limit must be >= 1")
     norms = [s.strip() for s in args.norms.split(",") if s.strip()]
+    from ..loading import open_model, resolve_device
+
+    if resolve_device(args.device).type != "cpu":
+        raise AdvDefenseError("analyze transfer trains and attacks its models on the CPU; "
+                              "--device must be cpu for now")
     rna_model = None
     if args.rna_checkpoint:
-        try:
-            from ..training.checkpoint import load_model_from_checkpoint
-        except ImportError as exc:
-            raise AdvDefenseError(
-                "loading checkpoints needs advdefense.training.checkpoint, which is not "
-                "available in this build") from exc
-        rna_model, _cfg = load_model_from_checkpoint(args.rna_checkpoint)
-        rna_model.eval()
+        rna_model = open_model(args.rna_checkpoint, device=args.device).model
     t0 = time.perf_counter()
     results = run_transfer_study(
         args.output, dataset=args.dataset, norms=norms, epochs=args.epochs, eps=args.eps,

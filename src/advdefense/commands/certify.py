@@ -1,24 +1,26 @@
 """``advdefense certify --checkpoint C --sigma 0.25 [options]``: Cohen et al. (2019) CERTIFY of
-the Gaussian-smoothed version of a checkpoint's model (any weight noise stays on).
+the Gaussian-smoothed version of a model (any weight noise stays on): an advdefense checkpoint
+or any model ``--model`` names (see :mod:`advdefense.loading`; then ``--dataset`` is needed).
 
 Writes ``certify.json`` (per-example prediction, radius, p_A lower bound, label) and
-``certify.md`` (certified accuracy at each radius of ``--radii``) into ``--output``.
+``certify.md`` (certified accuracy at each radius of ``--radii``) into ``--output``, each
+atomically, with a progress bar over the examples.
 
 Example::
 
     advdefense certify --checkpoint runs/cni_w_at/last.pt --sigma 0.25 --n 1000 --n0 100 \\
         --alpha 0.001 --limit 100 --output runs/cni_w_at/certify
+    advdefense certify --model my_models.py:Net --weights net.pt --dataset cifar10 --sigma 0.25
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from ..errors import AdvDefenseError
-from ..provenance import relative_path
+from .evaluate import add_model_arguments
 
 
 def _floats(text: str) -> list[float]:
@@ -29,7 +31,7 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by train")
+    add_model_arguments(parser)
     parser.add_argument("--sigma", type=float, required=True, help="noise std, [0,1] pixels")
     parser.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
     parser.add_argument("--n", type=int, default=100000,
@@ -44,52 +46,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=20, help="examples per certify call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None,
-                        help="output folder (default: <checkpoint folder>/certify)")
+                        help="output folder (default: <checkpoint folder>/certify, or "
+                             "runs/certify_<model> for --model)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.auto import tqdm
 
-    from ..data import as_tensors, load_split
+    from ..atomic import atomic_write_json, atomic_write_text
+    from ..data import as_tensors, dataset_info, load_split
     from ..defenses.smoothing import certify
+    from ..loading import check_logits
     from ..randomness import seeded
-    from ..training.checkpoint import load_model_from_checkpoint
+    from ..provenance import relative_path, relative_value
+    from .evaluate import data_root, default_output, model_label, open_from_args, resolve_dataset
 
     if args.limit < 1 or args.batch < 1:
         raise AdvDefenseError("--limit and --batch must be >= 1")
-    model, cfg = load_model_from_checkpoint(args.checkpoint)
-    model.eval()
-    x, y = as_tensors(load_split(cfg.data.name, args.split, root=getattr(cfg.data, "root", "data"),
+    loaded = open_from_args(args)
+    model = loaded.model.eval()
+    dataset, _ = resolve_dataset(args, loaded)
+    x, y = as_tensors(load_split(dataset, args.split, root=data_root(args, loaded),
                                  limit=args.limit))
-    out = Path(args.output) if args.output else Path(args.checkpoint).parent / "certify"
-    out.mkdir(parents=True, exist_ok=True)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    check_logits(model, x[:2].to(device), num_classes=dataset_info(dataset).num_classes,
+                 what=f"{dataset} images")
+    out = Path(args.output) if args.output else default_output(args, "certify", loaded)
     preds, radii, plow, t0 = [], [], [], time.perf_counter()
-    with seeded(args.seed):
+    bar = tqdm(total=x.shape[0], desc="certify", unit="img", disable=args.no_progress)
+    with seeded(args.seed), bar:
         for s in range(0, x.shape[0], args.batch):
-            r = certify(model, x[s : s + args.batch], sigma=args.sigma, n0=args.n0, n=args.n,
-                        alpha=args.alpha, max_batch=args.max_batch,
+            r = certify(model, x[s : s + args.batch].to(device), sigma=args.sigma, n0=args.n0,
+                        n=args.n, alpha=args.alpha, max_batch=args.max_batch,
                         batch_samples=args.batch_samples)
-            preds.append(r.prediction)
-            radii.append(r.radius)
-            plow.append(r.p_lower)
+            preds.append(r.prediction.cpu())
+            radii.append(r.radius.cpu())
+            plow.append(r.p_lower.cpu())
+            bar.update(min(args.batch, x.shape[0] - s))
     seconds = time.perf_counter() - t0
     pred, radius, p_lower = torch.cat(preds), torch.cat(radii), torch.cat(plow)
     correct = pred == y
     table = {f"{r:g}": float((correct & (radius >= r)).float().mean()) for r in args.radii}
-    payload = {"checkpoint": relative_path(args.checkpoint), "sigma": args.sigma, "n0": args.n0,
+    name = model_label(args)
+    payload = {"checkpoint": args.checkpoint and relative_path(args.checkpoint),
+               "model": relative_value(loaded.source), "dataset": dataset,
+               "sigma": args.sigma, "n0": args.n0,
                "n": args.n, "alpha": args.alpha, "split": args.split, "examples": len(y),
                "seconds": seconds, "abstain_rate": float((pred == -1).float().mean()),
                "certified_accuracy": table,
                "per_example": [{"label": int(a), "prediction": int(b), "radius": float(c),
                                 "p_lower": float(d)}
                                for a, b, c, d in zip(y, pred, radius, p_lower, strict=True)]}
-    (out / "certify.json").write_text(json.dumps(payload, indent=1))
-    lines = [f"Certified accuracy (Cohen et al. CERTIFY), sigma={args.sigma:g}, n0={args.n0}, "
-             f"n={args.n}, alpha={args.alpha:g}, {len(y)} {args.split} examples, "
-             f"abstain {100 * payload['abstain_rate']:.1f}%, {seconds:.0f} s", "",
+    lines = [f"Certified accuracy of {name} (Cohen et al. CERTIFY), sigma={args.sigma:g}, "
+             f"n0={args.n0}, n={args.n}, alpha={args.alpha:g}, {len(y)} {dataset} "
+             f"{args.split} examples, abstain {100 * payload['abstain_rate']:.1f}%, "
+             f"{seconds:.0f} s", "",
              "| L2 radius | " + " | ".join(table) + " |", "|---|" + "---|" * len(table),
              "| certified acc % | " + " | ".join(f"{100 * v:.1f}" for v in table.values())
              + " |", ""]
-    (out / "certify.md").write_text("\n".join(lines))
+    atomic_write_json(out / "certify.json", payload)
+    atomic_write_text(out / "certify.md", "\n".join(lines))
     print("\n".join(lines))
     return 0

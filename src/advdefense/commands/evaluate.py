@@ -1,16 +1,34 @@
-"""``advdefense evaluate --checkpoint C [options]``: evaluate a trained model honestly.
+"""``advdefense evaluate``: evaluate a model honestly — an advdefense checkpoint or anyone's.
 
-Loads the model and its config from the checkpoint, the data split named by the config,
-runs either named attacks (``--attacks``, default: the demo set of
-:func:`advdefense.evaluation.standard_attack_specs`) under the chosen protocols at every eps
-of ``--eps-sweep`` (plus ``--eps``), or an AutoAttack-style suite (``--suite``) at ``--eps``;
-then the attack-failure checks. Prints the Markdown table and the checks and writes
-``report.json``, ``report.md`` and ``accuracy_vs_eps.png`` into ``--output``.
+The model is an advdefense checkpoint (``--checkpoint``: model, config and dataset come from
+it) or any model :func:`advdefense.loading.load_model` reads (``--model``: a factory
+``pkg.module:factory`` or ``file.py:factory`` with ``--weights`` / ``--model-args``, a
+RobustBench checkpoint ``robustbench:wrn-28-10 --weights F``, a TorchScript or
+``torch.export`` archive), evaluated on ``--dataset``. It then runs either named attacks
+(``--attacks``, default: the demo set of :func:`advdefense.evaluation.standard_attack_specs`)
+under the chosen protocols at every eps of ``--eps-sweep`` (plus ``--eps``), or an
+AutoAttack-style suite (``--suite``) at ``--eps``; then the attack-failure checks. Prints the
+Markdown table and the checks and writes ``report.json`` (with a ``robustbench`` block in
+RobustBench's field names), ``report.md`` and ``accuracy_vs_eps.png`` into ``--output``.
+
+``--eps`` / ``--norm`` default to the checkpoint's config (``eval.eps``/``eval.norm``, else
+the training attack of an adversarial recipe), else to the dataset's usual budget (L-inf:
+0.3 for MNIST-like data, 8/255 for CIFAR/SVHN; L2: 2.0 and 0.5); the report says where each
+came from (``eps_source``, ``norm_source``).
+
+``--save-adv FILE`` keeps the worst-case input of every example (:mod:`advdefense.advfile`);
+``--adv-file FILE`` re-checks such a file on the given model (a transfer evaluation when the
+model differs) and prints the accuracy with its 95% interval, instead of attacking.
 
 Example::
 
     advdefense evaluate --checkpoint runs/pgd_at/last.pt --eps 0.3 --eps-sweep 0.1,0.2,0.3 \\
         --protocols fresh,paper,fixed --n 500 --output runs/pgd_at/eval
+    advdefense evaluate --model my_models.py:Net --weights net.pt --dataset cifar10 \\
+        --suite standard --n 1000 --save-adv adv.pt --output runs/net
+    advdefense evaluate --model robustbench:wrn-28-10 --weights Carmon2019Unlabeled.pt \\
+        --dataset cifar10 --suite standard
+    advdefense evaluate --model other.py:Net --weights other.pt --dataset cifar10 --adv-file adv.pt
     torchrun --nproc_per_node=2 -m advdefense evaluate --checkpoint runs/pgd_at/last.pt ...
 
 Under ``torchrun`` every process evaluates the examples ``rank::world`` and the per-example
@@ -21,10 +39,15 @@ the report. A ``--state`` file gets a ``.rank<r>`` suffix per process.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import re
 from pathlib import Path
+from typing import Any
 
 from ..errors import AdvDefenseError, CheckpointError
+
+MNIST_LIKE = ("mnist", "mnist5k", "digits")
 
 
 def _floats(text: str) -> list[float]:
@@ -40,16 +63,158 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") \
+            from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 2}}', "
+                                         f"got {text!r}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, dataset: bool = True) -> None:
+    """The model options shared by evaluate, certify and analyze (one of --checkpoint or
+    --model; see :mod:`advdefense.loading`)."""
+    group = parser.add_argument_group("model (one of --checkpoint or --model)")
+    group.add_argument("--checkpoint", default=None, help="checkpoint written by train")
+    group.add_argument("--model", default=None,
+                       help="pkg.module:factory, path/to/file.py:factory, robustbench:ARCH "
+                            "(wrn-28-10, wrn-34-10, resnet-18, ...), a TorchScript or "
+                            "torch.export (.pt2) file, or an advdefense checkpoint")
+    group.add_argument("--model-args", type=_json_object, default=None,
+                       help="JSON keyword arguments of the factory, e.g. '{\"width\": 2}'")
+    group.add_argument("--weights", default=None,
+                       help="state dict file for --model (read with weights_only=True; "
+                            "module./model. prefixes and state_dict/model nesting are undone)")
+    group.add_argument("--mean", type=_floats, default=None,
+                       help="per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465 "
+                            "(inputs stay in [0,1]; normalization is put in front)")
+    group.add_argument("--std", type=_floats, default=None, help="per-channel std (see --mean)")
+    if dataset:
+        group.add_argument("--dataset", default=None,
+                           help="data to evaluate on (default: the checkpoint's; needed with "
+                                "--model)")
+    group.add_argument("--data-root", default=None,
+                       help="folder of torchvision datasets (default: the checkpoint's, else data)")
+    group.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when CUDA is "
+                            "available, else cpu)")
+
+
+def open_from_args(args: argparse.Namespace, device=None):
+    """The :class:`~advdefense.loading.LoadedModel` of the model options (one clear line on
+    any problem)."""
+    from ..loading import open_model
+
+    if args.checkpoint is None and args.model is None:
+        raise AdvDefenseError("give --checkpoint FILE (advdefense train) or --model SPEC "
+                              "(pkg.module:factory, file.py:factory, robustbench:ARCH, ...)")
+    if args.checkpoint is not None and args.model is not None:
+        raise AdvDefenseError("give --checkpoint or --model, not both")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint {args.checkpoint} not found; pass the .pt file "
+                              "written by `advdefense train`")
+    return open_model(args.model, checkpoint=args.checkpoint, weights=args.weights,
+                      model_args=args.model_args, mean=args.mean, std=args.std,
+                      device=args.device if device is None else device)
+
+
+def model_label(args: argparse.Namespace) -> str:
+    """The model as given on the command line, relative to the working folder."""
+    from ..provenance import relative_path
+
+    label = str(args.checkpoint if args.checkpoint is not None else args.model)
+    return relative_path(label) if ":" not in label else label
+
+
+def default_output(args: argparse.Namespace, folder: str, loaded=None) -> Path:
+    """``<checkpoint folder>/<folder>`` or ``runs/<folder>_<model name>``."""
+    if args.checkpoint is not None:
+        return Path(args.checkpoint).parent / folder
+    if loaded is not None and loaded.kind == "checkpoint":
+        return Path(str(args.model)).parent / folder
+    stem = re.sub(r"[^0-9A-Za-z_.-]+", "_", Path(str(args.model)).name.replace(":", "_"))
+    return Path("runs") / f"{folder}_{stem.strip('_.') or 'model'}"
+
+
+def resolve_dataset(args: argparse.Namespace, loaded, fallback: str | None = None
+                    ) -> tuple[str, str]:
+    """``(dataset, where it came from)``: --dataset, the checkpoint's config, or ``fallback``
+    (e.g. the dataset of an adversarial-example file)."""
+    from ..data import dataset_info
+
+    if getattr(args, "dataset", None):
+        dataset_info(args.dataset)
+        return args.dataset, "command line"
+    if loaded.dataset is not None:
+        return loaded.dataset, "checkpoint config"
+    if fallback is not None:
+        return fallback, "adversarial-example file"
+    raise AdvDefenseError("--model needs --dataset NAME (the data to evaluate on: mnist5k, "
+                          "digits, mnist, cifar10, cifar100, svhn)")
+
+
+def data_root(args: argparse.Namespace, loaded) -> str:
+    if args.data_root is not None:
+        return args.data_root
+    return getattr(loaded.config.data, "root", "data") if loaded.config is not None else "data"
+
+
+def dataset_default_eps(dataset: str, norm: str) -> float:
+    """The usual budget of a dataset: L-inf 0.3 (MNIST-like) or 8/255; L2 2.0 or 0.5."""
+    mnist = dataset in MNIST_LIKE
+    if norm == "linf":
+        return 0.3 if mnist else 8 / 255
+    return 2.0 if mnist else 0.5
+
+
+def resolve_budget(eps: float | None, norm: str | None, cfg, dataset: str
+                   ) -> tuple[float, str, dict[str, str]]:
+    """``(eps, norm, sources)``: the command line wins; then the checkpoint's config
+    (``eval.eps``/``eval.norm``, else ``train.attack`` of an adversarial recipe); then the
+    dataset's default. ``sources`` = ``{"eps_source": ..., "norm_source": ...}`` with values
+    ``command line``, ``checkpoint config`` or ``dataset default``."""
+    from_cfg: dict[str, Any] = {}
+    if cfg is not None:
+        ev = cfg.eval if isinstance(getattr(cfg, "eval", None), dict) else {}
+        if cfg.train.recipe != "standard":
+            from_cfg = {"eps": cfg.train.attack.eps, "norm": cfg.train.attack.norm}
+        from_cfg.update({k: ev[k] for k in ("eps", "norm") if ev.get(k) is not None})
+    sources = {}
+    if norm is not None:
+        sources["norm_source"] = "command line"
+    elif "norm" in from_cfg:
+        norm, sources["norm_source"] = str(from_cfg["norm"]), "checkpoint config"
+    else:
+        norm, sources["norm_source"] = "linf", "dataset default"
+    if norm not in ("linf", "l2"):
+        raise AdvDefenseError(f"unknown norm {norm!r}; choose linf or l2")
+    if eps is not None:
+        sources["eps_source"] = "command line"
+    elif "eps" in from_cfg and (sources["norm_source"] != "command line"
+                                 or norm == from_cfg.get("norm")):
+        eps, sources["eps_source"] = float(from_cfg["eps"]), "checkpoint config"
+    else:
+        eps, sources["eps_source"] = dataset_default_eps(dataset, norm), "dataset default"
+    return float(eps), norm, sources
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="checkpoint written by train")
+    add_model_arguments(parser)
     parser.add_argument("--attacks", type=_names, default=None,
                         help="comma-separated registry names (default: fgsm,pgd,cw[,apgd-ce])")
-    parser.add_argument("--eps", type=float, default=0.3, help="attack radius (default 0.3)")
+    parser.add_argument("--eps", type=float, default=None,
+                        help="attack radius (default: the checkpoint's, else the dataset's: "
+                             "0.3 MNIST-like, 8/255 CIFAR/SVHN for linf; 2.0 / 0.5 for l2)")
     parser.add_argument("--eps-sweep", type=_floats, default=None,
                         help="comma-separated radii for the accuracy-vs-eps curve")
     parser.add_argument("--suite", choices=("standard", "rand", "full"), default=None,
                         help="run an AutoAttack-style cascade instead of --attacks")
-    parser.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    parser.add_argument("--norm", choices=("linf", "l2"), default=None,
+                        help="threat model (default: the checkpoint's, else linf)")
     parser.add_argument("--protocols", type=_names, default=["fresh"],
                         help="fresh,paper,fixed (stochastic models; default fresh)")
     parser.add_argument("--steps", type=int, default=20, help="PGD/CW iterations (default 20)")
@@ -63,20 +228,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="data split (default test)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--output", default=None,
-                        help="output folder (default: <checkpoint folder>/eval)")
+                        help="output folder (default: <checkpoint folder>/eval, or "
+                             "runs/eval_<model> for --model)")
     parser.add_argument("--state", default=None, help="suite state file (resumable)")
+    parser.add_argument("--save-adv", default=None, metavar="FILE",
+                        help="write the worst-case adversarial input of every example to FILE "
+                             "(.pt, loadable with weights_only=True)")
+    parser.add_argument("--adv-file", default=None, metavar="FILE",
+                        help="re-check the adversarial examples of FILE (--save-adv) on this "
+                             "model instead of attacking: transfer / re-verification")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-checks", action="store_true", help="skip the failure checks")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _validate(args: argparse.Namespace) -> list[float]:
+def _validate(args: argparse.Namespace) -> None:
     from ..attacks import ATTACKS
     from ..errors import unknown_name
     from ..evaluation.protocols import check_protocol
 
-    eps_list = sorted(set((args.eps_sweep or []) + [args.eps]))
-    for e in eps_list:
+    for e in (args.eps_sweep or []) + ([args.eps] if args.eps is not None else []):
         if not math.isfinite(e) or e < 0:
             raise AdvDefenseError(f"eps must be a finite number >= 0, got {e}")
     for p in args.protocols:
@@ -89,22 +260,24 @@ def _validate(args: argparse.Namespace) -> list[float]:
             raise AdvDefenseError(f"--{key.replace('_', '-')} must be >= 1")
     if args.eot is not None and args.eot < 1:
         raise AdvDefenseError("--eot must be >= 1")
-    if not Path(args.checkpoint).is_file():
+    if args.adv_file is not None and args.save_adv is not None:
+        raise AdvDefenseError("--adv-file re-checks saved examples; it cannot be combined "
+                              "with --save-adv")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise CheckpointError(f"checkpoint {args.checkpoint} not found; pass the .pt file "
                               "written by `advdefense train`")
-    return eps_list
 
 
-def _specs(args, eps: float, eot: int):
+def _specs(args, eps: float, norm: str, eot: int):
     from ..attacks import build_attack
     from ..evaluation import AttackSpec, standard_attack_specs
 
     if not args.attacks:
-        return standard_attack_specs(eps, norm=args.norm, steps=args.steps, eot_samples=eot,
+        return standard_attack_specs(eps, norm=norm, steps=args.steps, eot_samples=eot,
                                      seed=args.seed, protocols=tuple(args.protocols))
     specs = []
     for name in args.attacks:
-        kw = dict(eps=eps, norm=args.norm, eot_samples=eot, seed=args.seed)
+        kw = dict(eps=eps, norm=norm, eot_samples=eot, seed=args.seed)
         if name in ("pgd", "cw"):
             kw.update(steps=args.steps, step_size=eps / 4)
         try:
@@ -115,82 +288,206 @@ def _specs(args, eps: float, eot: int):
     return specs
 
 
-def run(args: argparse.Namespace) -> int:
-    eps_list = _validate(args)
+def _adversarial(result) -> tuple[Any, list[str]]:
+    """``(x_adv, source)`` of this process's examples, kept by the evaluation core."""
+    if result.adv is None:
+        raise AdvDefenseError("this evaluation kept no adversarial examples")
+    return result.adv.detach().cpu(), [str(s) for s in result.adv_source]
+
+
+def _gather_adversarial(x_adv, source: list[str], labels: list[str], total: int):
+    """All processes' ``(x_adv, source)`` back in dataset order (identity in one process)."""
+    import torch
+
+    from ..distributed import gather_per_example, is_distributed
+
+    if not is_distributed():
+        return x_adv, source
+    names = ["clean", *labels]
+    codes = torch.tensor([names.index(s) if s in names else 0 for s in source])
+    x_all = gather_per_example(x_adv.contiguous(), total)
+    codes = gather_per_example(codes, total)
+    return x_all, [names[int(c)] for c in codes]
+
+
+def _recheck(args, loaded, device) -> int:
+    """``--adv-file``: classify saved adversarial examples again on this model."""
+    import torch
+
+    from ..advfile import check_matches, load_adversarial, recheck
+    from ..atomic import atomic_write_json
+    from ..data import as_tensors, load_split
+    from ..errors import DataError
+    from ..evaluation.stats import accuracy
+    from ..loading import check_logits
+    from ..randomness import is_stochastic
+
+    adv = load_adversarial(args.adv_file)
+    dataset, _ = resolve_dataset(args, loaded, fallback=adv["dataset"])
+    check_matches(adv, dataset=dataset)
+    x_adv, y = adv["x_adv"], adv["y"]
+    n_classes = check_logits(loaded.model, x_adv[:2].to(device), what=f"the {dataset} file")
+    if int(y.max()) >= n_classes:
+        raise AdvDefenseError(f"the file has label {int(y.max())} but the model returns "
+                              f"{n_classes} classes; the file is for other data")
+    clean = None
     try:
-        from ..training.checkpoint import load_model_from_checkpoint
-    except ImportError as exc:
-        raise AdvDefenseError(f"checkpoint loading is not available in this build ({exc})") \
-            from None
-    from .. import distributed as D
-    from ..data import load_split
+        ds = load_split(dataset, adv["split"], root=data_root(args, loaded))
+        idx = adv["indices"]
+        if int(idx.max()) >= len(ds):  # type: ignore[arg-type]
+            raise AdvDefenseError(f"the file refers to example {int(idx.max())} of {dataset}/"
+                                  f"{adv['split']}, which has {len(ds)}; it is for other data")
+        xs, ys = as_tensors(torch.utils.data.Subset(ds, idx.tolist()))
+        distance = check_matches(adv, dataset=dataset, x_clean=xs, y_clean=ys)
+        clean = recheck(loaded.model, xs, ys, repeats=args.repeats,
+                        batch_size=args.batch_size, seed=args.seed)
+    except DataError as exc:
+        distance = None
+        print(f"note: clean {dataset} data not available ({exc}); the perturbation size and "
+              "labels are not re-checked")
+    verdict = recheck(loaded.model, x_adv, y, repeats=args.repeats,
+                      batch_size=args.batch_size, seed=args.seed)
+    acc = accuracy(verdict.all)
+    stochastic = is_stochastic(loaded.model)
+    name = model_label(args)
+    broke = sorted({s for s in adv["source"] if s != "clean"})
+    print(f"{len(y)} adversarial examples from {args.adv_file} ({adv['dataset']}/"
+          f"{adv['split']}, {adv['norm']} eps={adv['eps']:g}, made on {adv['model'] or '?'}"
+          f"{'; attacks kept: ' + ', '.join(broke) if broke else ''})")
+    if distance is not None:
+        print(f"largest perturbation {distance:.4g} ({adv['norm']}) <= eps {adv['eps']:g}")
+    if clean is not None:
+        print(f"{name}: clean accuracy {accuracy(clean.all)}")
+    what = f"all {args.repeats} stochastic predictions correct" if stochastic else "one prediction"
+    print(f"{name}: accuracy on the adversarial examples {acc} ({what})")
+    if args.output is not None:
+        payload = {"adv_file": str(args.adv_file), "model": name,
+                   "model_source": loaded.source, "dataset": dataset, "split": adv["split"],
+                   "eps": adv["eps"], "norm": adv["norm"], "made_on": adv["model"],
+                   "n": len(y), "stochastic": stochastic,
+                   "repeats": args.repeats if stochastic else 1, "max_perturbation": distance,
+                   "accuracy": acc.as_dict(), "majority": accuracy(verdict.majority).as_dict(),
+                   "clean": None if clean is None else accuracy(clean.all).as_dict(),
+                   "per_example_correct": verdict.all.tolist()}
+        path = atomic_write_json(Path(args.output) / "adv_check.json", payload)
+        print(f"wrote {path}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    _validate(args)
+    import torch
+
+    from ..data import dataset_info, load_split
     from ..evaluation import evaluate, format_checks
     from ..evaluation.distributed import gather_result, shard
     from ..evaluation.harness import load_data
-    from ..evaluation.report import to_markdown, write_report
+    from ..evaluation.report import robustbench_fields, to_markdown, write_report
     from ..evaluation.suite import run_suite
+    from .. import distributed as D
+    from ..evaluation.checks import CheckSettings, MonotoneSettings
+    from ..evaluation.harness import prepare_model
+    from ..loading import check_logits, default_device
     from ..provenance import relative_path, relative_value
     from ..randomness import is_stochastic
 
     ctx = D.init_from_env("cpu")
     try:
-        model, cfg = load_model_from_checkpoint(args.checkpoint)
-        data = load_split(cfg.data.name, args.split, root=getattr(cfg.data, "root", "data"),
-                          limit=args.n)
+        device = args.device if args.device is not None else default_device()
+        loaded = open_from_args(args, device=device)
+        model, cfg = loaded.model, loaded.config
+        if args.adv_file is not None:
+            return _recheck(args, loaded, next((p.device for p in model.parameters()),
+                                               torch.device("cpu"))) if ctx.is_main else 0
+        dataset, dataset_source = resolve_dataset(args, loaded)
+        info = dataset_info(dataset)
+        eps, norm, sources = resolve_budget(args.eps, args.norm, cfg, dataset)
+        eps_list = sorted(set((args.eps_sweep or []) + [eps]))
+        data = load_split(dataset, args.split, root=data_root(args, loaded), limit=args.n)
         x_all, y_all = load_data(data, args.n)
         n_total = x_all.shape[0]
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        check_logits(model, x_all[:2].to(dev), num_classes=info.num_classes,
+                     what=f"{dataset} images")
         x, y = shard(x_all, y_all)  # torchrun: this process's examples rank::world
+        model, _ = prepare_model(model, x_all[:8].to(dev))  # undeclared randomness: wrapped
         stochastic = is_stochastic(model)
+        offset = ctx.rank * 1_000_003  # batch seeds differ between processes
         eot = args.eot if args.eot is not None else (20 if stochastic else 1)
-        out = Path(args.output) if args.output else Path(args.checkpoint).parent / "eval"
+        out = Path(args.output) if args.output else default_output(args, "eval", loaded)
         progress = not args.no_progress and ctx.is_main
-        check_options = {"seed": args.seed}
+        checks = None if args.no_checks else CheckSettings(seed=args.seed)
+        save = args.save_adv is not None
         if args.suite:
             state = args.state
             if state and ctx.enabled:
                 state = f"{state}.rank{ctx.rank}"
-            result = run_suite(model, (x, y), suite=args.suite, norm=args.norm, eps=args.eps,
-                               eot_samples=eot, repeats=args.repeats, state_path=state,
-                               batch_size=args.batch_size, seed=args.seed,
-                               progress=progress, checks=not args.no_checks,
-                               check_options=check_options)
+            kw: dict[str, Any] = dict(norm=norm, eps=eps, eot_samples=eot,
+                                      repeats=args.repeats, state_path=state,
+                                      batch_size=args.batch_size, seed=args.seed,
+                                      progress=progress, checks=checks, keep_adv=save,
+                                      index_offset=offset)
+            if save and state and Path(state).exists():
+                raise AdvDefenseError(
+                    f"--save-adv cannot recover the inputs of attacks finished in an "
+                    f"earlier run of {state}; delete it or drop --state")
+            result = run_suite(model, (x, y), suite=args.suite, **kw)
+            result.config["suite"] = args.suite
             sweep = None
         else:
             sweep = {}
             for e in eps_list:
-                sweep[e] = evaluate(model, (x, y), _specs(args, e, eot), repeats=args.repeats,
-                                    batch_size=args.batch_size, seed=args.seed,
-                                    progress=progress, checks=False)
-            result = sweep[args.eps]
-            if not args.no_checks:
+                sweep[e] = evaluate(model, (x, y), _specs(args, e, norm, eot),
+                                    repeats=args.repeats, batch_size=args.batch_size,
+                                    seed=args.seed, progress=progress, checks=None,
+                                    keep_adv=save and e == eps, index_offset=offset)
+            result = sweep[eps]
+            if checks is not None:
                 from ..evaluation import run_checks
 
-                accs = ({e: r.accuracy("worst").value for e, r in sweep.items()}
+                accs = (tuple((e, r.accuracy("worst").value) for e, r in sweep.items())
                         if len(sweep) > 2 else None)
-                result.checks = run_checks(model, (x, y), result, eps=args.eps,
-                                           norm=args.norm, eps_accuracies=accs,
-                                           **check_options)
+                result.checks = run_checks(model, (x, y), result, checks.with_(
+                    eps=eps, norm=norm, monotone=MonotoneSettings(accuracies=accs)))
+        adv = _adversarial(result) if save else None
         # per-example verdicts back in dataset order (identity in one process)
         checks = result.checks
         if sweep is not None:
             sweep = {e: gather_result(r, n_total) for e, r in sweep.items()}
-            result = sweep[args.eps]
+            result = sweep[eps]
         else:
             result = gather_result(result, n_total)
         result.checks = checks
+        if adv is not None:
+            adv = _gather_adversarial(*adv, list(result.entries), n_total)
         if not ctx.is_main:
             return 0
-        checkpoint = relative_path(args.checkpoint)
-        extra = {"checkpoint": checkpoint, "dataset": cfg.data.name,
-                 "split": args.split, "processes": ctx.world_size,
+        name = relative_path(model_label(args))
+        rb = robustbench_fields(result, dataset=dataset, eps=eps, norm=norm, model=name)
+        extra = {"checkpoint": args.checkpoint and relative_path(args.checkpoint),
+                 "model": relative_value(loaded.source), "dataset": dataset,
+                 "dataset_source": dataset_source, "split": args.split, "eps": eps,
+                 "norm": norm, **sources, "processes": ctx.world_size, "robustbench": rb,
                  "command": {k: relative_value(v) for k, v in vars(args).items()
                              if not k.startswith("_")}}
-        paths = write_report(result, out, sweep=sweep, extra=extra,
-                             title=f"Evaluation of {checkpoint}")
-        print(to_markdown(result, title=f"Evaluation of {checkpoint}", sweep=sweep))
+        title = f"Evaluation of {name}"
+        if adv is not None:
+            from ..advfile import save_adversarial
+
+            save_adversarial(args.save_adv, x_adv=adv[0], y=result.labels, source=adv[1],
+                             indices=torch.arange(n_total), dataset=dataset, split=args.split,
+                             eps=eps, norm=norm, model=name)
+            extra["adversarial_examples"] = relative_path(args.save_adv)
+        paths = write_report(result, out, sweep=sweep, extra=extra, title=title)
+        print(f"eps {eps:g} ({sources['eps_source']}), norm {norm} ({sources['norm_source']}), "
+              f"{dataset} ({dataset_source})")
+        print(to_markdown(result, title=title, sweep=sweep))
         if result.checks:
             print(format_checks(result.checks))
-        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+        written = [str(p) for p in paths.values()]
+        if adv is not None:
+            written.append(str(args.save_adv))
+        print(f"wrote {', '.join(written)}")
     finally:
         D.cleanup(ctx)
     return 0

@@ -37,11 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="run the entries in this many processes, longest first, each "
                              "with threads/jobs torch threads (2 on a 2-core CPU)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when CUDA is "
+                             "available, else cpu); models train and load there")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     from .. import presets
+    from ..loading import resolve_device
     from ..reproduction import run_plans
 
     if args.preset not in PRESETS:
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         budget["repeats"] = args.repeats
     if args.jobs < 1:
         raise AdvDefenseError("--jobs must be >= 1")
+    device = str(resolve_device(args.device))
     rebuild = functools.partial(presets.build_plans, args.preset, seed=args.seed,
                                 budget=budget, quick=args.quick)
     plans = rebuild()
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         ([0.0, 0.1, 0.2, 0.3, 0.4] if not args.quick else [0.0, 0.3]),
         n_eval=args.n, progress=not args.no_progress and sys.stderr.isatty(),
         intro=presets.REPRODUCE_INTRO.format(budget=budget), train_only=args.train_only,
-        jobs=args.jobs, rebuild=rebuild)
+        jobs=args.jobs, rebuild=rebuild, device=device)
     if report is None:
         print("trained; rerun without --train-only to evaluate")
         return 0

@@ -20,6 +20,11 @@ from .harness import (
 from .protocols import PROTOCOLS, Verdict, run_protocol, verdict
 from .stats import Accuracy, accuracy, clopper_pearson
 
+if not hasattr(EvalResult, "summary"):  # until the harness defines it as a method
+    from .report import summary as _summary
+
+    EvalResult.summary = _summary  # type: ignore[attr-defined]
+
 __all__ = ["PROTOCOLS", "Accuracy", "AttackSpec", "CheckResult", "EntryResult", "EvalResult",
            "TraceSummary", "Verdict", "accuracy", "cas_attack_specs", "clopper_pearson",
            "evaluate", "format_checks", "load_data", "run_checks", "run_protocol",

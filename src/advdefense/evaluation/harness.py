@@ -328,7 +328,8 @@ def resolve_checks(checks) -> CheckSettings | None:
 
 class AdvKeeper:
     """Keeps, per example, the worst-case adversarial input and the label of its attack:
-    the first attack whose point the verdict counts as not robust (else the clean input)."""
+    the first attack whose point the verdict counts as not robust (else the clean input;
+    ``"clean"`` also where the clean input is already misclassified)."""
 
     def __init__(self, x: torch.Tensor) -> None:
         self.x = x.detach().cpu().clone()
@@ -413,6 +414,8 @@ def evaluate(
             t0 = time.perf_counter()
             with seeded(batch_seed(seed, index_offset + start)):
                 clean_parts.append(verdict(model, x, y, repeats=repeats, max_batch=max_batch))
+            if keeper is not None:
+                keeper.offer("clean", pos, x, ~clean_parts[-1].all)
             clean_seconds += time.perf_counter() - t0
             shared: dict[int, tuple[Verdict, TraceSummary, torch.Tensor]] = {}
             for i, (spec, label) in enumerate(zip(specs, labels, strict=True)):

@@ -6,21 +6,30 @@ their 95% Clopper–Pearson intervals, the configuration, the checks, library ve
 the seed. ``to_markdown(result)`` renders the attack table
 (attack | protocol | accuracy [95% CI] | n | seconds) and the checks table.
 ``write_report(result, out_dir, sweep=...)`` writes ``report.json``, ``report.md`` and (with
-matplotlib, Agg) ``accuracy_vs_eps.png``.
+matplotlib, Agg) ``accuracy_vs_eps.png``, each atomically. ``robustbench_fields(result, ...)``
+is the block in RobustBench's field names (``clean_acc``, ``autoattack_acc``, ``eps``,
+``threat_model``, ...); ``summary(result)`` a small dict of the headline numbers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write_json, atomic_write_text
 from .harness import EvalResult
 from .protocols import Verdict
+from .stats import accuracy
 
-__all__ = ["to_json", "to_markdown", "versions", "write_report"]
+__all__ = ["AUTOATTACK_SOURCE", "STANDARD_STAGES", "robustbench_fields", "summary", "to_json",
+           "to_markdown", "versions", "write_report"]
+
+STANDARD_STAGES = ("apgd-ce", "apgd-t", "fab-t", "square")
+"""Labels of the ``standard`` suite's stages (AutoAttack's standard version), in order."""
+
+AUTOATTACK_SOURCE = "advdefense standard suite (reimplementation)"
 
 
 def versions() -> dict[str, str]:
@@ -65,6 +74,9 @@ def to_json(result: EvalResult, *, extra: dict[str, Any] | None = None) -> dict[
             d["ran"] = e.ran.tolist()
         if e.cumulative is not None:
             d["robust_after"] = _verdict_lists(e.cumulative)
+        passes = getattr(e, "passes", None)  # rows through the model, when the core counts them
+        if passes is not None:
+            d["passes"] = dict(passes)
         if e.trace is not None:
             d["trace"] = {"eot_samples": e.trace.eot_samples, "nonfinite": e.trace.nonfinite,
                           "mean_loss": None if e.trace.losses is None
@@ -150,8 +162,9 @@ def write_report(result: EvalResult, out_dir: str | Path, *,
                                          "per_example_worst": r.worst.all.tolist()}
                             for eps, r in sorted(sweep.items())}
     paths = {"json": out / "report.json", "markdown": out / "report.md"}
-    paths["json"].write_text(json.dumps(payload, indent=1, default=str))
-    paths["markdown"].write_text(to_markdown(result, title=title, sweep=sweep))
+    markdown = to_markdown(result, title=title, sweep=sweep)
+    atomic_write_json(paths["json"], payload)
+    atomic_write_text(paths["markdown"], markdown)
     if plot:
         from .plots import plot_accuracy_vs_eps
 
@@ -166,3 +179,69 @@ def _main_eps(result: EvalResult) -> float:
         values = [s.get("eps") for s in result.config.get("specs", []) if s.get("eps") is not None]
         eps = max(values) if values else 0.0
     return float(eps)
+
+
+def _pct(a) -> float | None:
+    return None if not a.n else round(100 * a.value, 2)
+
+
+def _eps_text(eps: float) -> str:
+    k = eps * 255
+    return f"{round(k)}/255" if k > 0 and abs(k - round(k)) < 1e-6 else f"{eps:g}"
+
+
+def standard_suite_accuracy(result: EvalResult, kind: str = "all"):
+    """Robust accuracy after the four stages of the ``standard`` suite (AutoAttack's standard
+    version) when they ran in this result (suites ``standard`` and ``full``), else ``None``."""
+    if result.kind != "suite" or result.config.get("suite") not in ("standard", "full"):
+        return None
+    stages = [result.entries.get(label) for label in STANDARD_STAGES]
+    if any(e is None for e in stages) or stages[-1].cumulative is None:
+        return None
+    return accuracy(stages[-1].cumulative.get(kind))
+
+
+def robustbench_fields(result: EvalResult, *, dataset: str, eps: float, norm: str,
+                       model: str | None = None) -> dict[str, Any]:
+    """The RobustBench ``model_info`` fields this evaluation can fill, accuracies in percent.
+
+    ``autoattack_acc`` is the robust accuracy after advdefense's reimplementation of
+    AutoAttack's standard version (``null`` when that suite did not run); for a stochastic
+    model it is the all-repeats verdict (``number_forward_passes`` says how many).
+    """
+    aa = standard_suite_accuracy(result)
+    attacks = {}
+    for label, e in result.entries.items():
+        a = accuracy((e.cumulative if e.cumulative is not None else e.verdict).all)
+        attacks[label] = {"robust_acc": _pct(a), "passes": getattr(e, "passes", None)}
+    out = {"dataset": dataset, "threat_model": {"linf": "Linf", "l2": "L2"}.get(norm, norm),
+           "eps": float(eps), "eps_text": _eps_text(float(eps)), "n_examples": result.n,
+           "clean_acc": _pct(result.accuracy("clean")),
+           "autoattack_acc": None if aa is None else _pct(aa),
+           "autoattack_acc_source": AUTOATTACK_SOURCE if aa is not None else None,
+           "number_forward_passes": result.repeats if result.stochastic else 1,
+           "attacks": attacks}
+    if model is not None:
+        out["model"] = model
+    return out
+
+
+def summary(result: EvalResult) -> dict[str, Any]:
+    """Headline numbers as a small dict: clean and robust (worst-case) accuracy with their 95%
+    Clopper–Pearson intervals, the accuracy after every attack, and the setting."""
+
+    def pair(a) -> dict[str, Any]:
+        return {"accuracy": _clean_float(a.value), "ci95": [_clean_float(a.low),
+                                                           _clean_float(a.high)]}
+
+    per_attack = {label: _clean_float(accuracy(
+        (e.cumulative if e.cumulative is not None else e.verdict).all).value)
+        for label, e in result.entries.items()}
+    cfg = result.config
+    return {"n": result.n, "clean": pair(result.accuracy("clean")),
+            "robust": pair(result.accuracy("worst")), "per_attack": per_attack,
+            "eps": cfg.get("eps", _main_eps(result) if cfg.get("specs") else None),
+            "norm": cfg.get("norm") or next((s.get("norm") for s in cfg.get("specs", [])
+                                              if s.get("norm")), None),
+            "suite": cfg.get("suite"), "stochastic": result.stochastic,
+            "repeats": result.repeats}

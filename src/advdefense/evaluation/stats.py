@@ -3,8 +3,10 @@
 Every accuracy this package reports carries an exact two-sided 95% Clopper–Pearson interval
 (Clopper & Pearson 1934): the interval of binomial proportions whose tails contain the observed
 count with probability alpha/2 each, i.e. ``Beta(alpha/2; k, n-k+1)`` and
-``Beta(1-alpha/2; k+1, n-k)`` (computed by ``statsmodels.stats.proportion.proportion_confint``
-with ``method="beta"``). It is conservative (coverage >= 95%), which suits robustness claims.
+``Beta(1-alpha/2; k+1, n-k)`` (quantiles from ``scipy.stats.beta``; the same numbers as
+``scipy.stats.binomtest(k, n).proportion_ci(method="exact")``). It is conservative
+(coverage >= 95%), which suits robustness claims. :func:`clopper_pearson_lower` is the
+one-sided lower bound smoothing certification uses (Cohen et al. 2019).
 """
 
 from __future__ import annotations
@@ -13,19 +15,34 @@ import math
 from dataclasses import dataclass
 
 import torch
-from statsmodels.stats.proportion import proportion_confint
+from scipy.stats import beta
 
-__all__ = ["Accuracy", "accuracy", "clopper_pearson"]
+__all__ = ["Accuracy", "accuracy", "clopper_pearson", "clopper_pearson_lower"]
+
+
+def _check_counts(correct: int, n: int) -> None:
+    if n < 0 or correct < 0 or correct > n:
+        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
 
 
 def clopper_pearson(correct: int, n: int, *, alpha: float = 0.05) -> tuple[float, float]:
-    """Exact ``1 - alpha`` interval for a proportion ``correct / n``; ``(nan, nan)`` if n == 0."""
-    if n < 0 or correct < 0 or correct > n:
-        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
+    """Exact two-sided ``1 - alpha`` interval for a proportion ``correct / n``;
+    ``(nan, nan)`` if n == 0."""
+    _check_counts(correct, n)
     if n == 0:
         return math.nan, math.nan
-    low, high = proportion_confint(int(correct), int(n), alpha=alpha, method="beta")
-    return float(low), float(high)
+    k, n = int(correct), int(n)
+    low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+def clopper_pearson_lower(correct: int, n: int, alpha: float = 0.05) -> float:
+    """One-sided ``1 - alpha`` Clopper–Pearson lower bound on ``correct / n`` (0 if none)."""
+    _check_counts(correct, n)
+    if correct == 0:
+        return 0.0
+    return float(beta.ppf(alpha, int(correct), int(n) - int(correct) + 1))
 
 
 @dataclass(frozen=True)

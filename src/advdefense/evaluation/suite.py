@@ -314,6 +314,8 @@ def run_suite(
             state.clean_seconds = time.perf_counter() - t0
             state.save(path)
         clean = EntryResult("clean", "clean", "-", state.clean, state.clean_seconds)
+        if keeper is not None:
+            keeper.offer("clean", torch.arange(n), x_all, ~state.clean.all)
         robust = clean.verdict
         entries: dict[str, EntryResult] = {}
         stages = tqdm(list(enumerate(plan)), desc=f"suite {suite_name}", disable=not progress,

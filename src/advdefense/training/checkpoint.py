@@ -12,18 +12,16 @@ Everything in it is a tensor, a number, a string, ``None`` or a list/dict of tho
 (torch CPU/CUDA, numpy, Python ``random``) are converted to tensors and lists for that reason
 (:func:`capture_rng` / :func:`restore_rng`).
 
-:func:`save_checkpoint` writes a temporary file in the destination directory, fsyncs it and
-``os.replace``-s it over the destination, so a crash mid-save leaves the previous checkpoint
-intact.
+:func:`save_checkpoint` writes through :mod:`advdefense.atomic` (a temporary file in the
+destination directory, fsync, ``os.replace``), so a crash mid-save leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_torch_save
 from ..errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -142,36 +141,10 @@ def make_checkpoint(
     }
 
 
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``checkpoint`` to ``path`` atomically (tmp file in the same dir, fsync, replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(checkpoint), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
-    return path
+    """Write ``checkpoint`` to ``path`` atomically (:func:`advdefense.atomic.atomic_torch_save`:
+    tmp file in the same dir, fsync, replace)."""
+    return atomic_torch_save(dict(checkpoint), path)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
