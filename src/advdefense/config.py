@@ -42,6 +42,7 @@ __all__ = [
     "ScheduleConfig",
     "AttackConfig",
     "MonitorAttackConfig",
+    "EarlyStoppingConfig",
     "TrainConfig",
     "ExperimentConfig",
     "load_config",
@@ -186,6 +187,30 @@ class MonitorAttackConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop training when the monitored accuracy stops rising (``train.early_stopping``).
+
+    After every epoch the Trainer reads ``metric`` from its monitor (``monitor_pgd_acc``: the
+    PGD accuracy of ``train.monitor_attack`` on the first ``data.monitor_size`` examples of
+    ``data.monitor_split``; ``monitor_clean_acc``: their clean accuracy). An epoch *improves*
+    when its value exceeds the best so far by more than ``min_delta``; training stops after
+    ``patience`` epochs in a row without improvement, or at ``train.epochs`` (the cap). The
+    checkpoint of the last improving epoch is kept as ``best.pt`` beside ``last.pt``. The rule
+    is a function of the logged history (``advdefense.training.early_stopping``), so
+    ``--resume`` stops exactly where an uninterrupted run would.
+    """
+
+    metric: str = "monitor_pgd_acc"
+    patience: int = 2
+    min_delta: float = 0.005
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.metric", self.metric, ("monitor_pgd_acc", "monitor_clean_acc"))
+        _at_least(f"{where}.patience", self.patience, 1)
+        _at_least(f"{where}.min_delta", self.min_delta, 0.0)
+
+
+@dataclass
 class TrainConfig:
     """How to train: recipe + its arguments, epochs, optimizer, schedule and speed options.
 
@@ -195,6 +220,8 @@ class TrainConfig:
     ``init_from``: a checkpoint whose model weights initialise this run (fine-tuning, e.g. the
     smoothing paper's EPGD / Gaussian fine-tuning of a PGD-trained CNI-W model). Parameters
     present in both models are copied; new ones (e.g. added noise scales) keep their init.
+    ``early_stopping``: ``null`` (train ``epochs`` epochs) or an :class:`EarlyStoppingConfig`
+    (then ``epochs`` is the cap).
     """
 
     recipe: str = "standard"
@@ -210,6 +237,7 @@ class TrainConfig:
     grad_clip: float | None = None
     adv_start_epoch: int = 0
     init_from: str | None = None
+    early_stopping: EarlyStoppingConfig | None = None
 
     def validate(self, where: str) -> None:
         from .training.recipes import RECIPES
@@ -245,6 +273,17 @@ class ExperimentConfig:
     def validate(self, where: str = "") -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
+        es = self.train.early_stopping
+        if es is not None:
+            if self.data.monitor_size < 1:
+                raise ConfigError("train.early_stopping needs the monitor: set data.monitor_size "
+                                  ">= 1")
+            if es.metric == "monitor_pgd_acc" and self.train.monitor_attack.steps < 1:
+                raise ConfigError("train.early_stopping.metric monitor_pgd_acc needs "
+                                  "train.monitor_attack.steps >= 1")
+            if self.data.monitor_split == "test":
+                raise ConfigError("train.early_stopping selects epochs on data.monitor_split, "
+                                  "which is test; use monitor_split: val (and train_split: fit)")
 
 
 # --------------------------------------------------------------------------------------------
