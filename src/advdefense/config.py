@@ -24,6 +24,7 @@ validated by the component that consumes them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ from typing import Any
 import yaml
 
 from .errors import AdvDefenseError, ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DataConfig",
@@ -485,6 +488,8 @@ def build_from_config(cfg: ExperimentConfig):
 
     The model is built with :func:`advdefense.models.build_model` for the dataset's shape and
     statistics, then :func:`advdefense.defenses.apply_defenses` applies ``cfg.defense``.
+    A ``cas`` defense with ``train.recipe_args.aux_weight: 0`` is left out (the plain recipe on
+    the plain network; :func:`advdefense.defenses.cas.disabled_by`).
     Parameter initialization draws from the global torch RNG (seed it first for reproducibility).
     """
     from .data import dataset_info
@@ -492,6 +497,18 @@ def build_from_config(cfg: ExperimentConfig):
     from .models import build_model
 
     info = dataset_info(cfg.data.name)
+    defense = cfg.defense
+    if defense and defense.get("cas") is not None:
+        from .defenses import cas
+
+        if cas.disabled_by(cfg.train.recipe_args):
+            # aux_weight 0 = the plain recipe on the plain network (no CAS site at all)
+            opts = {} if defense["cas"] is True else defense["cas"]
+            if not isinstance(opts, Mapping):
+                raise ConfigError(f"defense.cas must be a mapping of options, got {opts!r}")
+            cas.check_options(opts)
+            log.info("train.recipe_args.aux_weight is 0: building the model without CAS")
+            defense = {k: v for k, v in defense.items() if k != "cas"}
     try:
         model = build_model(cfg.model.name, num_classes=info.num_classes,
                             in_channels=info.in_channels, image_size=info.image_size,
@@ -501,7 +518,7 @@ def build_from_config(cfg: ExperimentConfig):
         raise ConfigError(f"model.kwargs {cfg.model.kwargs} rejected by {cfg.model.name}: "
                           f"{exc}") from None
     try:
-        model = apply_defenses(model, cfg.defense, info)
+        model = apply_defenses(model, defense, info)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, AdvDefenseError):
             raise
