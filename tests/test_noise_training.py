@@ -106,3 +106,30 @@ def test_training_attack_sees_the_train_time_input_noise():
     with torch.no_grad(), training_noise():
         model(x)
     assert not torch.equal(recorder.eval_inputs[1], x)
+
+
+def test_gaussian_fine_tuning_starts_from_a_cni_w_checkpoint(tmp_path):
+    """``input_sigma`` wraps the model (``WithInputNoise``), so its tensors are named
+    ``model.<name>``; ``train.init_from`` of a plain CNI-W checkpoint still finds them."""
+    from advdefense.config import config_from_dict
+    from advdefense.training.checkpoint import load_checkpoint
+    from advdefense.training.trainer import Trainer
+
+    base = {"name": "cni", "output_dir": str(tmp_path / "cni"),
+            "data": {"name": "digits", "batch_size": 50, "monitor_size": 0, "limit": 50},
+            "model": {"name": "smallcnn", "kwargs": {"width": 4}},
+            "defense": {"noise": {"kind": "cni", "where": "weights"}},
+            "train": {"epochs": 1, "optimizer": {"name": "adam", "lr": 1e-3}}}
+    t = Trainer(config_from_dict(base), progress=False)
+    t.fit()
+    t.close()
+    src = load_checkpoint(tmp_path / "cni" / "last.pt")["model"]
+    ft = dict(base, name="ft", output_dir=str(tmp_path / "ft"),
+              defense={"noise": {"kind": "cni", "where": "both", "input_sigma": 0.1}},
+              train=dict(base["train"], init_from=str(tmp_path / "cni" / "last.pt")))
+    t2 = Trainer(config_from_dict(ft), progress=False)
+    state = t2.model.state_dict()
+    assert isinstance(t2.model, WithInputNoise)
+    for k, v in src.items():
+        torch.testing.assert_close(state["model." + k].cpu(), v)
+    t2.close()

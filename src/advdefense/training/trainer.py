@@ -111,12 +111,24 @@ class _AuxDDP(nn.parallel.DistributedDataParallel):
 
 
 def init_from_checkpoint(model: nn.Module, path: str) -> None:
-    """Copy every same-named, same-shaped tensor of a checkpoint's model into ``model``."""
+    """Copy every same-named, same-shaped tensor of a checkpoint's model into ``model``.
+
+    A target name with leading wrapper components the checkpoint lacks (``model.features.1``
+    for a model wrapped in ``WithInputNoise``, e.g. Gaussian fine-tuning of a CNI-W
+    checkpoint) matches the checkpoint's ``features.1``.
+    """
     from .checkpoint import load_checkpoint
 
     source = load_checkpoint(path)["model"]
     target = model.state_dict()
-    copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    copied = {}
+    for k, t in target.items():
+        parts = k.split(".")
+        for i in range(len(parts)):
+            name = ".".join(parts[i:])
+            if name in source and source[name].shape == t.shape:
+                copied[k] = source[name]
+                break
     if not copied:
         raise ConfigError(f"train.init_from={path}: no tensor matches this model; is it a "
                           "checkpoint of the same architecture?")
