@@ -109,3 +109,35 @@ def test_reproduce_accepts_the_quick_preset_and_seeds(capsys):
     assert "unknown entries" in capsys.readouterr().err
     assert main(["reproduce", "--seeds", "0,x", "--output", "/nonexistent/x"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_a_folder_trained_with_another_config_is_retrained_and_reevaluated(tmp_path):
+    """Resuming into a folder from another experiment (e.g. an older preset) must not reuse
+    its model or its cached evaluation; an unchanged rerun reuses both."""
+    import json
+
+    from advdefense.presets import mnist5k_config
+    from advdefense.reproduction import Plan, evaluate_entry
+
+    calls = []
+
+    def evaluate(model, x, y, plan):
+        calls.append(type(model).__name__)
+        return {"tables": [], "checks": []}
+
+    def plan(model):
+        cfg = mnist5k_config("e", epochs=1, model=model)
+        cfg["data"].update(limit=40, monitor_size=0)
+        cfg["model"]["kwargs"] = {"width": 4} if model == "smallcnn" else {}
+        return Plan("e", "e", cfg, evaluate)
+
+    opts = dict(seed=0, n_eval=8)
+    evaluate_entry(plan("smallcnn"), tmp_path, **opts)
+    evaluate_entry(plan("smallcnn"), tmp_path, **opts)
+    assert calls == ["SmallCNN"]  # reused
+    section = evaluate_entry(plan("resnet_mini"), tmp_path, **opts)
+    assert calls == ["SmallCNN", "ResNet"]
+    assert section["training"]["epochs"] == 1
+    assert json.loads((tmp_path / "e" / "evaluation.json").read_text())["digest"]
+    evaluate_entry(plan("resnet_mini"), tmp_path, seed=0, n_eval=9)  # other examples
+    assert calls == ["SmallCNN", "ResNet", "ResNet"]

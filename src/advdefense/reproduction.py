@@ -81,30 +81,60 @@ def _finished(checkpoint: dict[str, Any], cfg) -> bool:
     return summary["epochs"] >= cfg.train.epochs or bool(summary.get("stopped_early"))
 
 
+def _comparable(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A saved config without what may change between runs of the same experiment: the output
+    folder, the epoch cap and the early-stopping rule (raising the cap resumes the run)."""
+    if not isinstance(config, dict):
+        return None
+    out = copy.deepcopy(config)
+    out.pop("output_dir", None)
+    train = out.get("train")
+    if isinstance(train, dict):
+        train.pop("epochs", None)
+        train.pop("early_stopping", None)
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def train_plan(plan: Plan, root: Path, *, progress: bool = False):
     """Train (or resume, or reuse) the plan's model; returns ``(model, cfg, seconds, training)``
     where ``seconds`` is the training time recorded over all epochs (not just this call's) and
     ``training`` is :func:`training_summary`. With early stopping the model is the best val
     epoch's (``best.pt``), otherwise the last epoch's."""
-    from .config import config_from_dict
+    from .config import config_from_dict, to_dict
     from .training.checkpoint import load_checkpoint, load_model_from_checkpoint
     from .training.trainer import Trainer
 
     cfg_dict = copy.deepcopy(plan.config)
     cfg_dict["output_dir"] = str(root / plan.key)
     cfg = config_from_dict(cfg_dict)
-    ckpt = Path(cfg.output_dir) / "last.pt"
+    out = Path(cfg.output_dir)
+    ckpt = out / "last.pt"
     t0 = time.perf_counter()
-    done = False
+    done, resume = False, ckpt.exists()
     if ckpt.exists():
         try:
-            done = _finished(load_checkpoint(ckpt), cfg)
+            saved = load_checkpoint(ckpt)
+            if _comparable(saved.get("config")) != _comparable(to_dict(cfg)):
+                # another experiment in this folder (e.g. an older version of the preset)
+                log.warning("%s was trained with another config; training %s from scratch",
+                            ckpt, plan.key)
+                resume = False
+                for stale in ("best.pt", "evaluation.json"):
+                    (out / stale).unlink(missing_ok=True)
+            else:
+                done = _finished(saved, cfg)
         except Exception:  # a broken checkpoint is retrained from scratch below
-            done = False
+            done, resume = False, False
     if not done:
         trainer = Trainer(cfg, progress=progress)
         try:
-            trainer.fit(resume=ckpt.exists())
+            trainer.fit(resume=resume)
         finally:
             trainer.close()
     training = training_summary(load_checkpoint(ckpt), cfg)
@@ -466,9 +496,18 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
     if train_only:
         return None
     cache = root / plan.key / "evaluation.json"
+    # what the cached evaluation depends on: the experiment, the evaluated epoch, the examples
+    # and the evaluation options (a changed one re-evaluates)
+    digest = _digest({"config": plan.config, "n": n_eval, "curve": curve_eps,
+                      "epoch": training.get("best_epoch") or training.get("epochs"),
+                      "extra": {k: v for k, v in plan.extra.items() if not callable(v)}})
+    section = None
     if cache.exists():
         section = json.loads(cache.read_text())
-    else:
+        if section.get("digest") != digest:
+            log.info("%s: evaluation options or model changed; evaluating again", plan.key)
+            section = None
+    if section is None:
         x, y = as_tensors(load_split(cfg.data.name, "test", root=cfg.data.root))
         x, y = x[:n_eval], y[:n_eval]
         t0 = time.perf_counter()
@@ -478,6 +517,7 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
                                          **plan.extra.get("curve", {}))
         section["eval_seconds"] = time.perf_counter() - t0
         section["code"] = code_version()
+        section["digest"] = digest
         atomic_write_text(cache, json.dumps(section, default=str))
     section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds,
                    training=training, key=plan.key,
