@@ -13,10 +13,12 @@ network. Budgets are sized from measurements on 2 CPU cores.
     robust accuracy on the whole ``val`` split (PGD-10) stops rising (early stopping, patience
     2 epochs, min_delta 0.5 points, cap 10 epochs; the best val epoch is evaluated), PGD-AT
     and the seed defenses (CAS, RNA, PNI/smoothing) with two training seeds; 200 test
-    images; about two hours with ``--jobs 2`` on 2 cores.
+    images. Estimated from per-step timings and the earlier 3-epoch report at about two hours
+    with ``--jobs 2`` on 2 cores (15 entries; the report records the measured time).
 ``mnist5k-quick``
     the same entries for trying things: seed 0 only, at most 2 epochs on 1,500 training
-    images, 100 test images, small attack budgets; about 20 minutes with ``--jobs 2``.
+    images, 100 test images, small attack budgets; estimated at about 20 minutes with
+    ``--jobs 2``.
 """
 
 from __future__ import annotations
