@@ -297,15 +297,17 @@ def make_evaluator(kind: str, budget: dict):
             base_rows = flags["base"]
             verdicts.append(verdict_record(
                 plan.extra.get("base_verdict_name", name + ": base model"), paper.worst.all,
-                paper.worst.all & suite.worst.all & torch.tensor(base_rows["worst"]),
+                paper.worst.all.cpu() & suite.worst.all.cpu()
+                & torch.tensor(base_rows["worst"], dtype=torch.bool),
                 paper_label="FGSM / PGD-20 / CW, one noise draw per step"))
             vote = "smoothed/prediction"
             if vote in flags:
                 smoothed = flags[vote]
-                paper_mask = torch.tensor(smoothed["clean"]) & torch.tensor(smoothed["pgd"])
+                paper_mask = (torch.tensor(smoothed["clean"], dtype=torch.bool)
+                              & torch.tensor(smoothed["pgd"], dtype=torch.bool))
                 verdicts.append(verdict_record(
                     plan.extra.get("smoothed_verdict_name", name + ": smoothed"), paper_mask,
-                    torch.tensor(smoothed["worst"]),
+                    torch.tensor(smoothed["worst"], dtype=torch.bool),
                     paper_label="PGD, one noise draw per step, prediction vote"))
             extra["smoothing_choice"] = {"sigma": sigma, "m": m, "how": how}
         return {"tables": tables, "checks": checks, "markdown": markdown,
