@@ -18,7 +18,8 @@ def _build(name, dataset="cifar10", **kw):
 
 
 @pytest.mark.parametrize("name,dataset", [("smallcnn", "mnist5k"), ("smallcnn", "digits"),
-                                          ("resnet20", "cifar10"), ("resnet18", "cifar100")])
+                                          ("resnet20", "cifar10"), ("resnet18", "cifar100"),
+                                          ("resnet_mini", "mnist5k")])
 def test_logits_shape(name, dataset):
     model = _build(name, dataset).eval()
     info = dataset_info(dataset)

@@ -24,6 +24,7 @@ validated by the component that consumes them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,8 @@ import yaml
 
 from .errors import AdvDefenseError, ConfigError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "DataConfig",
     "ModelConfig",
@@ -42,6 +45,7 @@ __all__ = [
     "ScheduleConfig",
     "AttackConfig",
     "MonitorAttackConfig",
+    "EarlyStoppingConfig",
     "TrainConfig",
     "ExperimentConfig",
     "load_config",
@@ -192,6 +196,30 @@ RECIPE_NAMES = ("standard", "pgd_at", "trades", "mart")
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Stop training when the monitored accuracy stops rising (``train.early_stopping``).
+
+    After every epoch the Trainer reads ``metric`` from its monitor (``monitor_pgd_acc``: the
+    PGD accuracy of ``train.monitor_attack`` on the first ``data.monitor_size`` examples of
+    ``data.monitor_split``; ``monitor_clean_acc``: their clean accuracy). An epoch *improves*
+    when its value exceeds the best so far by more than ``min_delta``; training stops after
+    ``patience`` epochs in a row without improvement, or at ``train.epochs`` (the cap). The
+    checkpoint of the last improving epoch is kept as ``best.pt`` beside ``last.pt``. The rule
+    is a function of the logged history (``advdefense.training.early_stopping``), so
+    ``--resume`` stops exactly where an uninterrupted run would.
+    """
+
+    metric: str = "monitor_pgd_acc"
+    patience: int = 2
+    min_delta: float = 0.005
+
+    def validate(self, where: str) -> None:
+        _choice(f"{where}.metric", self.metric, ("monitor_pgd_acc", "monitor_clean_acc"))
+        _at_least(f"{where}.patience", self.patience, 1)
+        _at_least(f"{where}.min_delta", self.min_delta, 0.0)
+
+
+@dataclass
 class TrainConfig:
     """How to train: recipe + its arguments, epochs, optimizer, schedule and speed options.
 
@@ -201,6 +229,8 @@ class TrainConfig:
     ``init_from``: a checkpoint whose model weights initialise this run (fine-tuning, e.g. the
     smoothing paper's EPGD / Gaussian fine-tuning of a PGD-trained CNI-W model). Parameters
     present in both models are copied; new ones (e.g. added noise scales) keep their init.
+    ``early_stopping``: ``null`` (train ``epochs`` epochs) or an :class:`EarlyStoppingConfig`
+    (then ``epochs`` is the cap).
     """
 
     recipe: str = "standard"
@@ -216,6 +246,7 @@ class TrainConfig:
     grad_clip: float | None = None
     adv_start_epoch: int = 0
     init_from: str | None = None
+    early_stopping: EarlyStoppingConfig | None = None
 
     def validate(self, where: str) -> None:
         _choice(f"{where}.recipe", self.recipe, RECIPE_NAMES)
@@ -249,6 +280,17 @@ class ExperimentConfig:
     def validate(self, where: str = "") -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name must be a non-empty string without '/', got {self.name!r}")
+        es = self.train.early_stopping
+        if es is not None:
+            if self.data.monitor_size < 1:
+                raise ConfigError("train.early_stopping needs the monitor: set data.monitor_size "
+                                  ">= 1")
+            if es.metric == "monitor_pgd_acc" and self.train.monitor_attack.steps < 1:
+                raise ConfigError("train.early_stopping.metric monitor_pgd_acc needs "
+                                  "train.monitor_attack.steps >= 1")
+            if self.data.monitor_split == "test":
+                raise ConfigError("train.early_stopping selects epochs on data.monitor_split, "
+                                  "which is test; use monitor_split: val (and train_split: fit)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +477,8 @@ def build_from_config(cfg: ExperimentConfig):
 
     The model is built with :func:`advdefense.models.build_model` for the dataset's shape and
     statistics, then :func:`advdefense.defenses.apply_defenses` applies ``cfg.defense``.
+    A ``cas`` defense with ``train.recipe_args.aux_weight: 0`` is left out (the plain recipe on
+    the plain network; :func:`advdefense.defenses.cas.disabled_by`).
     Parameter initialization draws from the global torch RNG (seed it first for reproducibility).
     """
     from .data import dataset_info
@@ -442,6 +486,18 @@ def build_from_config(cfg: ExperimentConfig):
     from .models import build_model
 
     info = dataset_info(cfg.data.name)
+    defense = cfg.defense
+    if defense and defense.get("cas") is not None:
+        from .defenses import cas
+
+        if cas.disabled_by(cfg.train.recipe_args):
+            # aux_weight 0 = the plain recipe on the plain network (no CAS site at all)
+            opts = {} if defense["cas"] is True else defense["cas"]
+            if not isinstance(opts, Mapping):
+                raise ConfigError(f"defense.cas must be a mapping of options, got {opts!r}")
+            cas.check_options(opts)
+            log.info("train.recipe_args.aux_weight is 0: building the model without CAS")
+            defense = {k: v for k, v in defense.items() if k != "cas"}
     try:
         model = build_model(cfg.model.name, num_classes=info.num_classes,
                             in_channels=info.in_channels, image_size=info.image_size,
@@ -451,7 +507,7 @@ def build_from_config(cfg: ExperimentConfig):
         raise ConfigError(f"model.kwargs {cfg.model.kwargs} rejected by {cfg.model.name}: "
                           f"{exc}") from None
     try:
-        model = apply_defenses(model, cfg.defense, info)
+        model = apply_defenses(model, defense, info)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, AdvDefenseError):
             raise

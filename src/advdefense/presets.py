@@ -1,7 +1,24 @@
 """Presets for ``advdefense demo`` and ``advdefense reproduce``: configs + evaluation plans.
 
-All CPU presets use ``smallcnn`` on the offline ``mnist5k`` data (L-inf eps 0.3, the MNIST
-convention). Budgets are sized from DESIGN.md's measurements on 2 CPU cores.
+The CPU presets use the offline ``mnist5k`` data (L-inf eps 0.3, the MNIST convention):
+``smallcnn`` for the demo, standard training, PGD-AT, RNA and PNI; ``resnet_mini`` (a small
+ResNet whose last stage has two blocks, as ResNet-18's) for the CAS study, where CAS sits
+after both blocks of the last stage as in the paper, beside AT / TRADES / MART on the same
+network. Budgets are sized from measurements on 2 CPU cores.
+
+``reproduce`` presets (:data:`PRESETS`, :func:`preset_settings`):
+
+``mnist5k``
+    the converged, faithful run: every entry trains on ``fit`` (train minus val) until its
+    robust accuracy on the whole ``val`` split (PGD-10) stops rising (early stopping, patience
+    2 epochs, min_delta 0.5 points, cap 10 epochs; the best val epoch is evaluated), PGD-AT
+    and the seed defenses (CAS, RNA, PNI/smoothing) with two training seeds; 200 test
+    images. Estimated from per-step timings and the earlier 3-epoch report at about two hours
+    with ``--jobs 2`` on 2 cores (15 entries; the report records the measured time).
+``mnist5k-quick``
+    the same entries for trying things: seed 0 only, at most 2 epochs on 1,500 training
+    images, 100 test images, small attack budgets; estimated at about 20 minutes with
+    ``--jobs 2``.
 """
 
 from __future__ import annotations
@@ -17,12 +34,25 @@ CURVE_EPS = [0.0, 0.1, 0.2, 0.3, 0.4]
 
 def mnist5k_config(name: str, *, recipe: str = "standard", epochs: int = 4, seed: int = 0,
                    attack: dict | None = None, recipe_args: dict | None = None,
-                   defense: dict | None = None, lr: float = 1e-3) -> dict[str, Any]:
-    """A smallcnn/mnist5k experiment config (Adam, batch 100) as a plain dict."""
-    return {
+                   defense: dict | None = None, lr: float = 1e-3, model: str = "smallcnn",
+                   early_stopping: dict | None = None, monitor_size: int = 200,
+                   limit: int | None = None) -> dict[str, Any]:
+    """An mnist5k experiment config (Adam, batch 100) as a plain dict.
+
+    With ``early_stopping`` (a ``train.early_stopping`` mapping) the model trains on ``fit``
+    and is monitored on ``val`` (``monitor_size`` examples); ``epochs`` is then the cap.
+    Otherwise it trains on all of ``train`` and monitors ``monitor_size`` test images (the
+    demo).
+    """
+    data: dict[str, Any] = {"name": "mnist5k", "batch_size": 100, "monitor_size": monitor_size}
+    if early_stopping is not None:
+        data.update(train_split="fit", monitor_split="val")
+    if limit is not None:
+        data["limit"] = int(limit)
+    cfg = {
         "name": name, "seed": seed,
-        "data": {"name": "mnist5k", "batch_size": 100, "monitor_size": 200},
-        "model": {"name": "smallcnn", "norm": "bn"},
+        "data": data,
+        "model": {"name": model, "norm": "bn"},
         "defense": copy.deepcopy(defense or {}),
         "train": {
             "recipe": recipe, "epochs": epochs,
@@ -34,6 +64,9 @@ def mnist5k_config(name: str, *, recipe: str = "standard", epochs: int = 4, seed
             "monitor_attack": {"eps": EPS, "steps": 10, "step_size": EPS / 4},
         },
     }
+    if early_stopping is not None:
+        cfg["train"]["early_stopping"] = dict(early_stopping)
+    return cfg
 
 
 def evaluate_deterministic(model, x, y, plan: Plan) -> dict[str, Any]:
@@ -123,11 +156,28 @@ def _suite_table(model, x, y, attacks, *, title: str, budget: dict, seed: int,
     result = run_suite(model, (x, y), suite="custom", eps=eps, attacks=attacks,
                        repeats=budget["repeats"], eot_samples=budget["eot"], seed=seed,
                        check_options={"probes": probes})
-    return table_from_result(result, title=title), checks_from_result(result)
+    return table_from_result(result, title=title), checks_from_result(result), result
+
+
+def _flags(mask) -> list[bool]:
+    return [bool(v) for v in mask.flatten().tolist()]
+
+
+def verdict_record(name: str, paper, worst, *, paper_label: str) -> dict[str, Any]:
+    """A JSON-able per-example verdict of one defense: its paper-protocol worst case and its
+    worst case over everything run (both per example, for paired McNemar tests)."""
+    return {"name": name, "paper_label": paper_label, "paper": _flags(paper),
+            "worst": _flags(worst)}
 
 
 def make_evaluator(kind: str, budget: dict):
-    """The evaluation of one preset entry: ``kind`` in deterministic | cas | rna | smoothing."""
+    """The evaluation of one preset entry: ``kind`` in deterministic | cas | rna | smoothing.
+
+    Every section also holds ``verdicts`` (per-example paper-protocol and overall worst cases,
+    see :func:`verdict_record`) for the paired statistics of the report. ``plan.extra``
+    options: ``eps``; ``light_checks`` (skip the probing attack-failure checks, e.g. for a
+    second training seed whose first seed ran them).
+    """
 
     def run(model, x, y, plan: Plan) -> dict[str, Any]:
         from .attacks import PGD, HeadsObjective, build_attack
@@ -135,40 +185,66 @@ def make_evaluator(kind: str, budget: dict):
 
         seed = plan.config["seed"]
         eps = plan.extra.get("eps", EPS)
-        tables, checks, markdown = [], [], []
+        check_options = {"probes": False} if plan.extra.get("light_checks") else None
+        tables, checks, markdown, verdicts = [], [], [], []
+        name = plan.extra.get("verdict_name", plan.title)
+        extra: dict[str, Any] = {}
         if kind == "deterministic":
-            paper = evaluate(model, (x, y), paper_attack_specs(eps, seed), seed=seed)
+            paper = evaluate(model, (x, y), paper_attack_specs(eps, seed), seed=seed,
+                             check_options=check_options)
             tables.append(table_from_result(paper, title="Paper protocol: FGSM, PGD-20, "
                                             "CW-L-inf (white-box)"))
             checks += checks_from_result(paper)
-            t, c = _suite_table(model, x, y, standard_suite_attacks(budget, seed, eps),
-                                title="Adaptive: AutoAttack-style cascade", budget=budget,
-                                seed=seed, eps=eps)
+            t, c, suite = _suite_table(model, x, y, standard_suite_attacks(budget, seed, eps),
+                                       title="Adaptive: AutoAttack-style cascade",
+                                       budget=budget, seed=seed, eps=eps)
             tables.append(t)
             checks += c
+            verdicts.append(verdict_record(name, paper.worst.all, paper.worst.all
+                                           & suite.worst.all,
+                                           paper_label="FGSM / PGD-20 / CW-L-inf"))
         elif kind == "cas":
+            from .analysis.channels import cas_site_markdown, cas_site_stats
+
             beta = plan.config["train"]["recipe_args"].get("aux_weight", 2.0)
+            adaptive_pgd = PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
+                               loss=HeadsObjective("ce", aux_weight=beta))
             specs = [
                 AttackSpec("fgsm", build_attack("fgsm", eps=eps, seed=seed)),
-                AttackSpec("pgd-20 main+β·aux (reference)",
-                           PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
-                               loss=HeadsObjective("ce", aux_weight=beta))),
+                AttackSpec("pgd-20 main+β·aux (reference)", adaptive_pgd),
                 AttackSpec("cw main+β·aux (reference)",
                            PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
                                loss=HeadsObjective("margin", aux_weight=beta))),
                 AttackSpec("pgd-20 main only",
                            PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed)),
             ]
-            res = evaluate(model, (x, y), specs, seed=seed)
+            res = evaluate(model, (x, y), specs, seed=seed, check_options=check_options)
             tables.append(table_from_result(
                 res, title=f"Paper protocol (the CAS code's adaptive loss main + {beta:g}·aux) "
                            "beside PGD-20 on the main logits only"))
             checks += checks_from_result(res)
-            t, c = _suite_table(model, x, y, standard_suite_attacks(budget, seed, eps),
-                                title="Adaptive: AutoAttack-style cascade", budget=budget,
-                                seed=seed, eps=eps)
+            t, c, suite = _suite_table(model, x, y, standard_suite_attacks(budget, seed, eps),
+                                       title="Adaptive: AutoAttack-style cascade",
+                                       budget=budget, seed=seed, eps=eps)
             tables.append(t)
             checks += c
+            paper_mask = res.clean.verdict.all
+            for e in res.entries.values():
+                if e.name != "pgd-20 main only":  # not in the paper's protocol
+                    paper_mask = paper_mask & e.verdict.all
+            verdicts.append(verdict_record(name, paper_mask, res.worst.all & suite.worst.all,
+                                           paper_label="FGSM / PGD-20 / CW, main + β·aux loss"))
+            sites = cas_site_stats(model, x, y, attack=PGD(
+                eps=eps, steps=20, step_size=eps / 4, seed=seed,
+                loss=HeadsObjective("ce", aux_weight=beta)))
+            extra["cas_sites"] = sites
+            if sites["sites"]:
+                markdown.append(
+                    "CAS sites at test time (predicted-class masks; adversarial = PGD-20 on "
+                    f"main + {beta:g}·aux): each auxiliary head's accuracy and how often the "
+                    "main prediction equals that head's argmax (for the first site: how "
+                    "often the main prediction follows the first head's mask), %:\n\n"
+                    + cas_site_markdown(sites))
         elif kind == "rna":
             from .analysis.rna_report import rna_report
 
@@ -180,11 +256,15 @@ def make_evaluator(kind: str, budget: dict):
                             "fixed-path white-box and EOT over paths; accuracy = correct on all "
                             f"{budget['repeats']} fresh predictions:\n\n" + rep.to_markdown())
             checks += checks_from_result(rep.result)
-            t, c = _suite_table(model, x, y, rand_suite_attacks(budget, seed, eps),
-                                title="Adaptive: rand cascade (batched EOT over paths)",
-                                budget=budget, seed=seed, eps=eps, probes=True)
+            t, c, suite = _suite_table(model, x, y, rand_suite_attacks(budget, seed, eps),
+                                       title="Adaptive: rand cascade (batched EOT over paths)",
+                                       budget=budget, seed=seed, eps=eps,
+                                       probes=not plan.extra.get("light_checks"))
             tables.append(t)
             checks += c
+            verdicts.append(verdict_record(
+                name, rep.result.worst_over("paper").all, rep.result.worst.all
+                & suite.worst.all, paper_label="attack on path A, classify on fresh paths"))
         elif kind == "smoothing":
             from .analysis.smoothing_sweeps import attack_table, table_markdown
 
@@ -194,6 +274,7 @@ def make_evaluator(kind: str, budget: dict):
             table = attack_table(model, x, y, sigma=sigma, m=m, eps=eps,
                                  attack_samples=budget["eot"], repeats=3, seed=seed,
                                  nattack=sm.get("nattack"))
+            flags = table.pop("flags")
             markdown.append(
                 f"Smoothed inference over the noisy model (σ = {sigma:g}, m = {m}, {how}). "
                 "Columns: PGD with one noise draw per step (the SIAM paper's protocol), EPGD "
@@ -202,16 +283,35 @@ def make_evaluator(kind: str, budget: dict):
                 "on all 3 fresh m-sample votes:\n\n"
                 + table_markdown(table))
             paper = evaluate(model, (x, y), paper_attack_specs(eps, seed),
-                             repeats=budget["repeats"], seed=seed)
+                             repeats=budget["repeats"], seed=seed, check_options=check_options)
             tables.append(table_from_result(paper, title="Base PNI model, no smoothing: "
                                             "attacks with one noise draw per step (PNI paper)"))
             checks += checks_from_result(paper)
-            t, c = _suite_table(model, x, y, rand_suite_attacks(budget, seed, eps),
-                                title="Base PNI model: rand cascade (batched EOT over noise)",
-                                budget=budget, seed=seed, eps=eps)
+            t, c, suite = _suite_table(model, x, y, rand_suite_attacks(budget, seed, eps),
+                                       title="Base PNI model: rand cascade (batched EOT over "
+                                             "noise)", budget=budget, seed=seed, eps=eps)
             tables.append(t)
             checks += c
-        return {"tables": tables, "checks": checks, "markdown": markdown}
+            import torch
+
+            base_rows = flags["base"]
+            verdicts.append(verdict_record(
+                plan.extra.get("base_verdict_name", name + ": base model"), paper.worst.all,
+                paper.worst.all.cpu() & suite.worst.all.cpu()
+                & torch.tensor(base_rows["worst"], dtype=torch.bool),
+                paper_label="FGSM / PGD-20 / CW, one noise draw per step"))
+            vote = "smoothed/prediction"
+            if vote in flags:
+                smoothed = flags[vote]
+                paper_mask = (torch.tensor(smoothed["clean"], dtype=torch.bool)
+                              & torch.tensor(smoothed["pgd"], dtype=torch.bool))
+                verdicts.append(verdict_record(
+                    plan.extra.get("smoothed_verdict_name", name + ": smoothed"), paper_mask,
+                    torch.tensor(smoothed["worst"], dtype=torch.bool),
+                    paper_label="PGD, one noise draw per step, prediction vote"))
+            extra["smoothing_choice"] = {"sigma": sigma, "m": m, "how": how}
+        return {"tables": tables, "checks": checks, "markdown": markdown,
+                "verdicts": verdicts, **extra}
 
     return run
 
@@ -237,65 +337,138 @@ def _choose_smoothing_on_val(model, plan: Plan, sm: dict, *, eps: float, seed: i
         f"{best.vote} vote")
 
 
-def mnist5k_plans(seed: int = 0, *, budget: dict | None = None,
-                  epochs: int = 6) -> list[Plan]:
-    """Standard, PGD-AT, TRADES, MART, each of the three + CAS, RNA (AT), PNI-W (AT) + smoothing."""
+# The early-stopping rule of every reproduction entry (train.early_stopping): stop once the
+# PGD-10 accuracy on val has not risen by more than 0.5 points for 2 epochs; evaluate the best
+# val epoch. The standard model's robust accuracy is 0 by construction, so it stops on clean
+# val accuracy with the same patience and min_delta.
+EARLY_STOPPING = {"metric": "monitor_pgd_acc", "patience": 2, "min_delta": 0.005}
+
+# Entries trained with every seed of ``seeds`` (the others with the first seed only): PGD-AT
+# on both networks and the three seed papers' defenses.
+MULTI_SEED = ("pgd_at", "pgd_at_rn", "at_cas", "rna_at", "pni_at")
+
+
+def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 10,
+                  seeds: list[int] | tuple[int, ...] | None = None, monitor_size: int = 500,
+                  limit: int | None = None, n_val_smoothing: int = 100) -> list[Plan]:
+    """The mnist5k study: standard and PGD-AT, RNA (AT) and PNI-W (AT) + smoothing on
+    ``smallcnn``; PGD-AT, TRADES, MART and each of them + CAS on ``resnet_mini`` (CAS after
+    both blocks of its last stage, the paper's ResNet-18 placement).
+
+    Every entry trains on ``fit`` with :data:`EARLY_STOPPING` on the ``val`` split
+    (``monitor_size`` images), ``epochs`` being the cap. ``seeds`` (default: ``[seed]``):
+    the entries in :data:`MULTI_SEED` are trained once per seed (keys ``<entry>_s<seed>``
+    after the first), the others with the first seed. ``plan.extra`` records the entry's
+    ``group`` (key without the seed), ``seed``, ``arch`` and ``baselines`` (the groups its
+    verdict is compared with, per example, in the report).
+    """
     budget = budget or CPU_BUDGET
+    seeds = list(seeds) if seeds else [seed]
+    first = seeds[0]
     det, cas = make_evaluator("deterministic", budget), make_evaluator("cas", budget)
-    at = dict(recipe="pgd_at", epochs=epochs, seed=seed)
     cas_def = {"cas": {"placement": "default"}}
-    return [
-        Plan("standard", "Standard training", mnist5k_config("standard", epochs=4, seed=seed),
-             det, cost=0.4),
-        Plan("pgd_at", "PGD-AT (Madry et al. 2018)", mnist5k_config("pgd_at", **at), det),
-        Plan("trades", "TRADES (β = 6)",
-             mnist5k_config("trades", **{**at, "recipe": "trades"},
-                            recipe_args={"beta": 6.0}), det),
-        Plan("mart", "MART (β = 6)",
-             mnist5k_config("mart", **{**at, "recipe": "mart"}, recipe_args={"beta": 6.0}), det),
-        Plan("at_cas", "PGD-AT + CAS (β = 2)",
-             mnist5k_config("at_cas", **at, defense=cas_def, recipe_args={"aux_weight": 2.0}),
-             cas),
-        Plan("trades_cas", "TRADES + CAS (β_TRADES = 6, β_CAS = 2)",
-             mnist5k_config("trades_cas", **{**at, "recipe": "trades"}, defense=cas_def,
-                            recipe_args={"beta": 6.0, "aux_weight": 2.0}), cas),
-        Plan("mart_cas", "MART + CAS (β_MART = 6, β_CAS = 2)",
-             mnist5k_config("mart_cas", **{**at, "recipe": "mart"}, defense=cas_def,
-                            recipe_args={"beta": 6.0, "aux_weight": 2.0}), cas),
-        Plan("rna_at", "RNA (BN+IN, PGD-AT with black-box paths as the reference)",
-             mnist5k_config("rna_at", **at,
-                            defense={"rna": {"space": ["bn", "in"], "granularity": "call"}},
-                            recipe_args={"draw": "independent"}),
-             make_evaluator("rna", budget), cost=3.0,
-             extra={"curve": {"eot_samples": budget["eot"], "repeats": budget["repeats"]}}),
-        Plan("pni_at", "PNI-W (layer-wise, PGD-AT 0.5 clean + 0.5 adv) + smoothing",
-             mnist5k_config("pni_at", **at,
-                            defense={"noise": {"kind": "pni", "where": "weights",
-                                               "mode": "layerwise"}},
-                            recipe_args={"clean_weight": 0.5, "attack_label": "predicted"}),
-             make_evaluator("smoothing", budget), cost=2.5,
-             extra={"smoothing": {"sigmas": [0.0, 0.1], "ms": [4, 16], "n_val": 100},
-                    "curve": {"eot_samples": budget["eot"], "repeats": budget["repeats"]}}),
-    ]
+    plans: list[Plan] = []
+
+    def add(group: str, title: str, arch: str, evaluator, *, cost: float = 1.0,
+            baselines: tuple[str, ...] = (), extra: dict | None = None, notes: str = "",
+            **cfg: Any) -> None:
+        for s in seeds if group in MULTI_SEED else [first]:
+            key = group if s == first else f"{group}_s{s}"
+            es = dict(EARLY_STOPPING)
+            if cfg.get("recipe", "standard") == "standard":
+                es["metric"] = "monitor_clean_acc"
+            config = mnist5k_config(key, seed=s, epochs=epochs, model=arch,
+                                    early_stopping=es, monitor_size=monitor_size, limit=limit,
+                                    **cfg)
+            info = {**(extra or {}), "group": group, "seed": s, "arch": arch,
+                    "baselines": list(baselines), "verdict_name": title}
+            if s != first:
+                # the first seed's entry plots the eps curve and runs the probing checks
+                info.update(light_checks=True, skip_curve=True)
+            plans.append(Plan(key, title + ("" if s == first else f" (seed {s})"), config,
+                              evaluator, notes=notes, cost=cost, extra=info))
+
+    at = {"recipe": "pgd_at"}
+    add("standard", "Standard training (smallcnn)", "smallcnn", det, cost=0.3,
+        notes="Stops on clean val accuracy (its robust accuracy is 0 by construction).")
+    add("pgd_at", "PGD-AT (Madry et al. 2018), smallcnn", "smallcnn", det, cost=1.5, **at)
+    add("rna_at", "RNA (BN+IN, PGD-AT with black-box paths as the reference), smallcnn",
+        "smallcnn", make_evaluator("rna", budget), cost=3.0, baselines=("pgd_at",),
+        defense={"rna": {"space": ["bn", "in"], "granularity": "call"}},
+        recipe_args={"draw": "independent"},
+        extra={"curve": {"eot_samples": budget["eot"], "repeats": budget["repeats"]}}, **at)
+    add("pni_at", "PNI-W (layer-wise, PGD-AT 0.5 clean + 0.5 adv) + smoothing, smallcnn",
+        "smallcnn", make_evaluator("smoothing", budget), cost=2.5, baselines=("pgd_at",),
+        defense={"noise": {"kind": "pni", "where": "weights", "mode": "layerwise"}},
+        recipe_args={"clean_weight": 0.5, "attack_label": "predicted"},
+        extra={"smoothing": {"sigmas": [0.0, 0.1], "ms": [4, 16], "n_val": n_val_smoothing},
+               "curve": {"eot_samples": budget["eot"], "repeats": budget["repeats"]},
+               "base_verdict_name": "PNI-W (no smoothing), smallcnn",
+               "smoothed_verdict_name": "PNI-W + smoothing (prediction vote), smallcnn"},
+        **at)
+    add("pgd_at_rn", "PGD-AT, resnet_mini", "resnet_mini", det, cost=1.4, **at)
+    add("trades_rn", "TRADES (β = 6), resnet_mini", "resnet_mini", det, cost=1.4,
+        baselines=("pgd_at_rn",), recipe="trades", recipe_args={"beta": 6.0})
+    add("mart_rn", "MART (β = 6), resnet_mini", "resnet_mini", det, cost=1.3,
+        baselines=("pgd_at_rn",), recipe="mart", recipe_args={"beta": 6.0})
+    add("at_cas", "PGD-AT + CAS (β = 2), resnet_mini", "resnet_mini", cas, cost=1.4,
+        baselines=("pgd_at_rn",), defense=cas_def, recipe_args={"aux_weight": 2.0}, **at)
+    add("trades_cas", "TRADES + CAS (β_TRADES = 6, β_CAS = 2), resnet_mini", "resnet_mini",
+        cas, cost=1.4, baselines=("pgd_at_rn", "trades_rn"), defense=cas_def,
+        recipe="trades", recipe_args={"beta": 6.0, "aux_weight": 2.0})
+    add("mart_cas", "MART + CAS (β_MART = 6, β_CAS = 2), resnet_mini", "resnet_mini", cas,
+        cost=1.3, baselines=("pgd_at_rn", "mart_rn"), defense=cas_def, recipe="mart",
+        recipe_args={"beta": 6.0, "aux_weight": 2.0})
+    return plans
 
 
 QUICK_BUDGET = {"n_targets": 1, "square_queries": 20, "eot": 2, "repeats": 2,
                 "rand_square_queries": 10}
+# mnist5k-quick: small, but every attack still does something
+TRIAL_BUDGET = {"n_targets": 1, "square_queries": 100, "eot": 2, "repeats": 4,
+                "rand_square_queries": 50}
+
+# ``advdefense reproduce --preset NAME`` defaults (the CLI's --n, --seeds, budget flags and
+# --no-curve override them). ``seeds: 2`` = the base seed and the next one.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mnist5k": {"n": 200, "seeds": 2, "budget": CPU_BUDGET, "curve_eps": CURVE_EPS,
+                "epochs": 10, "monitor_size": 500, "limit": None, "n_val_smoothing": 100},
+    "mnist5k-quick": {"n": 100, "seeds": 1, "budget": TRIAL_BUDGET, "curve_eps": [0.0, 0.3],
+                      "epochs": 2, "monitor_size": 200, "limit": 1500,
+                      "n_val_smoothing": 50},
+    "cifar10": {"n": 1000, "seeds": 1, "budget": FULL_BUDGET, "curve_eps": CURVE_EPS},
+}
+
+
+def preset_settings(preset: str) -> dict[str, Any]:
+    """The defaults of a ``reproduce`` preset (a copy): ``n`` test images, ``seeds`` (number of
+    training seeds of the multi-seed entries), ``budget``, ``curve_eps`` and, for the mnist5k
+    presets, the epoch cap, monitor size and training-set limit."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[preset])
 
 
 def build_plans(preset: str, *, seed: int = 0, budget: dict | None = None,
-                quick: bool = False) -> list[Plan]:
-    """The entries of ``advdefense reproduce --preset`` (``mnist5k``: 3 epochs per model).
+                quick: bool = False, seeds: list[int] | tuple[int, ...] | None = None
+                ) -> list[Plan]:
+    """The entries of ``advdefense reproduce --preset`` (:data:`PRESETS`).
 
-    ``quick`` is a smoke run: 1 epoch on 300 training images. A module-level function, so
-    ``functools.partial(build_plans, ...)`` can rebuild the plans in worker processes.
+    ``seeds`` overrides the preset's training seeds (default: ``seed``, ``seed + 1``, ... as
+    many as the preset asks for). ``quick`` is a smoke run: 1 epoch on 300 training images. A
+    module-level function, so ``functools.partial(build_plans, ...)`` can rebuild the plans in
+    worker processes.
     """
-    if preset == "mnist5k":
-        plans = mnist5k_plans(seed, budget=budget, epochs=1 if quick else 3)
-    elif preset == "cifar10":
-        plans = cifar10_plans(seed, budget=budget, quick=quick)
+    settings = preset_settings(preset)
+    if seeds is None:
+        seeds = [seed + i for i in range(int(settings.get("seeds", 1)))]
+    if preset in ("mnist5k", "mnist5k-quick"):
+        plans = mnist5k_plans(seeds[0], budget=budget or settings["budget"],
+                              epochs=settings["epochs"], seeds=seeds,
+                              monitor_size=settings["monitor_size"], limit=settings["limit"],
+                              n_val_smoothing=settings["n_val_smoothing"])
     else:
-        raise ValueError(f"unknown preset {preset!r}")
+        plans = cifar10_plans(seeds[0], budget=budget, quick=quick)
     if quick:
         for p in plans:
             p.config["train"]["epochs"] = 1

@@ -2,8 +2,14 @@
 
 A *preset* is a list of :class:`Plan` entries, each a full experiment config (saved next to its
 checkpoint) plus how to evaluate the trained model. Every step is resumable: a model whose
-checkpoint already holds all epochs is not retrained, and a half-trained one resumes from its
-last epoch; evaluations are cached as JSON next to the checkpoint.
+checkpoint already holds all epochs (or whose early stopping has stopped) is not retrained,
+and a half-trained one resumes from its last epoch; evaluations are cached as JSON next to
+the checkpoint. With ``train.early_stopping`` the best val epoch (``best.pt``) is evaluated.
+
+The report opens with the verdicts: per defense, its paper-protocol and worst-case accuracy,
+the exact McNemar test of its worst case against its baselines (PGD-AT on the same network,
+the recipe without CAS) and against its own paper-protocol figure, the epochs each entry
+trained, and the spread over training seeds (:func:`paired_summary`).
 """
 
 from __future__ import annotations
@@ -53,36 +59,96 @@ def recorded_train_seconds(run_dir: Path) -> float | None:
     return total
 
 
+def training_summary(checkpoint: dict[str, Any], cfg) -> dict[str, Any]:
+    """Epochs trained, the cap, and (with early stopping) the best epoch and whether the rule
+    stopped the run, from a checkpoint's logged history."""
+    from .training.early_stopping import stopping_state
+
+    history = list((checkpoint.get("metrics") or {}).get("history", []))
+    out: dict[str, Any] = {"epochs": int(checkpoint.get("epoch", len(history))),
+                           "cap": int(cfg.train.epochs), "early_stopping": None,
+                           "checkpoint": "last.pt"}
+    rule = cfg.train.early_stopping
+    if rule is not None and history:
+        state = stopping_state(history, rule)
+        out.update(early_stopping={"metric": rule.metric, "patience": rule.patience,
+                                   "min_delta": rule.min_delta},
+                   best_epoch=state.best_epoch, best_value=state.best_value,
+                   stopped_early=state.stop, checkpoint="best.pt")
+    return out
+
+
+def _finished(checkpoint: dict[str, Any], cfg) -> bool:
+    summary = training_summary(checkpoint, cfg)
+    return summary["epochs"] >= cfg.train.epochs or bool(summary.get("stopped_early"))
+
+
+def _comparable(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A saved config without what may change between runs of the same experiment: the output
+    folder, the epoch cap and the early-stopping rule (raising the cap resumes the run)."""
+    if not isinstance(config, dict):
+        return None
+    out = copy.deepcopy(config)
+    out.pop("output_dir", None)
+    train = out.get("train")
+    if isinstance(train, dict):
+        train.pop("epochs", None)
+        train.pop("early_stopping", None)
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def train_plan(plan: Plan, root: Path, *, progress: bool = False, device: str | None = None):
-    """Train (or resume, or reuse) the plan's model; returns ``(model, cfg, seconds)`` where
-    ``seconds`` is the training time recorded over all epochs (not just this call's).
-    ``device``: where to train and load the model (``None``: CUDA if available, else CPU)."""
-    from .config import config_from_dict
+    """Train (or resume, or reuse) the plan's model; returns ``(model, cfg, seconds, training)``
+    where ``seconds`` is the training time recorded over all epochs (not just this call's) and
+    ``training`` is :func:`training_summary`. With early stopping the model is the best val
+    epoch's (``best.pt``), otherwise the last epoch's. ``device``: where to train and load the
+    model (``None``: CUDA if available, else CPU)."""
+    from .config import config_from_dict, to_dict
     from .training.checkpoint import load_checkpoint, load_model_from_checkpoint
     from .training.trainer import Trainer
 
     cfg_dict = copy.deepcopy(plan.config)
     cfg_dict["output_dir"] = str(root / plan.key)
     cfg = config_from_dict(cfg_dict)
-    ckpt = Path(cfg.output_dir) / "last.pt"
+    out = Path(cfg.output_dir)
+    ckpt = out / "last.pt"
     t0 = time.perf_counter()
-    done = False
+    done, resume = False, ckpt.exists()
     if ckpt.exists():
         try:
-            # "epoch" counts completed epochs
-            done = int(load_checkpoint(ckpt).get("epoch", 0)) >= cfg.train.epochs
+            saved = load_checkpoint(ckpt)
+            if _comparable(saved.get("config")) != _comparable(to_dict(cfg)):
+                # another experiment in this folder (e.g. an older version of the preset)
+                log.warning("%s was trained with another config; training %s from scratch",
+                            ckpt, plan.key)
+                resume = False
+                for stale in ("best.pt", "evaluation.json"):
+                    (out / stale).unlink(missing_ok=True)
+            else:
+                done = _finished(saved, cfg)
         except Exception:  # a broken checkpoint is retrained from scratch below
-            done = False
+            done, resume = False, False
     if not done:
         trainer = Trainer(cfg, progress=progress, device=device)
         try:
-            trainer.fit(resume=ckpt.exists())
+            trainer.fit(resume=resume)
         finally:
             trainer.close()
+    training = training_summary(load_checkpoint(ckpt), cfg)
+    chosen = Path(cfg.output_dir) / training["checkpoint"]
+    if not chosen.exists():  # early stopping without a best.pt (not expected): the last epoch
+        chosen, training["checkpoint"] = ckpt, "last.pt"
     model, cfg = load_model_from_checkpoint(
-        ckpt, map_location=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        chosen, map_location=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     recorded = recorded_train_seconds(cfg.output_dir)
-    return model, cfg, recorded if recorded is not None else time.perf_counter() - t0
+    seconds = recorded if recorded is not None else time.perf_counter() - t0
+    return model, cfg, seconds, training
 
 
 def table_from_result(result, *, title: str, protocol_names: dict[str, str] | None = None):
@@ -196,6 +262,7 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
 
     plot = plot_curves(curves, root / "accuracy_vs_eps.png",
                        title="PGD-20 accuracy vs eps (L-inf, 95% CI)") if curves else None
+    summary = paired_summary(sections)
     lines = [f"# {title}", "", intro, "",
              f"- command: `{command}`", f"- seed: {seed}",
              f"- code: advdefense commit {code_version()}",
@@ -203,6 +270,7 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
              f"- compute time, summed over the entries (training + evaluation, including "
              f"parts cached by earlier runs): {_compute_minutes(sections):.1f} min; "
              f"this invocation's wall time: {total_seconds / 60:.1f} min", ""]
+    lines += paired_markdown(summary, sections)
     for sec in sections:
         lines += [f"## {sec['title']}", ""]
         if sec.get("notes"):
@@ -210,7 +278,8 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
         if sec.get("code"):
             lines += [f"Evaluated with advdefense commit {sec['code']}.", ""]
         if sec.get("train_seconds") is not None:
-            lines += [f"Training took {sec['train_seconds']:.0f} s; evaluation "
+            lines += [f"Training took {sec['train_seconds']:.0f} s "
+                      f"({_epochs_text(sec.get('training'))}); evaluation "
                       f"{sec.get('eval_seconds', 0):.0f} s.", ""]
         for block in sec.get("markdown", []):
             lines += [block, ""]
@@ -224,8 +293,195 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
     report.write_text("\n".join(lines))
     (root / "report.json").write_text(json.dumps(
         {"title": title, "command": command, "seed": seed, "sections": sections,
-         "curves": curves, "total_seconds": total_seconds}, indent=1, default=str))
+         "curves": curves, "total_seconds": total_seconds, "paired": summary}, indent=1,
+        default=str))
     return report
+
+
+def _epochs_text(training: dict[str, Any] | None) -> str:
+    if not training:
+        return "epochs unknown"
+    text = f"{training['epochs']} epochs"
+    if training.get("early_stopping"):
+        why = (f"stopped early, cap {training['cap']}" if training.get("stopped_early")
+               else "the cap")
+        text += f" ({why}); evaluated: best val epoch {training.get('best_epoch')}"
+    return text
+
+
+def _examples(k: int) -> str:
+    return f"{k} example" + ("" if k == 1 else "s")
+
+
+def _acc_dict(flags: list[bool]) -> dict[str, Any]:
+    from .evaluation.stats import accuracy
+
+    acc = accuracy(torch.tensor(flags, dtype=torch.bool))
+    return {"accuracy": acc.value, "ci": [acc.low, acc.high], "n": acc.n}
+
+
+def paired_summary(sections: list[dict[str, Any]], *, alpha: float = 0.05) -> dict[str, Any]:
+    """Paired statistics over the report's sections (those that carry ``verdicts``).
+
+    For every verdict: paper-protocol and worst-case accuracy; the exact McNemar test of the
+    worst case against the paper-protocol figure of the same model (what the adaptive attacks
+    took away) and against the first verdict of each baseline group (its worst case, same
+    examples; the baseline of the same training seed if present, else its first seed). For
+    groups with several seeds, the worst-case accuracy per seed, its mean and its range.
+    """
+    from .evaluation.stats import mcnemar_exact
+
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for sec in sections:
+        if sec.get("verdicts") and sec.get("group"):
+            by_group.setdefault(sec["group"], []).append(sec)
+
+    def baseline_of(group: str, seed: Any) -> dict[str, Any] | None:
+        candidates = by_group.get(group, [])
+        same = [c for c in candidates if c.get("seed") == seed]
+        return (same or candidates or [None])[0]
+
+    rows = []
+    for sec in sections:
+        for i, v in enumerate(sec.get("verdicts") or []):
+            test = mcnemar_exact(v["worst"], v["paper"])
+            row = {"key": sec.get("key"), "group": sec.get("group"), "seed": sec.get("seed"),
+                   "arch": sec.get("arch"), "name": v["name"], "index": i,
+                   "paper_label": v.get("paper_label", ""), "paper": _acc_dict(v["paper"]),
+                   "worst": _acc_dict(v["worst"]), "training": sec.get("training"),
+                   "vs_paper": {**test.as_dict(), "decided": test.decided(alpha)},
+                   "vs_baselines": []}
+            for group in sec.get("baselines") or []:
+                base = baseline_of(group, sec.get("seed"))
+                if base is None:
+                    row["vs_baselines"].append({"group": group, "missing": True})
+                    continue
+                bv = base["verdicts"][0]
+                if len(bv["worst"]) != len(v["worst"]):
+                    row["vs_baselines"].append({"group": group, "key": base.get("key"),
+                                                "name": bv["name"], "missing": True,
+                                                "why": "evaluated on different examples"})
+                    continue
+                t = mcnemar_exact(v["worst"], bv["worst"])
+                row["vs_baselines"].append({
+                    "group": group, "key": base.get("key"), "name": bv["name"],
+                    "seed": base.get("seed"), "baseline_worst": _acc_dict(bv["worst"]),
+                    **t.as_dict(), "decided": t.decided(alpha)})
+            rows.append(row)
+    spread = []
+    for group, secs in by_group.items():
+        if len(secs) < 2:
+            continue
+        for i, v in enumerate(secs[0]["verdicts"]):
+            worst = [sum(s["verdicts"][i]["worst"]) / len(s["verdicts"][i]["worst"])
+                     for s in secs if len(s["verdicts"]) > i]
+            paper = [sum(s["verdicts"][i]["paper"]) / len(s["verdicts"][i]["paper"])
+                     for s in secs if len(s["verdicts"]) > i]
+            spread.append({"group": group, "name": v["name"],
+                           "seeds": [s.get("seed") for s in secs], "worst": worst,
+                           "paper": paper, "worst_mean": sum(worst) / len(worst),
+                           "worst_range": max(worst) - min(worst)})
+    return {"alpha": alpha, "rows": rows, "spread": spread}
+
+
+def _p(p: float) -> str:
+    return f"= {p:.2g}" if p >= 1e-4 else "< 1e-4"
+
+
+def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> list[str]:
+    """The report's opening section: verdict table, one sentence per comparison, seed spread
+    and the epochs of every entry."""
+    lines: list[str] = []
+    rows = summary.get("rows") or []
+    alpha = summary.get("alpha", 0.05)
+    if rows:
+        lines += [
+            "## Verdicts (paired, per example)", "",
+            "Worst case = per example, correct under every attack run on the model (paper "
+            "protocol and adaptive). p = exact two-sided McNemar test on the same test images "
+            f"(decided: p < {alpha:g}). Δ in accuracy points.", "",
+            "| defense | seed | network | paper protocol % | worst case % [95% CI] | worst vs "
+            "own paper figure: Δ, p | vs baseline (same network): Δ, p |",
+            "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            w = r["worst"]
+            vs = "; ".join(
+                f"{b.get('name', b['group'])}: n/a ({b.get('why', 'not in this run')})"
+                if b.get("missing")
+                else f"{b['name']} ({100 * b['baseline_worst']['accuracy']:.1f}): "
+                     f"{100 * b['difference']:+.1f}, p {_p(b['p_value'])}"
+                for b in r["vs_baselines"]) or "–"
+            lines.append(
+                f"| {r['name']} | {r['seed']} | {r['arch'] or '–'} | "
+                f"{100 * r['paper']['accuracy']:.1f} | {100 * w['accuracy']:.1f} "
+                f"[{100 * w['ci'][0]:.1f}, {100 * w['ci'][1]:.1f}] | "
+                f"{100 * r['vs_paper']['difference']:+.1f}, p {_p(r['vs_paper']['p_value'])} "
+                f"| {vs} |")
+        lines.append("")
+        sentences = []
+        for r in rows:
+            for b in r["vs_baselines"]:
+                if b.get("missing"):
+                    continue
+                verdict = (f"decided at the {100 * alpha:g}% level" if b["decided"] else
+                           f"**not** decided at the {100 * alpha:g}% level: these test images "
+                           "do not tell the two apart")
+                sentences.append(
+                    f"- {r['name']} (seed {r['seed']}) vs {b['name']} (seed {b['seed']}): "
+                    f"worst case {100 * r['worst']['accuracy']:.1f}% vs "
+                    f"{100 * b['baseline_worst']['accuracy']:.1f}% "
+                    f"({100 * b['difference']:+.1f} points; {_examples(b['only_a'])} only the "
+                    f"defense survives, {b['only_b']} only the baseline), p "
+                    f"{_p(b['p_value'])}: {verdict}.")
+            vp = r["vs_paper"]
+            sentences.append(
+                f"- {r['name']} (seed {r['seed']}), its paper-protocol figure "
+                f"{100 * r['paper']['accuracy']:.1f}% against its worst case "
+                f"{100 * r['worst']['accuracy']:.1f}% ({_examples(vp['only_b'])} broken only by "
+                f"attacks outside the paper's protocol), p {_p(vp['p_value'])}: "
+                + ("the paper protocol over-states it (decided)." if vp["decided"] else
+                   "no decided difference."))
+        lines += sentences + [""]
+    spread = summary.get("spread") or []
+    if spread:
+        lines += ["### Spread over training seeds", "",
+                  "| defense | seeds | worst case % per seed | mean | range (points) | "
+                  "paper protocol % per seed |", "|---|---|---|---|---|---|"]
+        for sp in spread:
+            lines.append(
+                f"| {sp['name']} | {', '.join(map(str, sp['seeds']))} | "
+                f"{', '.join(f'{100 * w:.1f}' for w in sp['worst'])} | "
+                f"{100 * sp['worst_mean']:.1f} | {100 * sp['worst_range']:.1f} | "
+                f"{', '.join(f'{100 * w:.1f}' for w in sp['paper'])} |")
+        lines.append("")
+    trained = [s for s in sections if s.get("training")]
+    if trained:
+        lines += ["### Training: epochs per entry", "",
+                  "| entry | epochs trained | cap | stopped early | evaluated epoch | "
+                  "val metric at that epoch | training s |", "|---|---|---|---|---|---|---|"]
+        for s in trained:
+            t = s["training"]
+            es = t.get("early_stopping")
+            value = t.get("best_value")
+            metric = (f"{es['metric']} {100 * value:.1f}%" if es and value is not None
+                      else "–")
+            lines.append(
+                f"| {s['title']} | {t['epochs']} | {t['cap']} | "
+                f"{('yes' if t.get('stopped_early') else 'no') if es else '–'} | "
+                f"{t.get('best_epoch') if es else t['epochs']} | "
+                f"{metric} | "
+                f"{s.get('train_seconds') or 0:.0f} |")
+        lines += ["", "Early stopping (every entry): "
+                  + "; ".join(sorted({_rule_text(s['training']['early_stopping'])
+                                      for s in trained
+                                      if s['training'].get('early_stopping')}))
+                  + ". The checkpoint of the best val epoch is the one evaluated.", ""]
+    return lines
+
+
+def _rule_text(rule: dict[str, Any]) -> str:
+    return (f"{rule['metric']} on the val split, patience {rule['patience']} epochs, "
+            f"min_delta {100 * rule['min_delta']:g} points")
 
 
 def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
@@ -239,24 +495,38 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
     from .data import as_tensors, load_split
 
     log.info("== %s", plan.title)
-    model, cfg, train_seconds = train_plan(plan, root, progress=progress, device=device)
+    model, cfg, train_seconds, training = train_plan(plan, root, progress=progress,
+                                                     device=device)
     if train_only:
         return None
     cache = root / plan.key / "evaluation.json"
+    # what the cached evaluation depends on: the experiment, the evaluated epoch, the examples
+    # and the evaluation options (a changed one re-evaluates)
+    digest = _digest({"config": plan.config, "n": n_eval, "curve": curve_eps,
+                      "epoch": training.get("best_epoch") or training.get("epochs"),
+                      "extra": {k: v for k, v in plan.extra.items() if not callable(v)}})
+    section = None
     if cache.exists():
         section = json.loads(cache.read_text())
-    else:
+        if section.get("digest") != digest:
+            log.info("%s: evaluation options or model changed; evaluating again", plan.key)
+            section = None
+    if section is None:
         x, y = as_tensors(load_split(cfg.data.name, "test", root=cfg.data.root))
         x, y = x[:n_eval], y[:n_eval]
         t0 = time.perf_counter()
         section = plan.evaluate(model, x, y, plan)
-        if curve_eps:
+        if curve_eps and not plan.extra.get("skip_curve"):
             section["curve"] = eps_curve(model, x, y, curve_eps, seed=seed,
                                          **plan.extra.get("curve", {}))
         section["eval_seconds"] = time.perf_counter() - t0
         section["code"] = code_version()
+        section["digest"] = digest
         atomic_write_text(cache, json.dumps(section, default=str))
-    section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds)
+    section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds,
+                   training=training, key=plan.key,
+                   **{k: plan.extra[k] for k in ("group", "seed", "arch", "baselines")
+                      if k in plan.extra})
     return section
 
 

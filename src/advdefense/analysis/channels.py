@@ -23,6 +23,10 @@ indices are aligned between natural and adversarial (one order: natural magnitud
 descending; the code sorts the two magnitude series independently); class, layer, threshold
 and attack are parameters and the attack is recorded; a uniformity scalar is added.
 
+:func:`cas_site_stats` reports, per CAS site, the auxiliary head's accuracy and how often the
+main prediction equals the head's argmax (clean and adversarial): the test of whether the
+main prediction simply follows the first head's class mask.
+
 Layers are module paths (``"stages.3.1"``) whose *output* is analysed, or ``"path:in"`` for a
 module's first *input*. On a CAS model (:class:`advdefense.defenses.cas.CASModel`) paths may omit
 the leading ``model.``; at a CAS site the features the CAS module receives (before the mask,
@@ -310,5 +314,77 @@ def save_report(report: ChannelReport, out_dir: str | Path, *, title: str = "") 
     return paths
 
 
+# --- CAS per-site statistics -------------------------------------------------------------------
+
+def _site_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               batch_size: int) -> dict[str, Any]:
+    from ..attacks.base import eval_mode
+    from ..models.heads import forward_with_aux
+
+    main_pred, head_preds = [], []
+    with eval_mode(model), torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            logits, aux = forward_with_aux(model, x[i : i + batch_size])
+            main_pred.append(logits.argmax(1).cpu())
+            head_preds.append([a.argmax(1).cpu() for a in aux])
+    main = torch.cat(main_pred)
+    heads = [torch.cat(cols) for cols in zip(*head_preds, strict=True)] if head_preds else []
+    y = y.cpu()
+    return {
+        "n": int(y.numel()),
+        "main_accuracy": float((main == y).float().mean()),
+        "heads": [{"accuracy": float((h == y).float().mean()),
+                   "agrees_with_main": float((h == main).float().mean())} for h in heads],
+    }
+
+
+def cas_site_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                   x_adv: torch.Tensor | None = None, attack=None,
+                   batch_size: int = 250) -> dict[str, Any]:
+    """Per CAS site of ``model`` (eval mode, predicted-class masks, as deployed): the
+    auxiliary head's accuracy and how often its argmax equals the main prediction, on clean
+    ``x`` and on adversarial inputs (``x_adv``, or ``attack(model, x, y)`` when given).
+
+    Why: CAS trains with the *true-class* mask, so every layer after the first site can read the
+    label from the mask, and at test time the main prediction tends to follow the **first**
+    head's argmax (its mask). Where the first head is a weak classifier (smallcnn's sites) the
+    main accuracy collapses to it; where it is nearly as strong as the main head (the last
+    stage of a ResNet, as in the paper) it need not. ``agrees_with_main`` of site 0 is that
+    agreement. Models without heads give an empty ``sites`` list.
+    """
+    places = list(getattr(model, "placements", []))
+    if x_adv is None and attack is not None:
+        x_adv = torch.cat([attack(model, x[i : i + batch_size], y[i : i + batch_size])
+                           for i in range(0, x.shape[0], batch_size)])
+    sets = {"clean": _site_rows(model, x, y, batch_size)}
+    if x_adv is not None:
+        sets["adversarial"] = _site_rows(model, x_adv, y, batch_size)
+    n_sites = len(sets["clean"]["heads"])
+    sites = []
+    for j in range(n_sites):
+        site = {"site": places[j] if j < len(places) else str(j)}
+        for kind, rows in sets.items():
+            site[kind] = rows["heads"][j]
+        sites.append(site)
+    return {"n": sets["clean"]["n"], "attack": None if attack is None else describe_attack(attack),
+            "main_accuracy": {k: v["main_accuracy"] for k, v in sets.items()},
+            "sites": sites}
+
+
+def cas_site_markdown(stats: dict[str, Any]) -> str:
+    """A Markdown table of :func:`cas_site_stats` (percentages)."""
+    kinds = list(stats["main_accuracy"])
+    head = "| site | " + " | ".join(
+        f"head accuracy ({k}) | main = this head ({k})" for k in kinds) + " |"
+    lines = [head, "|---|" + "---|---|" * len(kinds),
+             "| main head | " + " | ".join(
+                 f"{100 * stats['main_accuracy'][k]:.1f} | –" for k in kinds) + " |"]
+    for s in stats["sites"]:
+        lines.append(f"| {s['site']} | " + " | ".join(
+            f"{100 * s[k]['accuracy']:.1f} | {100 * s[k]['agrees_with_main']:.1f}"
+            for k in kinds) + " |")
+    return "\n".join(lines) + "\n"
+
+
 __all__ = ["ChannelReport", "ChannelStats", "analyze_channels", "capture_channel_means",
-           "channel_stats", "save_report", "uniformity"]
+           "cas_site_markdown", "cas_site_stats", "channel_stats", "save_report", "uniformity"]

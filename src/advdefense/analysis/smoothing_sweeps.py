@@ -247,7 +247,8 @@ def attack_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sigma: fl
 
     White-box points for the smoothed rows are crafted once on the noisy base at ``sigma``
     and scored with every vote; an example counts as correct only if all ``repeats`` fresh
-    m-sample votes are correct. Accuracies come with 95% Clopper–Pearson intervals.
+    m-sample votes are correct. Accuracies come with 95% Clopper–Pearson intervals;
+    ``flags[row][column]`` keeps the per-example verdicts (lists of booleans) for paired tests.
     """
     from ..attacks import PGD
     from ..attacks.nattack import NAttack
@@ -314,7 +315,9 @@ def attack_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sigma: fl
     return {"n": n, "sigma": sigma, "m": m, "repeats": repeats, "eps": eps, "norm": norm,
             "steps": steps, "attack_samples": attack_samples, "nattack": nattack,
             "nattack_vote": nattack_vote, "seconds": seconds,
-            "rows": {nm: {col: acc(f) for col, f in cols.items()} for nm, cols in rows.items()}}
+            "rows": {nm: {col: acc(f) for col, f in cols.items()} for nm, cols in rows.items()},
+            "flags": {nm: {col: f.tolist() for col, f in cols.items()}
+                      for nm, cols in rows.items()}}
 
 
 def table_markdown(table: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""``advdefense reproduce --preset mnist5k|cifar10 [--output DIR]``: train every defense and
+"""``advdefense reproduce --preset mnist5k|mnist5k-quick|cifar10 [--output DIR]``: train every
+defense and
 evaluate each under its paper's protocol and under adaptive attacks, side by side, in one
 Markdown report (with robust-accuracy-vs-eps curves and the attack-failure checks).
 
@@ -15,14 +16,19 @@ from pathlib import Path
 from ..errors import AdvDefenseError
 from ..provenance import command_line
 
-PRESETS = ("mnist5k", "cifar10")
+PRESETS = ("mnist5k", "mnist5k-quick", "cifar10")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="mnist5k", help="mnist5k (CPU) or cifar10 (GPU)")
+    parser.add_argument("--preset", default="mnist5k",
+                        help="mnist5k (CPU, converged, two seeds; about 2 h with --jobs 2), "
+                             "mnist5k-quick (CPU, about 20 min) or cifar10 (GPU)")
     parser.add_argument("--output", help="output folder (default runs/reproduce_<preset>)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n", type=int, default=200, help="test images per evaluation")
+    parser.add_argument("--seeds", help="comma-separated training seeds of the multi-seed "
+                                        "entries (default: the preset's, from --seed)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="test images per evaluation (default: the preset's)")
     parser.add_argument("--only", help="comma-separated subset of entries (e.g. pgd_at,rna_at)")
     parser.add_argument("--full-budget", action="store_true",
                         help="reference AutoAttack budgets (9 targets, 5,000 Square queries, "
@@ -51,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise AdvDefenseError(f"unknown preset {args.preset!r}; choose one of: "
                               f"{', '.join(PRESETS)}")
-    budget = presets.FULL_BUDGET if args.full_budget else presets.CPU_BUDGET
+    settings = presets.preset_settings(args.preset)
+    budget = presets.FULL_BUDGET if args.full_budget else settings["budget"]
     if args.quick:
         budget = presets.QUICK_BUDGET
     budget = dict(budget)
@@ -62,8 +69,15 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise AdvDefenseError("--jobs must be >= 1")
     device = str(resolve_device(args.device))
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise AdvDefenseError(f"--seeds must be comma-separated integers, got "
+                                  f"{args.seeds!r}") from None
     rebuild = functools.partial(presets.build_plans, args.preset, seed=args.seed,
-                                budget=budget, quick=args.quick)
+                                budget=budget, quick=args.quick, seeds=seeds)
     plans = rebuild()
     if args.only:
         wanted = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -78,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         plans, out, title=f"advdefense reproduction report: {args.preset}",
         command=command_line(["advdefense", *sys.argv[1:]]), seed=args.seed,
         curve_eps=None if args.no_curve else
-        ([0.0, 0.1, 0.2, 0.3, 0.4] if not args.quick else [0.0, 0.3]),
-        n_eval=args.n, progress=not args.no_progress and sys.stderr.isatty(),
+        (settings["curve_eps"] if not args.quick else [0.0, 0.3]),
+        n_eval=args.n or settings["n"], progress=not args.no_progress and sys.stderr.isatty(),
         intro=presets.REPRODUCE_INTRO.format(budget=budget), train_only=args.train_only,
         jobs=args.jobs, rebuild=rebuild, device=device)
     if report is None:

@@ -23,9 +23,17 @@ In this package the sum is not a new recipe: every training recipe (``standard``
 
 Shipped configs set ``aux_weight`` explicitly. As a safety net the :class:`CASModel` also
 carries ``recipe_defaults = {"aux_weight": 2.0}``, which the Trainer merges *under*
-``train.recipe_args`` (an explicit value, including 0, always wins), so a config that forgets
-the weight still trains the auxiliary heads with the paper's β instead of silently leaving
-them to the main loss alone.
+``train.recipe_args`` (an explicit value always wins), so a config that forgets the weight
+still trains the auxiliary heads with the paper's β instead of silently leaving them to the
+main loss alone.
+
+``aux_weight: 0`` means the plain recipe on the plain network: a config with ``defense.cas``
+and ``train.recipe_args.aux_weight: 0`` builds the model *without* CAS sites
+(:func:`disabled_by`, applied by :func:`advdefense.config.build_from_config`), so no mask acts
+in training or at test time and the run is the plain recipe's, weight for weight. (Keeping
+the sites with a zero loss weight would not be the plain recipe: the training-mode mask
+``M_y`` still multiplies the features by a label-dependent row, and at test time the
+predicted-class mask of an untrained head would still act.)
 
 so AT+CAS is ``CE(main) + β·mean_s CE(aux_s)``, TRADES+CAS gives every head its own CE + KL
 terms and MART+CAS every head its own MART terms, as in the reference code. Attacks reach the
@@ -38,7 +46,8 @@ API.
 * :func:`attach_cas` -- put CAS modules after (or before) named submodules of *any* model and
   return a :class:`CASModel`, whose ``model(x)`` gives the main logits and whose
   ``forward_with_aux(x, y=None)`` gives ``(logits, [aux_logits per CAS module])``;
-* :func:`default_placement` -- the paper's sites for resnet18 / wrn34_10 (and our smallcnn);
+* :func:`default_placement` -- the paper's sites for resnet18 / wrn34_10 (and resnet_mini,
+  smallcnn);
 * :func:`apply` -- the defense-registry entry point (``defense: {cas: {...}}``);
 * the attacks to evaluate it with are built by
   :func:`advdefense.evaluation.cas_specs.cas_attack_specs`.
@@ -57,6 +66,9 @@ that module's *output*; the suffix ``":in"`` (``"linear:in"``) puts it on the mo
   pooling: a per-channel mask commutes with GAP (``GAP(f ⊗ m) = GAP(f) ⊗ m`` and
   ``GAP(GAP(f)) = GAP(f)``), so this is the same function and needs no change to
   ``models/wrn.py``.
+* ``resnet_mini`` (the CPU-sized network of the mnist5k reproduction): like ResNet-18, after
+  both blocks of its last stage (``["stages.2.0", "stages.2.1"]``); the first auxiliary head
+  reads 64 channels at 7x7, one block before the main head's GAP + linear.
 * smallcnn (ours, no paper setting): after the ReLU of the last conv block and after the ReLU
   of the 200-unit hidden layer (``["features.13", "classifier.2"]``), the analogue of the WRN
   placement (last block + final activation). Why not the last two conv blocks (the literal
@@ -65,8 +77,12 @@ that module's *output*; the suffix ``":in"`` (``"linear:in"``) puts it on the mo
   *first* CAS head's prediction; a GAP head on ``features.10`` is a weak classifier. Measured
   (standard training + CAS, 2 epochs on 1,500 mnist5k images, 500 test images): sites
   ``features.10, features.13`` gave 21% test accuracy (first head 41%), ``features.13,
-  classifier.2`` 80% (first head 88%). Put the first CAS site where a linear head on pooled
-  features is already accurate.
+  classifier.2`` 80% (first head 88%). Even the default's first head (GAP + linear on a
+  64-channel 14x14 map) is much weaker than smallcnn's own 3136-200-10 classifier, so
+  smallcnn is not a setting the paper used; ``resnet_mini`` is.
+  Put the first CAS site where a linear head on pooled features is already accurate;
+  :func:`advdefense.analysis.channels.cas_site_stats` measures it (per-site head accuracy and
+  how often the main prediction follows the first head).
 
 Departures from the reference code (``bymavis/CAS_ICLR2021``), on purpose:
 
@@ -409,10 +425,8 @@ def default_placement(model: nn.Module) -> list[str]:
         "list of module paths")
 
 
-def apply(model: nn.Module, options: Mapping[str, Any], info) -> CASModel:
-    """Defense-registry entry point: ``defense: {cas: {placement: default | [paths],
-    mask: signed | nonnegative}}``. The CAS loss weight β is the recipe's ``aux_weight``
-    (``train.recipe_args.aux_weight``, 2.0 in the paper); it is not an option here."""
+def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validate ``defense.cas`` options; returns them as a dict (``placement`` unresolved)."""
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -425,16 +439,41 @@ def apply(model: nn.Module, options: Mapping[str, Any], info) -> CASModel:
     if mask not in MASKS:
         raise ConfigError(f"defense.cas.mask must be one of {', '.join(MASKS)}, got {mask!r}")
     placement = options.get("placement", "default")
+    if isinstance(placement, str) or placement is None:
+        pass
+    elif not isinstance(placement, (list, tuple)) or not all(isinstance(p, str)
+                                                             for p in placement):
+        raise ConfigError(
+            f"defense.cas.placement must be 'default' or a list of module paths, got {placement!r}")
+    return options
+
+
+def disabled_by(recipe_args: Mapping[str, Any] | None) -> bool:
+    """True when the recipe arguments set the CAS loss weight ``aux_weight`` to exactly 0:
+    the plain recipe, so the model is built without CAS sites (see the module docstring).
+    A missing ``aux_weight`` keeps CAS (the model asks for β = 2)."""
+    if not recipe_args or "aux_weight" not in recipe_args:
+        return False
+    try:
+        return float(recipe_args["aux_weight"]) == 0.0
+    except (TypeError, ValueError):
+        return False  # the recipe reports the bad value
+
+
+def apply(model: nn.Module, options: Mapping[str, Any], info) -> CASModel:
+    """Defense-registry entry point: ``defense: {cas: {placement: default | [paths],
+    mask: signed | nonnegative}}``. The CAS loss weight β is the recipe's ``aux_weight``
+    (``train.recipe_args.aux_weight``, 2.0 in the paper); it is not an option here."""
+    options = check_options(options)
+    mask = options.get("mask", "signed")
+    placement = options.get("placement", "default")
     if placement == "default" or placement is None:
         placement = default_placement(model)
     elif isinstance(placement, str):
         placement = [placement]
-    if not isinstance(placement, (list, tuple)) or not all(isinstance(p, str) for p in placement):
-        raise ConfigError(
-            f"defense.cas.placement must be 'default' or a list of module paths, got {placement!r}")
     return attach_cas(model, list(placement), num_classes=info.num_classes, mask=mask,
                       input_shape=(info.in_channels, info.image_size, info.image_size))
 
 
-__all__ = ["CASModel", "CASModule", "CASSite", "MASKS", "apply", "attach_cas",
-           "default_placement"]
+__all__ = ["CASModel", "CASModule", "CASSite", "MASKS", "apply", "attach_cas", "check_options",
+           "default_placement", "disabled_by"]

@@ -16,18 +16,31 @@ Training Adversarially Robust Neural Networks", arXiv 2003.02188, Sec. 3)
     ``eps1 ~ N(0, I_N)``, ``eps2 ~ N(0, I_r)``. For weights (CNI-W) ``N`` is the number of
     weights and ``std = std(W)`` (detached). For layer inputs (CNI-I) the covariance is over
     the **channels** (``N = C`` for conv inputs, ``in_features`` for linear inputs), drawn
-    independently at every spatial position and example, and ``std`` is the detached std of
-    each example's input. Init ``alpha_d = 0.25^2``, ``F ~ 0.01 * N(0, 1)``.
-    Departures from the SIAM code: (a) it initialises ``F`` to the constant 0.01, which gives
-    every one of the ``r`` columns the same gradient forever (so ``F`` stays rank 1); we use
-    a small random init; (b) its input noise covariance spans the full activation shape,
-    which needs the image size at construction; a per-channel covariance works for any model
-    and input size; (c) its FC layer always gets white PNI noise — here every wrapped layer
-    gets the noise kind you ask for.
+    independently at every spatial position. ``input_sample`` says how a batch shares it:
+    ``per_batch`` (default for CNI, the SIAM code's behaviour): one noise tensor of one
+    example's shape, added to every example of the batch (of each draw group) and scaled by
+    the detached std of the whole batch; ``per_example``: an independent draw for every example,
+    scaled by that example's std (each example sees noise independent of the rest of the batch,
+    so its prediction does not depend on which batch it is in). Init ``alpha_d = 0.25^2``,
+    ``F ~ 0.01 * N(0, 1)``.
+    Departures from the SIAM code: (a) it initialises ``F`` to the constant 0.01. That is not a
+    trap (each column's gradient ``g * eps2_j`` carries its own ``eps2_j``, so the columns
+    separate after the first steps), but it starts the low-rank part at ``r * 0.01^2 * 1 1^T``,
+    one noise component shared with the same weight by every weight of the layer; the random
+    init starts from a generic low-rank covariance of the same scale (``E[F F^T] = r * 0.01^2 *
+    I``). Not measured to matter either way; (b) its input noise covariance spans the full
+    activation shape, which needs the image size at construction; a per-channel covariance
+    works for any model and input size; (c) its FC layer always gets white PNI noise — here
+    every wrapped layer gets the noise kind you ask for.
 Gaussian input noise
     :class:`GaussianInput` adds ``sigma * N(0, I)`` in [0, 1] pixel space (Cohen et al. 2019;
     the Gaussian fine-tuning of the smoothing paper). SIAM adds it to the *normalised*
     tensor, so its sigma is in normalised units (``sigma_pixel ~ 0.25 * sigma`` on CIFAR-10).
+    With ``train_only=True`` (``defense.noise.input_sigma``) the noise is on while the module
+    trains **and inside** :func:`training_noise`, the context every training recipe runs its
+    loss in: the inner attack (which runs in eval mode) sees the noise too, as in SIAM, whose
+    forward always adds it. The smoothing paper's EPGD (eq. 24) is an expectation over input
+    and weight noise, so an EPGD fine-tuning attack averages over both.
 
 Randomness (DESIGN.md contract 2): every layer draws fresh standard-normal variates on every
 forward; the state is those raw variates (so gradients reach alpha/F through the
@@ -43,7 +56,9 @@ ResNet-20) by a :class:`NoisyLayer` wrapping it; :func:`noisy_layers` lists them
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,11 +74,33 @@ log = logging.getLogger(__name__)
 KINDS = ("pni", "cni")
 WHERES = ("weights", "inputs", "both")
 MODES = ("layerwise", "channelwise", "elementwise")
+SAMPLES = ("per_batch", "per_example")
 
 __all__ = [
     "NoisyLayer", "GaussianInput", "WithInputNoise", "NoiseState", "inject", "apply",
-    "noisy_layers", "select_group", "KINDS", "WHERES", "MODES",
+    "noisy_layers", "select_group", "training_noise", "training_noise_active", "KINDS",
+    "WHERES", "MODES", "SAMPLES",
 ]
+
+_phase = threading.local()
+
+
+@contextmanager
+def training_noise() -> Iterator[None]:
+    """Inside this context, train-time input noise (``GaussianInput(train_only=True)``) is on
+    whatever the module's mode: training recipes compute their loss, inner attack included,
+    inside it (per thread; nests)."""
+    depth = getattr(_phase, "depth", 0)
+    _phase.depth = depth + 1
+    try:
+        yield
+    finally:
+        _phase.depth = depth
+
+
+def training_noise_active() -> bool:
+    """True inside :func:`training_noise`."""
+    return getattr(_phase, "depth", 0) > 0
 
 
 def _param(t: torch.Tensor) -> nn.Parameter:
@@ -118,17 +155,24 @@ class NoisyLayer(StochasticModule):
     Keyword-only: ``kind`` (``"pni"``/``"cni"``), ``weight_noise``, ``input_noise`` (bools),
     ``mode`` (PNI alpha shape: ``layerwise``/``channelwise``/``elementwise``), ``rank``
     (CNI), ``alpha_init`` (PNI alpha, and ``alpha_init^2`` for CNI's ``alpha_d``),
-    ``factor_init`` (CNI: ``F ~ factor_init * N(0, 1)``; 0.01 is the SIAM code's scale).
+    ``factor_init`` (CNI: ``F ~ factor_init * N(0, 1)``; 0.01 is the SIAM code's scale),
+    ``input_sample`` (``per_batch``/``per_example``: how a batch shares the input noise, see
+    the module docstring; default ``per_batch`` for CNI, as SIAM, and ``per_example`` for PNI).
     """
 
     def __init__(self, layer: nn.Module, *, kind: str = "pni", weight_noise: bool = True,
                  input_noise: bool = False, mode: str = "layerwise", rank: int = 5,
-                 alpha_init: float = 0.25, factor_init: float = 0.01) -> None:
+                 alpha_init: float = 0.25, factor_init: float = 0.01,
+                 input_sample: str | None = None) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise ConfigError(f"noise can wrap Conv2d or Linear layers, got {type(layer).__name__}")
         _check_choice("kind", kind, KINDS)
         _check_choice("mode", mode, MODES)
+        if input_sample is None:
+            input_sample = "per_batch" if kind == "cni" else "per_example"
+        _check_choice("input_sample", input_sample, SAMPLES)
+        self.input_sample = input_sample
         if int(rank) < 0:
             raise ConfigError(f"noise rank must be >= 0, got {rank}")
         self.layer = layer
@@ -156,7 +200,8 @@ class NoisyLayer(StochasticModule):
     def extra_repr(self) -> str:
         where = "+".join(n for n, on in (("weights", self.weight_noise),
                                          ("inputs", self.input_noise)) if on)
-        return f"kind={self.kind}, where={where}, mode={self.mode}, rank={self.rank}"
+        extra = f", input_sample={self.input_sample}" if self.input_noise else ""
+        return f"kind={self.kind}, where={where}, mode={self.mode}, rank={self.rank}{extra}"
 
     # -- randomness ---------------------------------------------------------------------
     def sample_state(self, x: torch.Tensor, groups: int) -> NoiseState:
@@ -167,11 +212,13 @@ class NoisyLayer(StochasticModule):
             if self.kind == "cni":
                 st.w2 = torch.randn(groups, self.rank, device=w.device, dtype=w.dtype)
         if self.input_noise:
-            st.i1 = torch.randn_like(x)
+            # per_batch: one row per draw group, shared by the group's examples
+            rows = groups if self.input_sample == "per_batch" else x.shape[0]
+            like = {"device": x.device, "dtype": x.dtype}
+            st.i1 = torch.randn((rows, *x.shape[1:]), **like)
             if self.kind == "cni":
                 spatial = x.shape[2:] if x.dim() > 2 else ()
-                st.i2 = torch.randn((x.shape[0], *spatial, self.rank), device=x.device,
-                                    dtype=x.dtype)
+                st.i2 = torch.randn((rows, *spatial, self.rank), **like)
         return st
 
     def weight_noise_tensor(self, state: NoiseState) -> torch.Tensor:
@@ -186,12 +233,25 @@ class NoisyLayer(StochasticModule):
         return (white + colored).view(g, *w.shape)
 
     def _input_noise(self, x: torch.Tensor, state: NoiseState) -> torch.Tensor:
-        i1 = _broadcast_rows(state.i1, x.shape[0])
-        std = x.detach().flatten(1).std(dim=1).view(-1, *([1] * (x.dim() - 1)))
+        if self.input_sample == "per_batch":
+            # row j of the state serves the j-th block of rows (draw group j); the scale is the
+            # std of that block as a whole
+            g = state.i1.shape[0]
+            if x.shape[0] % g:
+                raise ValueError(f"batch of {x.shape[0]} rows cannot be split into {g} draw "
+                                 "groups")
+            reps = x.shape[0] // g
+            i1 = state.i1.repeat_interleave(reps, dim=0)
+            i2 = None if state.i2 is None else state.i2.repeat_interleave(reps, dim=0)
+            std = x.detach().reshape(g, -1).std(dim=1).repeat_interleave(reps)
+        else:
+            i1 = _broadcast_rows(state.i1, x.shape[0])
+            i2 = None if state.i2 is None else _broadcast_rows(state.i2, x.shape[0])
+            std = x.detach().flatten(1).std(dim=1)
+        std = std.view(-1, *([1] * (x.dim() - 1)))
         if self.kind == "pni":
             return x + self.alpha_i * std * i1
         # channels last for the per-channel covariance
-        i2 = _broadcast_rows(state.i2, x.shape[0])
         xc = x.movedim(1, -1) if x.dim() > 2 else x
         e1 = i1.movedim(1, -1) if x.dim() > 2 else i1
         stdc = std.view(-1, *([1] * (xc.dim() - 1)))
@@ -239,10 +299,11 @@ def _broadcast_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 class GaussianInput(StochasticModule):
     """``x + sigma * N(0, I)`` in [0, 1] pixel space (Cohen et al. 2019, Sec. 3), no clipping.
 
-    ``train_only=True`` adds the noise only while the module is in training mode (Gaussian
-    data augmentation for fine-tuning; at test time the :class:`SmoothedClassifier` adds its
-    own noise). The state is the raw ``N(0, I)`` tensor, one row per example, so draw groups
-    are automatically independent.
+    ``train_only=True`` adds the noise only while the module is in training mode or inside
+    :func:`training_noise` (so the training recipes' inner attacks, which run in eval mode,
+    see it too); this is Gaussian data augmentation for fine-tuning, and at test time the
+    :class:`SmoothedClassifier` adds its own noise. The state is the raw ``N(0, I)`` tensor,
+    one row per example, so draw groups are automatically independent.
     """
 
     def __init__(self, sigma: float, *, train_only: bool = False) -> None:
@@ -259,7 +320,8 @@ class GaussianInput(StochasticModule):
         return torch.randn_like(x)
 
     def forward_with_state(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        if self.sigma == 0 or (self.train_only and not self.training):
+        if self.sigma == 0 or (self.train_only and not self.training
+                               and not training_noise_active()):
             return x
         return x + self.sigma * _broadcast_rows(state, x.shape[0])
 
@@ -288,7 +350,7 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def inject(model: nn.Module, *, kind: str = "pni", where: str = "weights",
            mode: str = "layerwise", rank: int = 5, alpha_init: float = 0.25,
-           factor_init: float = 0.01) -> nn.Module:
+           factor_init: float = 0.01, input_sample: str | None = None) -> nn.Module:
     """Wrap every ``Conv2d`` and ``Linear`` of ``model`` (in place) in a :class:`NoisyLayer`.
 
     Every such layer is wrapped: the first conv and the last linear layer included (the PNI
@@ -298,6 +360,8 @@ def inject(model: nn.Module, *, kind: str = "pni", where: str = "weights",
     _check_choice("kind", kind, KINDS)
     _check_choice("where", where, WHERES)
     _check_choice("mode", mode, MODES)
+    if input_sample is not None:
+        _check_choice("input_sample", input_sample, SAMPLES)
     if not float(alpha_init) >= 0 or not float(factor_init) >= 0:
         raise ConfigError(f"noise alpha_init and factor_init must be >= 0, got {alpha_init} "
                           f"and {factor_init}")
@@ -312,7 +376,8 @@ def inject(model: nn.Module, *, kind: str = "pni", where: str = "weights",
                 setattr(parent, name, NoisyLayer(
                     child, kind=kind, weight_noise=where in ("weights", "both"),
                     input_noise=where in ("inputs", "both"), mode=mode, rank=rank,
-                    alpha_init=alpha_init, factor_init=factor_init))
+                    alpha_init=alpha_init, factor_init=factor_init,
+                    input_sample=input_sample))
                 wrapped.append(full)
             else:
                 visit(child, full + ".")
@@ -329,7 +394,8 @@ def noisy_layers(model: nn.Module) -> dict[str, NoisyLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, NoisyLayer)}
 
 
-_OPTIONS = ("kind", "where", "mode", "rank", "alpha_init", "factor_init", "input_sigma")
+_OPTIONS = ("kind", "where", "mode", "rank", "alpha_init", "factor_init", "input_sample",
+            "input_sigma")
 
 
 def apply(model: nn.Module, options: Mapping[str, Any], info=None) -> nn.Module:
@@ -337,9 +403,11 @@ def apply(model: nn.Module, options: Mapping[str, Any], info=None) -> nn.Module:
 
     Options: ``kind`` (pni|cni, default pni), ``where`` (weights|inputs|both, default
     weights), ``mode`` (PNI alpha: layerwise|channelwise|elementwise), ``rank`` (CNI, 5),
-    ``alpha_init`` (0.25), ``factor_init`` (CNI low-rank factor scale, 0.01), ``input_sigma``
-    (Gaussian pixel noise added while training only — the smoothing paper's Gaussian
-    fine-tuning; default 0 = none).
+    ``alpha_init`` (0.25), ``factor_init`` (CNI low-rank factor scale, 0.01), ``input_sample``
+    (``per_batch``/``per_example``: how a batch shares the layer-input noise; default
+    ``per_batch`` for CNI as the SIAM code, ``per_example`` for PNI), ``input_sigma``
+    (Gaussian pixel noise added while training only, training attacks included — the
+    smoothing paper's Gaussian / EPGD fine-tuning; default 0 = none).
     """
     options = dict(options or {})
     unknown = sorted(set(options) - set(_OPTIONS))
@@ -356,7 +424,7 @@ def apply(model: nn.Module, options: Mapping[str, Any], info=None) -> nn.Module:
         raise ConfigError(f"defense.noise: numeric option is not a number ({exc})") from None
     model = inject(model, kind=options.get("kind", "pni"), where=options.get("where", "weights"),
                    mode=options.get("mode", "layerwise"), rank=rank, alpha_init=alpha_init,
-                   factor_init=factor_init)
+                   factor_init=factor_init, input_sample=options.get("input_sample"))
     if sigma < 0:
         raise ConfigError(f"defense.noise.input_sigma must be >= 0, got {sigma}")
     if sigma > 0:

@@ -7,6 +7,9 @@ count with probability alpha/2 each, i.e. ``Beta(alpha/2; k, n-k+1)`` and
 ``scipy.stats.binomtest(k, n).proportion_ci(method="exact")``). It is conservative
 (coverage >= 95%), which suits robustness claims. :func:`clopper_pearson_lower` is the
 one-sided lower bound smoothing certification uses (Cohen et al. 2019).
+
+Two models evaluated on the same examples are compared per example with the exact McNemar test
+(:func:`mcnemar_exact`), not by overlapping intervals.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from scipy.stats import beta
 
-__all__ = ["Accuracy", "accuracy", "clopper_pearson", "clopper_pearson_lower"]
+__all__ = ["Accuracy", "McNemar", "accuracy", "clopper_pearson", "clopper_pearson_lower",
+           "mcnemar_exact"]
 
 
 def _check_counts(correct: int, n: int) -> None:
@@ -74,3 +78,59 @@ def accuracy(mask: torch.Tensor, *, alpha: float = 0.05) -> Accuracy:
     k, n = int(mask.sum()), int(mask.numel())
     low, high = clopper_pearson(k, n, alpha=alpha)
     return Accuracy(k, n, low, high)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Exact McNemar test of two paired per-example correctness vectors ``a`` and ``b``.
+
+    ``only_a``: examples ``a`` gets right and ``b`` wrong; ``only_b``: the reverse; ``both`` and
+    ``neither`` are the concordant pairs (they carry no information on the difference).
+    ``p_value`` is two-sided.
+    """
+
+    n: int
+    both: int
+    only_a: int
+    only_b: int
+    neither: int
+    p_value: float
+
+    @property
+    def difference(self) -> float:
+        """``accuracy(a) - accuracy(b)`` on the paired examples."""
+        return (self.only_a - self.only_b) / self.n if self.n else math.nan
+
+    def decided(self, alpha: float = 0.05) -> bool:
+        """True when the two accuracies differ at level ``alpha``."""
+        return self.p_value < alpha
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"n": self.n, "both": self.both, "only_a": self.only_a, "only_b": self.only_b,
+                "neither": self.neither, "p_value": self.p_value,
+                "difference": self.difference}
+
+
+def mcnemar_exact(a, b) -> McNemar:
+    """Exact two-sided McNemar test (McNemar 1947) of per-example boolean correctness vectors
+    ``a`` and ``b`` of the same examples (tensors, arrays or lists, same length).
+
+    Under the null hypothesis that both have the same accuracy, each of the ``d = only_a +
+    only_b`` discordant pairs is equally likely to favour either side, so ``only_a ~
+    Binomial(d, 1/2)``; the p-value is the exact two-sided binomial test
+    (``scipy.stats.binomtest``). With no discordant pair the p-value is 1.
+    """
+    from scipy.stats import binomtest
+
+    a = torch.as_tensor(a).bool().flatten()
+    b = torch.as_tensor(b).bool().flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"paired vectors must have the same length, got {a.numel()} and "
+                         f"{b.numel()}")
+    both = int((a & b).sum())
+    only_a = int((a & ~b).sum())
+    only_b = int((~a & b).sum())
+    neither = int((~a & ~b).sum())
+    d = only_a + only_b
+    p = 1.0 if d == 0 else float(binomtest(only_a, d, 0.5, alternative="two-sided").pvalue)
+    return McNemar(int(a.numel()), both, only_a, only_b, neither, min(1.0, p))

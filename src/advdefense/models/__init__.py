@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import unknown_name
 from .layers import InputNormalization, NormFactory, batchnorm, norm_factory
-from .resnet import ResNet, resnet18, resnet20
+from .resnet import ResNet, resnet18, resnet20, resnet_mini
 from .smallcnn import SmallCNN
 from .wrn import WideResNet, wrn, wrn34_10
 
@@ -20,6 +20,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "smallcnn": SmallCNN,
     "resnet18": resnet18,
     "resnet20": resnet20,
+    "resnet_mini": resnet_mini,
     "wrn34_10": wrn34_10,
     "wrn": wrn,
 }
@@ -65,6 +66,7 @@ __all__ = [
     "ResNet",
     "resnet18",
     "resnet20",
+    "resnet_mini",
     "SmallCNN",
     "WideResNet",
     "wrn",

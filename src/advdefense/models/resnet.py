@@ -1,4 +1,5 @@
-"""CIFAR ResNets: ResNet-18 (He et al. 2016, 3x3 stem as in the RNA/CAS code) and ResNet-20.
+"""CIFAR ResNets: ResNet-18 (He et al. 2016, 3x3 stem as in the RNA/CAS code) and ResNet-20,
+and ``resnet_mini``, a CPU-sized ResNet for 28x28 digits with ResNet-18's last-stage layout.
 
 Both take a norm factory so another normalization (RNA, GN, ...) can replace BatchNorm.
 ResNet-20 uses 1x1-conv projection shortcuts with a norm layer (option B) rather than the
@@ -84,3 +85,15 @@ def resnet18(**kw) -> ResNet:
 def resnet20(**kw) -> ResNet:
     """ResNet-20 for 32x32 inputs: 3 stages of 3 blocks, widths 16-32-64."""
     return ResNet([3, 3, 3], [16, 32, 64], **kw)
+
+
+def resnet_mini(**kw) -> ResNet:
+    """A small ResNet for 28x28 inputs (mnist5k): a 3x3 stem, stages of 1, 1 and 2 BasicBlocks,
+    widths 16-32-64 (28x28, 14x14, 7x7), global average pooling and one linear layer.
+
+    Its last stage has two blocks followed by GAP + linear, as ResNet-18's ``layer4``, so CAS
+    sites after both blocks of the last stage (the CAS paper's ResNet-18 placement) put the
+    first auxiliary head on features one block before the main head's (64 channels, 7x7).
+    About 150k parameters; a training step costs about as much as ``smallcnn``'s on CPU.
+    """
+    return ResNet([1, 1, 2], [16, 32, 64], **kw)

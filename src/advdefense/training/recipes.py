@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from ..attacks import PGD, HeadsObjective, Objective, eot_loss_grad, eval_mode, project
 from ..attacks.base import normalize_step
+from ..defenses.noise import training_noise
 from ..errors import ConfigError
 from ..models.heads import forward_with_aux
 from ..randomness import freeze, is_stochastic
@@ -145,8 +146,12 @@ class Recipe:
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training loss on a batch and a dict of float logs (``loss``, ``acc``, ...)."""
-        with self._phases(model) as attack_context:
+        """The training loss on a batch and a dict of float logs (``loss``, ``acc``, ...).
+
+        Runs inside :func:`advdefense.defenses.noise.training_noise`: train-time input noise
+        stays on in the inner attack (eval mode), as in the smoothing paper's training.
+        """
+        with self._phases(model) as attack_context, training_noise():
             return self._loss(model, x, y, attack_context)
 
     def _loss(self, model, x, y, attack_context):  # pragma: no cover - abstract

@@ -11,6 +11,10 @@ every epoch,
 * atomically writes ``<output_dir>/last.pt`` (model, optimizer, schedule, every RNG state,
   config, epoch, metrics history); ``config.yaml`` is written next to it at the start.
 
+With ``train.early_stopping`` (:mod:`.early_stopping`) ``train.epochs`` is a cap: training
+stops once the monitored accuracy has not risen for ``patience`` epochs, each record also
+holds ``best_epoch``, and the best epoch's checkpoint is kept as ``best.pt``.
+
 ``fit(resume=True)`` continues from ``last.pt`` and reaches exactly the weights of an
 uninterrupted run: every RNG (torch, numpy, Python, the loader's generator, and per-rank states
 in multi-process runs) is saved and restored; the data order of epoch ``e`` depends only on
@@ -59,6 +63,7 @@ from ..models.heads import forward_with_aux
 from ..randomness import is_stochastic, seeded
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
+from .early_stopping import stopping_state
 from .optim import build_optimizer, build_schedule
 from .recipes import Recipe, StandardRecipe, build_recipe, recipe_defaults
 
@@ -67,6 +72,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Trainer", "seed_everything", "TrainingError"]
 
 CHECKPOINT_NAME = "last.pt"
+BEST_NAME = "best.pt"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 
@@ -105,12 +111,24 @@ class _AuxDDP(nn.parallel.DistributedDataParallel):
 
 
 def init_from_checkpoint(model: nn.Module, path: str) -> None:
-    """Copy every same-named, same-shaped tensor of a checkpoint's model into ``model``."""
+    """Copy every same-named, same-shaped tensor of a checkpoint's model into ``model``.
+
+    A target name with leading wrapper components the checkpoint lacks (``model.features.1``
+    for a model wrapped in ``WithInputNoise``, e.g. Gaussian fine-tuning of a CNI-W
+    checkpoint) matches the checkpoint's ``features.1``.
+    """
     from .checkpoint import load_checkpoint
 
     source = load_checkpoint(path)["model"]
     target = model.state_dict()
-    copied = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
+    copied = {}
+    for k, t in target.items():
+        parts = k.split(".")
+        for i in range(len(parts)):
+            name = ".".join(parts[i:])
+            if name in source and source[name].shape == t.shape:
+                copied[k] = source[name]
+                break
     if not copied:
         raise ConfigError(f"train.init_from={path}: no tensor matches this model; is it a "
                           "checkpoint of the same architecture?")
@@ -347,7 +365,7 @@ class Trainer:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _save(self, epoch: int) -> None:
+    def _save(self, epoch: int, *, best: bool = False) -> None:
         rng = capture_rng(self._rng_generators())
         extra: dict[str, Any] = {"world_size": self.dist.world_size}
         if self.dist.enabled:
@@ -366,6 +384,8 @@ class Trainer:
                                                  else {}, "history": self.history},
                                extra=extra)
         save_checkpoint(ckpt, self.checkpoint_path)
+        if best:  # early stopping: the last improving epoch's checkpoint
+            save_checkpoint(ckpt, self.output_dir / BEST_NAME)
 
     def _resume(self) -> None:
         path = self.checkpoint_path
@@ -422,6 +442,10 @@ class Trainer:
         if self.is_main:
             save_config(cfg, self.output_dir / CONFIG_NAME)
             self._write_metrics_file()
+        rule = cfg.train.early_stopping
+        if rule is not None and stopping_state(self.history, rule).stop:
+            log.info("early stopping had already stopped this run at epoch %d", len(self.history))
+            return dict(self.history[-1]) if self.history else {}
         for epoch in range(self.start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
             lr = self.schedule.get_last_lr()[0]
@@ -434,14 +458,23 @@ class Trainer:
             record.update(mon)
             record["seconds"] = round(time.perf_counter() - t0, 3)
             record["train_seconds"] = round(train_seconds, 3)
+            state = None
+            if rule is not None:
+                state = stopping_state([*self.history, record], rule)
+                record["best_epoch"] = state.best_epoch
             self.history.append(record)
-            self._save(epoch + 1)
+            self._save(epoch + 1, best=state is not None and state.best_epoch == epoch + 1)
             if self.is_main:
                 self._append_metrics(record)
             log.info("epoch %d/%d %s", epoch + 1, cfg.train.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in record.items()
                               if isinstance(v, float) and not math.isnan(v)))
             D.barrier()
+            if state is not None and state.stop:
+                log.info("early stopping after epoch %d: %s did not rise by more than %g for "
+                         "%d epochs; best epoch %d (%s)", epoch + 1, rule.metric,
+                         rule.min_delta, rule.patience, state.best_epoch, BEST_NAME)
+                break
         return dict(self.history[-1]) if self.history else {}
 
     def close(self) -> None:
