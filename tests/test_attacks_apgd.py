@@ -188,9 +188,9 @@ def test_batched_eot_matches_a_python_loop(monkeypatch):
 
     def loop_loss_grad(xx, states):
         losses, grads = [], []
-        for st in states:
+        for state in states:
             xi = xx.clone().requires_grad_(True)
-            loss = nn.functional.cross_entropy(model.forward_with_state(xi, st), y,
+            loss = nn.functional.cross_entropy(model.forward_with_state(xi, state), y,
                                                reduction="none")
             grads.append(torch.autograd.grad(loss.sum(), xi)[0])
             losses.append(loss.detach())

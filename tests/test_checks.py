@@ -296,7 +296,8 @@ def test_convergence_judges_each_ragged_run_on_its_own_tail():
     assert c.passed is False and "1 of 2 runs" in c.detail
     assert judge([RunRecord(torch.arange(4), flat[:5])]).passed is None
     # attacks that minimize a distance (FAB) are not judged
-    t = TraceSummary(1, 40, maximizes_loss=False, runs=[RunRecord(torch.arange(4), flat * steps[:, None])],
+    t = TraceSummary(1, 40, maximizes_loss=False,
+                     runs=[RunRecord(torch.arange(4), flat * steps[:, None])],
                      returned_adversarial=returned)
     r = result_of({"f/fresh": EntryResult("f/fresh", "fab", "fresh", Verdict.full(4),
                                           trace=t)}, 4)

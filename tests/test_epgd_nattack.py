@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from advdefense.attacks.base import AttackRecorder
 from advdefense.attacks import ATTACKS, PGD, build_attack, eot_loss_grad
+from advdefense.attacks.base import AttackRecorder
 from advdefense.attacks.epgd import EPGD, SmoothAdv, smoothadv_loss_grad
 from advdefense.attacks.nattack import NAttack
 from advdefense.attacks.transfer import TransferAttack

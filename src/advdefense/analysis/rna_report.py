@@ -53,19 +53,39 @@ class RNAReport:
             rows.setdefault(entry.name, {})[entry.protocol] = entry.accuracy(kind)
         for p in PROTOCOL_ORDER:
             if any(e.protocol == p for e in self.result.entries.values()):
-                rows.setdefault("worst case", {})[p] = _acc(self.result.worst_over(p))
+                rows.setdefault("worst case", {})[p] = _acc(self.result.worst_over(p), kind)
         return rows
 
-    def to_markdown(self, kind: str = "all") -> str:
-        protocols = [p for p in PROTOCOL_ORDER
-                     if any(e.protocol == p for e in self.result.entries.values())]
-        head = "| attack | " + " | ".join(_PROTOCOL_TITLE[p] for p in protocols) + " |"
-        lines = [head, "|---" * (len(protocols) + 1) + "|"]
-        for name, cells in self.table(kind).items():
-            if name == "clean":
-                vals = [_fmt(cells["-"])] * len(protocols)
+    def columns(self) -> list[tuple[str, str, str]]:
+        """``(protocol, verdict kind, title)`` of the table's columns. The paper protocol is
+        shown as the authors ran it, one prediction on a fresh path (``single``), with the
+        all-repeats verdict beside it; the other protocols use the all-repeats verdict."""
+        present = [p for p in PROTOCOL_ORDER
+                   if any(e.protocol == p for e in self.result.entries.values())]
+        cols = []
+        for p in present:
+            if p == "paper":
+                cols.append(("paper", "single", "paper (attack path A, classify once on a "
+                                                "fresh path B)"))
+                cols.append(("paper", "all", f"paper, correct on all {self.repeats} fresh "
+                                             "paths"))
             else:
-                vals = [_fmt(cells[p]) if p in cells else "-" for p in protocols]
+                cols.append((p, "all", _PROTOCOL_TITLE[p]))
+        return cols
+
+    def to_markdown(self, kind: str | None = None) -> str:
+        cols = self.columns()
+        if kind is not None:
+            cols = [(p, kind, t) for p, k, t in cols if k != "single" or kind == "single"]
+        tables = {k: self.table(k) for k in {k for _, k, _ in cols}}
+        head = "| attack | " + " | ".join(t for _, _, t in cols) + " |"
+        lines = [head, "|---" * (len(cols) + 1) + "|"]
+        for name in tables[cols[0][1]]:
+            vals = []
+            for p, k, _ in cols:
+                cells = tables[k][name]
+                vals.append(_fmt(cells["-"]) if name == "clean" else
+                            (_fmt(cells[p]) if p in cells else "-"))
             lines.append(f"| {name} | " + " | ".join(vals) + " |")
         return "\n".join(lines) + "\n"
 
@@ -78,10 +98,10 @@ class RNAReport:
         return out
 
 
-def _acc(v):
+def _acc(v, kind: str = "all"):
     from ..evaluation.stats import accuracy
 
-    return accuracy(v.all)
+    return accuracy(v.get(kind))
 
 
 def _fmt(acc) -> str:

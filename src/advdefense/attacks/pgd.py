@@ -19,11 +19,9 @@ Example::
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..randomness import fresh_seed
-
 from .base import (
     Attack,
     AttackRecorder,

@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data import as_tensors, dataset_info, load_split
     from ..defenses.smoothing import certify
     from ..loading import check_logits
-    from ..randomness import seeded
     from ..provenance import relative_path, relative_value
+    from ..randomness import seeded
     from .evaluate import data_root, default_output, model_label, open_from_args, resolve_dataset
 
     if args.limit < 1 or args.batch < 1:

@@ -378,15 +378,14 @@ def run(args: argparse.Namespace) -> int:
     _validate(args)
     import torch
 
+    from .. import distributed as D
     from ..data import dataset_info, load_split
     from ..evaluation import evaluate, format_checks
+    from ..evaluation.checks import CheckSettings, MonotoneSettings
     from ..evaluation.distributed import gather_result, shard
-    from ..evaluation.harness import load_data
+    from ..evaluation.harness import load_data, prepare_model
     from ..evaluation.report import robustbench_fields, to_markdown, write_report
     from ..evaluation.suite import run_suite
-    from .. import distributed as D
-    from ..evaluation.checks import CheckSettings, MonotoneSettings
-    from ..evaluation.harness import prepare_model
     from ..loading import check_logits, default_device
     from ..provenance import relative_path, relative_value
     from ..randomness import is_stochastic

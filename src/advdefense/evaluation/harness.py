@@ -126,7 +126,9 @@ class TraceSummary:
         for r in reversed(rec.runs):
             if r.grad_norms:
                 first[r.idx] = r.grad_norms[0]
-        flag = (lambda t: None if t is None else t.detach().bool().cpu())
+        def flag(t):
+            return None if t is None else t.detach().bool().cpu()
+
         return TraceSummary(
             eot, steps, int(getattr(attack, "restarts", 1)),
             getattr(attack, "access", "white-box"), getattr(attack, "maximizes_loss", True),

@@ -64,12 +64,12 @@ from .harness import (
     EntryResult,
     EvalResult,
     TraceSummary,
-    spec_seed,
     batch_runner,
     load_data,
     model_device,
     prepare_model,
     resolve_checks,
+    spec_seed,
 )
 from .protocols import Verdict, check_protocol, run_protocol, verdict
 
@@ -297,7 +297,7 @@ def run_suite(
 
     def batched(fn, idx: torch.Tensor, attack_seed: int | None) -> Verdict:
         parts = []
-        for s, pos in batch_runner(len(idx), batch_size, False, ""):
+        for _, pos in batch_runner(len(idx), batch_size, False, ""):
             sel = idx[pos]
             first = index_offset + int(sel[0]) if len(sel) else 0
             with seeded(batch_seed(attack_seed, first)):
