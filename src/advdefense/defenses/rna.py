@@ -70,10 +70,13 @@ Training-mode BatchNorm on a subset: when rows of a batch take different types (
 groups, or ``granularity="sample"``), a BN in train mode normalizes with *that subset's* batch
 statistics (masked sums, no gather), and only a BN that some row used updates its running
 statistics (the update is a masked ``torch.where``; a BN nobody drew keeps its statistics).
-The ``bn`` entry may be an ``nn.SyncBatchNorm`` (``train.sync_bn``): in train mode, with more
-than one process, the batch statistics (masked or not) are then summed over the processes
-with a differentiable all-reduce; every process computes every type, so the collectives match
-even when processes drew different paths (share the path generator to make them draw the same).
+Synchronized BatchNorm (``train.sync_bn``): after :func:`set_sync_batchnorm` (or when the
+``bn`` entry is an ``nn.SyncBatchNorm``), in train mode with more than one process, the batch
+statistics (masked or not) are summed over the processes with a differentiable all-reduce, so
+BN normalizes with the statistics of the global batch. Every process computes every type, so
+the collectives match even when processes drew different paths (share the path generator,
+:func:`set_path_generator`, to make them draw the same). This works on CPU (gloo) too, where
+DistributedDataParallel refuses ``nn.SyncBatchNorm``.
 
 Departures from the reference code, on purpose
 ----------------------------------------------
@@ -126,6 +129,7 @@ __all__ = [
     "set_path",
     "current_path",
     "set_path_generator",
+    "set_sync_batchnorm",
 ]
 
 GRANULARITIES = ("call", "sample")
@@ -230,6 +234,8 @@ class RandomNormalization(StochasticModule):
             [_make_norm(k, self.channels, eps=eps, momentum=momentum) for k in self.space])
         self.controller = controller
         self.generator: torch.Generator | None = None  # None: the device's global RNG
+        self.sync_batchnorm = False  # sum BN batch statistics over processes (train mode)
+        self.process_group: Any = None  # with sync_batchnorm; None = the default group
 
     def extra_repr(self) -> str:
         mixed = "" if self.controller is None else ", mixed=False"
@@ -305,7 +311,8 @@ class RandomNormalization(StochasticModule):
         for t, norm in enumerate(self.norms):  # |space| iterations, never a loop over samples
             if isinstance(norm, _BatchNorm) and (norm.training or norm.running_mean is None):
                 y = _batch_norm_batch_stats(norm, x, None if rows is None else rows == t,
-                                            conds[t] if rows is None else None)
+                                            conds[t] if rows is None else None,
+                                            self._sync_group(norm))
             else:
                 y = norm(x)
             y = y.to(x.dtype)
@@ -313,33 +320,52 @@ class RandomNormalization(StochasticModule):
         assert out is not None
         return out
 
+    def _sync_group(self, bn: _BatchNorm) -> Any:
+        """The process group the BN entry's statistics are summed over, or ``None``."""
+        if isinstance(bn, nn.SyncBatchNorm):
+            group = bn.process_group
+        elif self.sync_batchnorm:
+            group = self.process_group
+        else:
+            return None
+        if not (bn.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if group is None else group
+        return group if dist.get_world_size(group) > 1 else None
 
-def _sync_group(bn: _BatchNorm) -> Any:
-    """The process group a ``SyncBatchNorm`` reduces over, or ``None`` (no reduction)."""
-    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available()
-            and dist.is_initialized()):
-        return None
-    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
-    return group if dist.get_world_size(group) > 1 else None
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every process's input is the sum of the incoming
+    gradients (each process's loss depends on the global sum)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
 
 
 def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return _AllReduceSum.apply(t, group)
 
 
 def _batch_norm_batch_stats(bn: _BatchNorm, x: torch.Tensor, mask: torch.Tensor | None,
-                            selected: torch.Tensor | None) -> torch.Tensor:
+                            selected: torch.Tensor | None, group: Any = None) -> torch.Tensor:
     """A BatchNorm that normalizes with batch statistics, without host synchronization.
 
     ``mask`` (rows, bool): the statistics are those of the masked rows only (the other rows'
     outputs are discarded by the caller). ``selected`` (0-d bool): the whole batch drew this
     BN or not. The running statistics (train mode) move only when the BN was used, through a
-    masked ``torch.where``. ``SyncBatchNorm`` entries sum their statistics over processes.
+    masked ``torch.where``. With a process ``group`` the statistics are summed over it.
     """
     track = bn.training and bn.track_running_stats and bn.running_mean is not None
-    group = _sync_group(bn)
     shape = (1, -1) + (1,) * (x.dim() - 2)
     if mask is None and group is None and (bn.momentum is not None or not track):
         # the common case: the fused kernel; running statistics on copies, merged afterwards
@@ -574,4 +600,15 @@ def set_path_generator(model: nn.Module, generator: torch.Generator | None) -> i
     layers = rna_layers(model)
     for la in layers:
         la.generator = generator
+    return len(layers)
+
+
+def set_sync_batchnorm(model: nn.Module, enabled: bool = True, process_group: Any = None) -> int:
+    """Make the ``bn`` entries of every RNA layer normalize with statistics summed over the
+    processes of ``process_group`` (default: all) in train mode (see the module docstring);
+    returns the number of RNA layers. Outside RNA use ``nn.SyncBatchNorm``."""
+    layers = rna_layers(model)
+    for la in layers:
+        la.sync_batchnorm = bool(enabled)
+        la.process_group = process_group
     return len(layers)

@@ -76,7 +76,7 @@ from ..data import as_tensors, load_split, loader_options
 from ..defenses import rna
 from ..errors import AdvDefenseError, CheckpointError, ConfigError
 from ..models.heads import forward_with_aux
-from ..randomness import is_stochastic, seeded
+from ..randomness import seeded, stochastic_modules
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
 from .optim import build_optimizer, build_schedule
@@ -256,20 +256,35 @@ class Trainer:
         return option
 
     def _sync_batchnorm(self) -> None:
-        """``train.sync_bn``: SyncBatchNorm + one RNA path generator shared by the processes."""
+        """``train.sync_bn``: global-batch BN statistics and one RNA path per step for all.
+
+        RNA layers sum their BN statistics themselves (:func:`rna.set_sync_batchnorm`, which
+        also works on CPU/gloo); other BatchNorm layers become ``nn.SyncBatchNorm`` (CUDA).
+        """
         if not self.dist.enabled:
             log.info("train.sync_bn has no effect with one process")
             return
-        if self.device.type != "cuda":
-            inside_rna = {id(n) for la in rna.rna_layers(self.model) for n in la.norms}
-            plain = [m for m in self.model.modules()
-                     if isinstance(m, _BatchNorm) and id(m) not in inside_rna]
-            if plain:
-                raise ConfigError("train.sync_bn on CPU works only for BatchNorm inside RNA "
-                                  "layers (nn.SyncBatchNorm needs CUDA); run on GPUs or drop "
-                                  "sync_bn")
-        self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if rna.rna_layers(self.model):
+        layers = rna.rna_layers(self.model)
+        inside_rna = {id(n) for la in layers for n in la.norms}
+        plain = [m for m in self.model.modules()
+                 if isinstance(m, _BatchNorm) and id(m) not in inside_rna]
+        if plain and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn on CPU works only for BatchNorm inside RNA layers "
+                              "(DistributedDataParallel accepts nn.SyncBatchNorm on GPUs only); "
+                              "run on GPUs or drop sync_bn")
+
+        def convert(module: nn.Module) -> None:
+            for name, child in module.named_children():
+                if isinstance(child, rna.RandomNormalization):
+                    continue
+                if isinstance(child, _BatchNorm):
+                    setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                else:
+                    convert(child)
+
+        convert(self.model)
+        if layers:
+            rna.set_sync_batchnorm(self.model, True)
             self.path_generator = torch.Generator(device=self.device)
             rna.set_path_generator(self.model, self.path_generator)
 
@@ -323,7 +338,10 @@ class Trainer:
                 log.warning("torch.compile failed (%s); training eagerly", exc)
                 train_model = model
         if self.dist.enabled:
-            find_unused = is_stochastic(model) or hasattr(model, "forward_with_aux")
+            # RNA layers use every parameter in every forward (all types are computed); other
+            # stochastic layers (a user's own) and auxiliary heads may leave some unused
+            find_unused = hasattr(model, "forward_with_aux") or any(
+                not isinstance(m, rna.RandomNormalization) for m in stochastic_modules(model))
             ids = [self.device.index] if self.device.type == "cuda" else None
             train_model = _AuxDDP(_AuxModule(train_model), device_ids=ids,
                                   find_unused_parameters=find_unused)
