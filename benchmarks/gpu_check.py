@@ -14,7 +14,11 @@ On synthetic CIFAR-shaped data (uniform pixels, random labels), within a time bu
    random weights the images fall within the first iterations, so this row shows that the
    evaluation runs end to end on the GPU, not what evaluating a trained model costs);
 3. **smoothing**: ``SmoothedClassifier(m=512)`` predictions on 100 images of the CNI-W
-   ResNet-20.
+   ResNet-20;
+4. **RNA forward**: attack steps (eval mode, gradient to the input) and training steps of the
+   RNA ResNet-18 at batch 128 with the sync-free forward (every type, merged on the device:
+   the CUDA default) and with the drawn-types-only forward (reads the draw on the host: the CPU
+   default), beside plain BatchNorm; says what the sync-free forward costs on this GPU.
 
 The compiled runs come last (they are the slowest to start). Every failure (an exception, a
 non-finite loss, a compile that fell back to eager, the budget running out) is printed with
@@ -237,6 +241,49 @@ def smoothing_check(check: Check, args: argparse.Namespace) -> dict[str, Any]:
             "peak_mib": check.peak_mib()}
 
 
+def rna_forward_check(check: Check, args: argparse.Namespace) -> dict[str, Any]:
+    from advdefense.defenses import rna
+
+    batch = 4 if args.cpu_smoke else 128
+    reps = 1 if args.cpu_smoke else 10
+    x, _ = synthetic(batch, 10, seed=3)
+    x = x.to(check.device)
+    plain_overrides = SMOKE_MODEL if args.cpu_smoke else []
+    from advdefense.config import build_from_config, load_config
+
+    torch.manual_seed(0)
+    plain, _ = build_from_config(load_config(CONFIGS / "pgd_at_cifar10_resnet18.yaml",
+                                             plain_overrides))
+    variants = {"plain_bn": plain.to(check.device)}
+    for name, value in (("sync_free", True), ("host_reads", False)):
+        model = _model_from("rna_cifar10_resnet18", args).to(check.device)
+        for la in rna.rna_layers(model):
+            la.sync_free = value
+        variants[name] = model
+
+    def attack_step(model: torch.nn.Module) -> None:
+        model.eval()
+        xi = x.clone().requires_grad_(True)
+        torch.autograd.grad(model(xi).logsumexp(1).sum(), xi)
+
+    def train_step(model: torch.nn.Module) -> None:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model(x).logsumexp(1).sum().backward()
+
+    row: dict[str, Any] = {"batch": batch}
+    for kind, fn in (("attack", attack_step), ("train", train_step)):
+        for name, model in variants.items():
+            fn(model)  # warm-up (cuDNN autotuning)
+            check.sync()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn(model)
+            check.sync()
+            row[f"{kind}_{name}_img_per_s"] = round(batch * reps / (time.perf_counter() - t0), 1)
+    return row
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -255,7 +302,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eot-samples", type=int, default=20)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--skip", default="", help="comma-separated phases to skip: "
-                   "train,suite,smoothing")
+                   "train,suite,smoothing,rna")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     if args.cpu_smoke:
@@ -304,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             check.run("evaluate --suite rand", lambda: suite_check(check, args))
         if "smoothing" not in skip:
             check.run(f"smoothing m={args.m}", lambda: smoothing_check(check, args))
+        if "rna" not in skip:
+            check.run("rna forward", lambda: rna_forward_check(check, args))
         if "train" not in skip and "compile" in modes:
             for path in configs:
                 if path.stem in compile_set:

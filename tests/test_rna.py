@@ -299,10 +299,18 @@ def _forbid_host_reads(monkeypatch):
     monkeypatch.setattr(torch, "unique", boom)
 
 
+def _sync_free(model, value=True):
+    for la in rna.rna_layers(model):
+        la.sync_free = value
+    return model
+
+
 @pytest.mark.parametrize("granularity", ["call", "sample"])
 def test_forward_and_backward_never_read_tensors_on_the_host(monkeypatch, granularity):
-    mixed = _rna_smallcnn(space=("bn", "in", "ln"), granularity=granularity)
-    shared = _rna_smallcnn(space=("bn", "gn_4"), granularity=granularity, mixed=False)
+    """The forward that runs on CUDA (and under torch.compile), forced here on the CPU."""
+    mixed = _sync_free(_rna_smallcnn(space=("bn", "in", "ln"), granularity=granularity))
+    shared = _sync_free(_rna_smallcnn(space=("bn", "gn_4"), granularity=granularity,
+                                      mixed=False))
     for la in rna.rna_layers(shared):
         la.norm("bn").momentum = None  # the cumulative average has its own update
     x = torch.rand(6, 1, 28, 28)
@@ -330,10 +338,12 @@ class _Fp32GroupNorm(nn.GroupNorm):
         return super().forward(x.float())
 
 
+@pytest.mark.parametrize("sync_free", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_types_with_different_output_dtypes_merge_under_autocast(dtype):
+def test_types_with_different_output_dtypes_merge_under_autocast(dtype, sync_free):
     conv = nn.Conv2d(3, 4, 3, padding=1)
     layer = RandomNormalization(4, ("bn", "in")).train()
+    layer.sync_free = sync_free
     fp32_in = _Fp32GroupNorm(4, 4)
     fp32_in.load_state_dict(layer.norms[1].state_dict())
     layer.norms[1] = fp32_in
@@ -347,15 +357,17 @@ def test_types_with_different_output_dtypes_merge_under_autocast(dtype):
         assert out.dtype == dtype and torch.isfinite(out.float()).all()
         out.float().sum().backward()
     # and a whole RNA network trains a step under autocast with mixed types per row
-    model = _rna_smallcnn(space=("bn", "in", "ln"), granularity="sample").train()
+    model = _sync_free(_rna_smallcnn(space=("bn", "in", "ln"), granularity="sample"),
+                       sync_free).train()
     with torch.autocast("cpu", dtype=dtype):
         logits = model(torch.rand(4, 1, 28, 28))
     logits.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-def test_types_a_row_did_not_draw_get_zero_gradients():
-    model = _rna_smallcnn(space=("bn", "in")).train()
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_types_a_row_did_not_draw_get_zero_gradients(sync_free):
+    model = _sync_free(_rna_smallcnn(space=("bn", "in")), sync_free).train()
     with rna.set_path(model, "bn"):
         model(torch.rand(4, 1, 28, 28)).sum().backward()
     for la in rna.rna_layers(model):
@@ -363,9 +375,11 @@ def test_types_a_row_did_not_draw_get_zero_gradients():
         assert torch.equal(la.norm("in").weight.grad, torch.zeros(la.channels))
 
 
+@pytest.mark.parametrize("sync_free", [True, False])
 @pytest.mark.parametrize("per_sample", [False, True])
-def test_cumulative_bn_average_moves_only_with_use(per_sample):
+def test_cumulative_bn_average_moves_only_with_use(per_sample, sync_free):
     layer = RandomNormalization(3, ("bn", "in"), momentum=None).train()
+    layer.sync_free = sync_free
     bn = layer.norm("bn")
     ref = nn.BatchNorm2d(3, momentum=None).train()
     x = torch.randn(4, 3, 5, 5) * 2 + 1
@@ -395,3 +409,32 @@ def test_path_generator_makes_draws_reproducible_and_independent_of_the_global_r
     assert paths[0] == paths[1]
     rna.set_path_generator(model, None)
     assert all(la.generator is None for la in rna.rna_layers(model))
+
+
+@pytest.mark.parametrize("granularity", ["call", "sample"])
+@pytest.mark.parametrize("train", [True, False])
+def test_sync_free_and_selective_forwards_agree(granularity, train):
+    """The merged forward (CUDA, compile) and the drawn-types-only forward (CPU) give the same
+    outputs, input and parameter gradients and BN statistics."""
+    import copy
+
+    base = _rna_smallcnn(space=("bn", "in", "ln"), granularity=granularity).train(train)
+    models = [_sync_free(copy.deepcopy(base), v) for v in (True, False)]
+    x = torch.rand(6, 1, 28, 28)
+    results = []
+    for model in models:
+        xi = x.clone().requires_grad_(True)
+        with seeded(3), draw_groups(3):
+            out = model(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out, xi.grad, [p.grad for p in model.parameters()],
+                        [b.clone() for b in model.buffers()]))
+    (o1, g1, p1, b1), (o2, g2, p2, b2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-5)
+    for a, b in zip(p1, p2, strict=True):
+        if b is None and not train:  # eval mode: idle types get no gradient on this path
+            b = torch.zeros_like(a)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    for a, b in zip(b1, b2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -45,5 +45,7 @@ def test_gpu_check_cpu_smoke_runs_every_cifar_config(tmp_path, capsys):
     assert compiled and compiled[0]["graph_breaks"] == 0  # RNA's forward compiles in one piece
     assert any(r["check"] == "evaluate --suite rand" for r in rows)
     assert any(r["check"].startswith("smoothing") for r in rows)
+    rna_row = next(r for r in rows if r["check"] == "rna forward")
+    assert rna_row["attack_sync_free_img_per_s"] > 0 and rna_row["train_host_reads_img_per_s"] > 0
     # and a failure is loud: a non-zero status
     assert gpu_check.main(["--cpu-smoke", "--configs", "none", "--modes", "fp99"]) == 1

@@ -52,13 +52,16 @@ Every layer samples independently (the reference's ``--mixed``, the released set
 :func:`convert` call share a :class:`PathController`; the first layer to run in a forward
 draws, the others reuse that draw.
 
-No host synchronization: the path is drawn on the input's device (from the global torch RNG
-of that device, or from :func:`set_path_generator`'s generator) and the forward never reads it
-back on the host (no ``.item()``, ``.tolist()``, ``nonzero()``, ``.cpu()``). Every type of the
+No host synchronization on accelerators: the path is drawn on the input's device (from the
+global torch RNG of that device, or from :func:`set_path_generator`'s generator). On CUDA (any
+device but the CPU) and while ``torch.compile`` traces, the forward never reads the draw back
+on the host (no ``.item()``, ``.tolist()``, ``nonzero()``, ``.cpu()``): every type of the
 layer's space is computed for the whole batch and ``torch.where`` keeps, row by row, the output
-of the type that row drew. That costs ``|space|`` normalizations per layer instead of one
-(normalization is a small share of a conv network's work) and keeps CUDA streams and
-``torch.compile`` graphs unbroken. Consequences:
+of the type that row drew. That costs ``|space|`` normalizations per layer instead of one and
+keeps CUDA streams and compiled graphs unbroken. On the CPU, where reading a tensor is free,
+only the drawn types are computed, each on its rows (``index_select``/``index_copy``). Both
+forwards give the same outputs, gradients and statistics (``layer.sync_free = True/False``
+forces one). In both:
 
 * every type's parameters take part in every forward; the types a row did not draw get zero
   gradients (so weight decay and momentum keep acting on them, and DistributedDataParallel sees
@@ -68,8 +71,8 @@ of the type that row drew. That costs ``|space|`` normalizations per layer inste
 
 Training-mode BatchNorm on a subset: when rows of a batch take different types (several draw
 groups, or ``granularity="sample"``), a BN in train mode normalizes with *that subset's* batch
-statistics (masked sums, no gather), and only a BN that some row used updates its running
-statistics (the update is a masked ``torch.where``; a BN nobody drew keeps its statistics).
+statistics (sync-free: masked sums), and only a BN that some row used updates its running
+statistics (sync-free: a masked ``torch.where``; a BN nobody drew keeps its statistics).
 Synchronized BatchNorm (``train.sync_bn``): after :func:`set_sync_batchnorm` (or when the
 ``bn`` entry is an ``nn.SyncBatchNorm``), in train mode with more than one process, the batch
 statistics (masked or not) are summed over the processes with a differentiable all-reduce, so
@@ -235,6 +238,9 @@ class RandomNormalization(StochasticModule):
         self.controller = controller
         self.generator: torch.Generator | None = None  # None: the device's global RNG
         self.sync_batchnorm = False  # sum BN batch statistics over processes (train mode)
+        # None: automatic (no host reads on accelerators and under torch.compile; on CPU,
+        # where reading the draw costs nothing, only the drawn types are computed)
+        self.sync_free: bool | None = None
         self.process_group: Any = None  # with sync_batchnorm; None = the default group
 
     def extra_repr(self) -> str:
@@ -300,24 +306,60 @@ class RandomNormalization(StochasticModule):
         if g == 0 or n % g:
             raise AdvDefenseError(
                 f"an RNA state with {g} entries cannot be applied to a batch of {n} rows")
-        if g == 1:  # one type for the whole batch: 0-d conditions
-            rows = None
+        rows = None
+        if g > 1:
+            rows = types.repeat(n // g) if state.per_sample else types.repeat_interleave(n // g)
+        groups = [self._sync_group(m) if isinstance(m, _BatchNorm) else None
+                  for m in self.norms]
+        if self._sync_free(x) or any(gr is not None for gr in groups):
+            return self._merged(x, types, rows, groups)
+        return self._selective(x, types, rows)
+
+    def _sync_free(self, x: torch.Tensor) -> bool:
+        if self.sync_free is not None:
+            return self.sync_free
+        return x.device.type != "cpu" or torch.compiler.is_compiling()
+
+    def _merged(self, x: torch.Tensor, types: torch.Tensor, rows: torch.Tensor | None,
+                groups: list[Any]) -> torch.Tensor:
+        """Every type on every row, merged with ``torch.where``: no host synchronization."""
+        if rows is None:  # one type for the whole batch: 0-d conditions
             conds = [types[0] == t for t in range(len(self.norms))]
         else:
-            rows = types.repeat(n // g) if state.per_sample else types.repeat_interleave(n // g)
             conds = [(rows == t).view(-1, *([1] * (x.dim() - 1)))
                      for t in range(len(self.norms))]
         out: torch.Tensor | None = None
         for t, norm in enumerate(self.norms):  # |space| iterations, never a loop over samples
             if isinstance(norm, _BatchNorm) and (norm.training or norm.running_mean is None):
                 y = _batch_norm_batch_stats(norm, x, None if rows is None else rows == t,
-                                            conds[t] if rows is None else None,
-                                            self._sync_group(norm))
+                                            conds[t] if rows is None else None, groups[t])
             else:
                 y = norm(x)
             y = y.to(x.dtype)
             out = y if out is None else torch.where(conds[t], y, out)
         assert out is not None
+        return out
+
+    def _selective(self, x: torch.Tensor, types: torch.Tensor, rows: torch.Tensor | None
+                   ) -> torch.Tensor:
+        """Only the drawn types, on their rows (reads the draw on the host: CPU only)."""
+        if rows is None:
+            used = [int(types[0])]
+        else:
+            used = torch.unique(rows).tolist()
+        if len(used) == 1:
+            out = self.norms[used[0]](x).to(x.dtype)
+        else:
+            out = x.new_empty(x.shape)
+            for t in used:  # at most |space| sub-batches, never a loop over samples
+                sel = (rows == t).nonzero().squeeze(1)
+                out = out.index_copy(0, sel, self.norms[t](x.index_select(0, sel)).to(x.dtype))
+        # in training, the types nobody drew take part with a zero gradient, as in the merged
+        # forward (same optimizer behaviour; no unused parameters under DDP)
+        idle = [p for t, m in enumerate(self.norms) if t not in used for p in m.parameters()
+                if p.requires_grad] if self.training and torch.is_grad_enabled() else []
+        if idle:
+            out = out + 0.0 * torch.stack([p.sum() for p in idle]).sum().to(out.dtype)
         return out
 
     def _sync_group(self, bn: _BatchNorm) -> Any:
