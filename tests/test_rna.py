@@ -83,6 +83,11 @@ def test_registry_applies_rna():
     layers = rna.rna_layers(model)
     assert len(layers) == 4 and layers[0].space == ("bn", "ln")
     assert rna.num_paths(model) == 2
+    assert all(la.sync_free is None for la in layers)
+    forced = apply_defenses(make_smallcnn(), {"rna": {"sync_free": True}}, None)
+    assert all(la.sync_free is True for la in rna.rna_layers(forced))
+    with pytest.raises(ConfigError, match="sync_free"):
+        apply_defenses(make_smallcnn(), {"rna": {"sync_free": "yes"}}, None)
 
 
 # -- randomness ----------------------------------------------------------------------------

@@ -523,12 +523,13 @@ def convert(
     return model
 
 
-_OPTIONS = ("space", "granularity", "mixed")
+_OPTIONS = ("space", "granularity", "mixed", "sync_free")
 
 
 def apply(model: nn.Module, options: Mapping[str, Any], info: Any = None) -> nn.Module:
     """Defense-registry entry: ``defense: {rna: {space: [bn, in], granularity: call,
-    mixed: true}}``."""
+    mixed: true, sync_free: null}}`` (``sync_free``: ``null`` = automatic, ``true`` = the
+    merged forward everywhere, ``false`` = drawn types only, reading the draw on the host)."""
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ConfigError(
@@ -536,8 +537,14 @@ def apply(model: nn.Module, options: Mapping[str, Any], info: Any = None) -> nn.
     mixed = options.get("mixed", True)
     if not isinstance(mixed, bool):
         raise ConfigError(f"defense.rna.mixed must be true or false, got {mixed!r}")
-    return convert(model, space=options.get("space", DEFAULT_SPACE),
-                   granularity=str(options.get("granularity", "call")), mixed=mixed)
+    sync_free = options.get("sync_free")
+    if sync_free is not None and not isinstance(sync_free, bool):
+        raise ConfigError(f"defense.rna.sync_free must be null, true or false, got {sync_free!r}")
+    model = convert(model, space=options.get("space", DEFAULT_SPACE),
+                    granularity=str(options.get("granularity", "call")), mixed=mixed)
+    for la in rna_layers(model):
+        la.sync_free = sync_free
+    return model
 
 
 # -- path control --------------------------------------------------------------------------
