@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 __all__ = ["Trainer", "seed_everything", "TrainingError"]
 
 CHECKPOINT_NAME = "last.pt"
+_LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers")
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 
@@ -520,8 +521,14 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must stay on CPU
         saved = dict(ckpt["config"])
         mine = to_dict(self.cfg)
+
+        def comparable(section: str, value: Any) -> Any:
+            if section == "data" and isinstance(value, dict):  # loader options: speed only
+                return {k: v for k, v in value.items() if k not in _LOADER_KEYS}
+            return value
+
         changed = [k for k in mine if k not in ("train", "output_dir", "eval", "name")
-                   and saved.get(k) != mine[k]]
+                   and comparable(k, saved.get(k)) != comparable(k, mine[k])]
         if changed:
             raise CheckpointError(f"cannot resume {path}: config sections {', '.join(changed)} "
                                   "differ from the checkpoint's; use the saved config.yaml")
