@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import socket
@@ -12,9 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from torch import nn
 
-from advdefense.config import load_config
+from advdefense.config import config_from_dict, load_config
+from advdefense.defenses import rna
+from advdefense.defenses.rna import RandomNormalization, RNAState
 from advdefense.distributed import gather_per_example, shard_indices
+from advdefense.randomness import get_states
 from advdefense.training.checkpoint import load_checkpoint
 from advdefense.training.trainer import Trainer
 
@@ -133,3 +139,92 @@ def test_torchrun_evaluate_gathers_per_example_results(tmp_path):
                                               pgd2["correct"]["all"], strict=True)]
     assert p2["worst"]["all"] == worst
     assert two["n"] == 45 and two["processes"] == 2
+
+
+# -- RNA under DDP: recipes with two forwards, SyncBatchNorm, shared paths ---------------------
+def _check_sync_rna_layer(rank: int, world: int) -> None:
+    """A synchronized RNA BatchNorm normalizes with the statistics of the global batch (also on a
+    masked subset of rows), and gradients flow back across processes."""
+    torch.manual_seed(0)
+    full = torch.randn(4 * world, 3, 4, 4) * 2 + 1
+    weights = torch.randn_like(full)
+    mine = slice(4 * rank, 4 * (rank + 1))
+    cases = ((torch.tensor([0, 1, 0, 0, 1, 0, 0, 1]), True), (torch.tensor([0]), False))
+    for (types, per_sample), how in itertools.product(cases, ("flag", "SyncBatchNorm entry")):
+        ref = RandomNormalization(3, ("bn", "in")).train()
+        layer = copy.deepcopy(ref)
+        if how == "flag":  # what train.sync_bn does (DDP refuses SyncBatchNorm on CPU)
+            assert rna.set_sync_batchnorm(layer) == 1
+        else:
+            layer = nn.SyncBatchNorm.convert_sync_batchnorm(layer)
+            assert isinstance(layer.norms[0], nn.SyncBatchNorm)
+        xf = full.clone().requires_grad_(True)
+        out_full = ref.forward_with_state(xf, RNAState(types, per_sample))
+        (out_full * weights).sum().backward()
+        xr = full[mine].clone().requires_grad_(True)
+        out = layer.forward_with_state(xr, RNAState(types[mine] if per_sample else types,
+                                                    per_sample))
+        (out * weights[mine]).sum().backward()
+        torch.testing.assert_close(out, out_full[mine])
+        torch.testing.assert_close(xr.grad, xf.grad[mine])
+        grad_w = layer.norms[0].weight.grad.clone()
+        dist.all_reduce(grad_w)
+        torch.testing.assert_close(grad_w, ref.norms[0].weight.grad)
+        torch.testing.assert_close(layer.norms[0].running_mean, ref.norms[0].running_mean)
+        torch.testing.assert_close(layer.norms[0].running_var, ref.norms[0].running_var)
+
+
+def _gathered(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    parts = [torch.zeros_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+def _rna_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _check_sync_rna_layer(rank, world)
+        runs = (("trades_sync", "trades", {}, True),
+                ("clean_weight", "pgd_at", {"clean_weight": 0.5, "attack_label": "predicted"},
+                 False))
+        for name, recipe, args, sync_bn in runs:
+            cfg = config_from_dict({
+                "name": name, "seed": 5, "output_dir": os.path.join(out, name),
+                "data": {"limit": 48, "batch_size": 16, "monitor_size": 0},
+                "model": {"name": "smallcnn", "norm": "bn"},
+                "defense": {"rna": {"space": ["bn", "in"]}},
+                "train": {"recipe": recipe, "recipe_args": args, "epochs": 1,
+                          "sync_bn": sync_bn, "attack": {"eps": 0.3, "steps": 1},
+                          "optimizer": {"name": "sgd", "lr": 0.05}},
+            })
+            trainer = Trainer(cfg, device="cpu", progress=False)
+            initial = [p.detach().clone() for p in trainer.model.parameters()]
+            metrics = trainer.fit()
+            assert metrics["train_loss"] == metrics["train_loss"], metrics
+            params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+            a, b = _gathered(params, world)
+            assert torch.equal(a, b), name  # DDP kept the replicas identical
+            assert any(not torch.equal(p, q) for p, q in
+                       zip(initial, trainer.model.parameters(), strict=True))
+            if sync_bn:
+                assert trainer.path_generator is not None
+                # one path per step on every process, and BN statistics of the global batch
+                types = torch.cat([s.types.flatten() for s in get_states(trainer.model)])
+                a, b = _gathered(types, world)
+                assert torch.equal(a, b)
+                bufs = torch.cat([v.flatten().float() for k, v in
+                                  trainer.model.state_dict().items() if "running" in k])
+                a, b = _gathered(bufs, world)
+                torch.testing.assert_close(a, b)
+            trainer.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_trains_rna_with_two_forward_recipes_and_sync_bn(tmp_path):
+    """TRADES (with sync_bn) and pgd_at with clean_weight > 0 on a stochastic RNA model:
+    each used to run two DDP forwards per step, which DDP rejects for such models."""
+    mp.spawn(_rna_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)

@@ -83,6 +83,11 @@ def test_registry_applies_rna():
     layers = rna.rna_layers(model)
     assert len(layers) == 4 and layers[0].space == ("bn", "ln")
     assert rna.num_paths(model) == 2
+    assert all(la.sync_free is None for la in layers)
+    forced = apply_defenses(make_smallcnn(), {"rna": {"sync_free": True}}, None)
+    assert all(la.sync_free is True for la in rna.rna_layers(forced))
+    with pytest.raises(ConfigError, match="sync_free"):
+        apply_defenses(make_smallcnn(), {"rna": {"sync_free": "yes"}}, None)
 
 
 # -- randomness ----------------------------------------------------------------------------
@@ -283,3 +288,158 @@ def test_rna_report_tabulates_the_three_protocols(tiny_rna, mnist_test):
     md = rep.to_markdown()
     assert md.count("\n") == len(table) + 2 and "EOT over paths" in md
     assert set(rep.to_dict()["majority"]["pgd"]) == {"paper", "fixed", "fresh"}
+
+
+# -- no host synchronization, dtypes, generators ----------------------------------------------
+def _forbid_host_reads(monkeypatch):
+    """Make every way of reading a tensor back on the host raise inside the block."""
+
+    def boom(*_a, **_k):
+        raise AssertionError("host synchronization inside an RNA forward")
+
+    for name in ("item", "tolist", "nonzero", "cpu", "numpy", "unique", "__int__", "__float__",
+                 "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    monkeypatch.setattr(torch, "nonzero", boom)
+    monkeypatch.setattr(torch, "unique", boom)
+
+
+def _sync_free(model, value=True):
+    for la in rna.rna_layers(model):
+        la.sync_free = value
+    return model
+
+
+@pytest.mark.parametrize("granularity", ["call", "sample"])
+def test_forward_and_backward_never_read_tensors_on_the_host(monkeypatch, granularity):
+    """The forward that runs on CUDA (and under torch.compile), forced here on the CPU."""
+    mixed = _sync_free(_rna_smallcnn(space=("bn", "in", "ln"), granularity=granularity))
+    shared = _sync_free(_rna_smallcnn(space=("bn", "gn_4"), granularity=granularity,
+                                      mixed=False))
+    for la in rna.rna_layers(shared):
+        la.norm("bn").momentum = None  # the cumulative average has its own update
+    x = torch.rand(6, 1, 28, 28)
+    for model in (mixed, shared):
+        path = rna.path_states(model, [0, 1] * 2)
+        with monkeypatch.context() as mp:
+            _forbid_host_reads(mp)
+            for train in (True, False):
+                model.train(train)
+                model(x).sum().backward()
+                with draw_groups(3):
+                    model(x).sum().backward()
+                with freeze(model):
+                    model(x)
+                    model(x)
+                with freeze(model, states=path):
+                    model(x)
+        assert model(x).shape == (6, 10)  # and outside the block, everything still works
+
+
+class _Fp32GroupNorm(nn.GroupNorm):
+    """GroupNorm as CUDA autocast runs it: in float32, whatever the input dtype."""
+
+    def forward(self, x):
+        return super().forward(x.float())
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_types_with_different_output_dtypes_merge_under_autocast(dtype, sync_free):
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = RandomNormalization(4, ("bn", "in")).train()
+    layer.sync_free = sync_free
+    fp32_in = _Fp32GroupNorm(4, 4)
+    fp32_in.load_state_dict(layer.norms[1].state_dict())
+    layer.norms[1] = fp32_in
+    x = torch.rand(8, 3, 6, 6)
+    for state in (RNAState(torch.tensor([0, 1]), per_sample=True),
+                  RNAState(torch.tensor([0, 1])), RNAState(torch.tensor([1]))):
+        with torch.autocast("cpu", dtype=dtype):
+            h = conv(x)
+            assert h.dtype == dtype
+            out = layer.forward_with_state(h, state)
+        assert out.dtype == dtype and torch.isfinite(out.float()).all()
+        out.float().sum().backward()
+    # and a whole RNA network trains a step under autocast with mixed types per row
+    model = _sync_free(_rna_smallcnn(space=("bn", "in", "ln"), granularity="sample"),
+                       sync_free).train()
+    with torch.autocast("cpu", dtype=dtype):
+        logits = model(torch.rand(4, 1, 28, 28))
+    logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_types_a_row_did_not_draw_get_zero_gradients(sync_free):
+    model = _sync_free(_rna_smallcnn(space=("bn", "in")), sync_free).train()
+    with rna.set_path(model, "bn"):
+        model(torch.rand(4, 1, 28, 28)).sum().backward()
+    for la in rna.rna_layers(model):
+        assert la.norm("bn").weight.grad.abs().sum() > 0
+        assert torch.equal(la.norm("in").weight.grad, torch.zeros(la.channels))
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_cumulative_bn_average_moves_only_with_use(per_sample, sync_free):
+    layer = RandomNormalization(3, ("bn", "in"), momentum=None).train()
+    layer.sync_free = sync_free
+    bn = layer.norm("bn")
+    ref = nn.BatchNorm2d(3, momentum=None).train()
+    x = torch.randn(4, 3, 5, 5) * 2 + 1
+    types = torch.tensor([0, 0, 0, 0] if not per_sample else [0, 1, 0, 1])
+    rows = (types == 0).nonzero().squeeze(1)
+    for _ in range(2):
+        layer.forward_with_state(x, RNAState(types if per_sample else types[:1], per_sample))
+        ref(x[rows])
+        layer.forward_with_state(x, RNAState(torch.tensor([1])))  # BN unused: no change
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_path_generator_makes_draws_reproducible_and_independent_of_the_global_rng():
+    model = _rna_smallcnn(space=("bn", "in", "ln")).eval()
+    x = torch.rand(2, 1, 28, 28)
+    gen = torch.Generator()
+    assert rna.set_path_generator(model, gen) == 4
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)  # the global stream differs, the generator's does not
+        gen.manual_seed(5)
+        with torch.no_grad(), draw_groups(2):
+            model(x.repeat(2, 1, 1, 1))
+        paths.append([s.types.tolist() for s in get_states(model)])
+    assert paths[0] == paths[1]
+    rna.set_path_generator(model, None)
+    assert all(la.generator is None for la in rna.rna_layers(model))
+
+
+@pytest.mark.parametrize("granularity", ["call", "sample"])
+@pytest.mark.parametrize("train", [True, False])
+def test_sync_free_and_selective_forwards_agree(granularity, train):
+    """The merged forward (CUDA, compile) and the drawn-types-only forward (CPU) give the same
+    outputs, input and parameter gradients and BN statistics."""
+    import copy
+
+    base = _rna_smallcnn(space=("bn", "in", "ln"), granularity=granularity).train(train)
+    models = [_sync_free(copy.deepcopy(base), v) for v in (True, False)]
+    x = torch.rand(6, 1, 28, 28)
+    results = []
+    for model in models:
+        xi = x.clone().requires_grad_(True)
+        with seeded(3), draw_groups(3):
+            out = model(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out, xi.grad, [p.grad for p in model.parameters()],
+                        [b.clone() for b in model.buffers()]))
+    (o1, g1, p1, b1), (o2, g2, p2, b2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-5)
+    for a, b in zip(p1, p2, strict=True):
+        if b is None and not train:  # eval mode: idle types get no gradient on this path
+            b = torch.zeros_like(a)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    for a, b in zip(b1, b2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -89,6 +89,12 @@ def test_resume_without_checkpoint_or_with_other_config_fails_clearly(tmp_path):
     other.data.limit = 100
     with pytest.raises(CheckpointError, match="data"):
         Trainer(other, device="cpu", progress=False).fit(resume=True)
+    # loader options only change speed: a resume may change them (and older checkpoints
+    # lack some of them)
+    loader = tiny_cfg(tmp_path, "none", epochs=2, recipe="standard")
+    loader.data.num_workers = 1
+    loader.data.persistent_workers = False
+    assert Trainer(loader, device="cpu", progress=False).fit(resume=True)["epoch"] == 2
 
 
 def test_adv_start_epoch_uses_standard_training_first(tmp_path):

@@ -63,7 +63,12 @@ class DataConfig:
 
     ``batch_size`` is the *global* batch: with ``N`` processes each one gets ``batch_size / N``.
     ``monitor_size`` examples of ``monitor_split`` are used for the per-epoch clean/PGD
-    accuracy (0 disables the monitor). ``limit`` keeps the first examples of the training split.
+    accuracy (0 disables the monitor); keep the monitor split out of ``train_split`` (train on
+    ``fit`` and monitor on ``val``, or monitor on ``test``). ``limit`` keeps the first examples
+    of the training split. Loader options (``null`` = automatic, see
+    :func:`advdefense.data.loader_options`): ``num_workers`` (CIFAR/SVHN/MNIST: up to 8 worker
+    processes; in-memory datasets: 0), ``pin_memory`` (on for CUDA), ``persistent_workers``
+    (on with workers, off under ``train.deterministic``).
     """
 
     name: str = "mnist5k"
@@ -75,7 +80,9 @@ class DataConfig:
     batch_size: int = 100
     augment: bool = False
     limit: int | None = None
-    num_workers: int = 0
+    num_workers: int | None = None
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
 
     def validate(self, where: str) -> None:
         from .data import INFO, SPLITS
@@ -85,7 +92,8 @@ class DataConfig:
         _choice(f"{where}.monitor_split", self.monitor_split, SPLITS)
         _at_least(f"{where}.batch_size", self.batch_size, 1)
         _at_least(f"{where}.monitor_size", self.monitor_size, 0)
-        _at_least(f"{where}.num_workers", self.num_workers, 0)
+        if self.num_workers is not None:
+            _at_least(f"{where}.num_workers", self.num_workers, 0)
         if self.limit is not None:
             _at_least(f"{where}.limit", self.limit, 1)
 
@@ -225,6 +233,18 @@ class TrainConfig:
 
     ``adv_start_epoch``: epochs before it use the ``standard`` recipe (PNI's ``epoch_delay``).
     ``amp``: ``null``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA only, with a GradScaler).
+    ``attack_precision``: how the recipe's inner maximization runs under ``amp``: ``fp32``
+    (default; autocast is switched off around it, so fp16 input gradients cannot underflow) or
+    ``amp`` (under the training autocast; ``bf16`` only, as fp16 gradients of the TRADES KL
+    underflow to zero).
+    ``compile``: ``false``, ``true`` (``torch.compile``, default backend) or a backend name
+    (``inductor``, ``aot_eager``, ``eager``, ...); covers ``forward_with_aux`` too.
+    ``sync_bn``: with several processes, BatchNorm uses statistics of the global batch
+    (``nn.SyncBatchNorm``) and every process draws the same RNA path per step.
+    ``deterministic``: ``true`` selects deterministic kernels (cuDNN autotuning off,
+    ``torch.use_deterministic_algorithms`` with a warning for ops that have none,
+    ``CUBLAS_WORKSPACE_CONFIG``) and non-persistent loader workers, so a resumed run reaches
+    the weights of an uninterrupted one also on CUDA; ``strict`` raises instead of warning.
     ``grad_clip``: max global gradient L2 norm (``null`` = no clipping).
     ``init_from``: a checkpoint whose model weights initialise this run (fine-tuning, e.g. the
     smoothing paper's EPGD / Gaussian fine-tuning of a PGD-trained CNI-W model). Parameters
@@ -241,8 +261,11 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     monitor_attack: MonitorAttackConfig = field(default_factory=MonitorAttackConfig)
     amp: str | None = None
+    attack_precision: str = "fp32"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool | str = False
+    sync_bn: bool = False
+    deterministic: bool | str = False
     grad_clip: float | None = None
     adv_start_epoch: int = 0
     init_from: str | None = None
@@ -253,6 +276,15 @@ class TrainConfig:
         _at_least(f"{where}.epochs", self.epochs, 1)
         if self.amp is not None:
             _choice(f"{where}.amp", self.amp, ("bf16", "fp16"))
+        _choice(f"{where}.attack_precision", self.attack_precision, ("fp32", "amp"))
+        if self.attack_precision == "amp" and self.amp == "fp16":
+            raise ConfigError(f"{where}.attack_precision=amp with amp=fp16: fp16 input "
+                              "gradients of the inner attack underflow to zero; use fp32 or "
+                              "amp=bf16")
+        if isinstance(self.deterministic, str):
+            _choice(f"{where}.deterministic", self.deterministic, (False, True, "strict"))
+        if isinstance(self.compile, str) and not self.compile.strip():
+            raise ConfigError(f"{where}.compile must be true, false or a backend name")
         if self.grad_clip is not None:
             _positive(f"{where}.grad_clip", self.grad_clip)
         _at_least(f"{where}.adv_start_epoch", self.adv_start_epoch, 0)

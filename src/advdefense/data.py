@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from .errors import DataError, unknown_name
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "fit", "test")
+IN_MEMORY = ("mnist5k", "digits")  # held as tensors: loader workers would only add overhead
+MAX_AUTO_WORKERS = 8
 SPLIT_SEED = 20221031
 
 
@@ -186,3 +189,40 @@ def as_tensors(ds: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return ds.tensors[0], ds.tensors[1]
     xs, ys = zip(*(ds[i] for i in range(len(ds))), strict=True)  # type: ignore[arg-type]
     return torch.stack(list(xs)), torch.as_tensor(ys, dtype=torch.long)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def loader_options(name: str, device_type: str = "cpu", *, num_workers: int | None = None,
+                   pin_memory: bool | None = None, persistent_workers: bool | None = None,
+                   ) -> dict[str, object]:
+    """``DataLoader`` keyword arguments for a dataset on a device.
+
+    ``None`` means automatic: datasets read and augmented per item (``cifar10``, ``cifar100``,
+    ``svhn``, ``mnist``) get ``min(8, CPUs per local process)`` worker processes, in-memory
+    ones (``mnist5k``, ``digits``) none; ``pin_memory`` is on for CUDA; ``persistent_workers``
+    is on whenever there are workers (no worker start-up every epoch). With persistent workers
+    the augmentation stream of epoch ``e`` depends on the epochs before it, so an interrupted
+    and resumed run sees other augmentations: turn them off for exact resumption
+    (``train.deterministic`` does).
+    """
+    dataset_info(name)
+    if num_workers is None:
+        if name in IN_MEMORY:
+            num_workers = 0
+        else:
+            local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            num_workers = max(0, min(MAX_AUTO_WORKERS, _usable_cpus() // local))
+    if num_workers < 0:
+        raise DataError(f"num_workers must be >= 0, got {num_workers}")
+    if pin_memory is None:
+        pin_memory = device_type == "cuda"
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    return {"num_workers": num_workers, "pin_memory": bool(pin_memory),
+            "persistent_workers": bool(persistent_workers) and num_workers > 0}

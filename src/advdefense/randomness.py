@@ -157,6 +157,18 @@ class StochasticModule(nn.Module):
     def forward_with_state(self, x: torch.Tensor, state: Any) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def sample_seeded(self, x: torch.Tensor, seeds: Sequence[int], call: int) -> Any:
+        """The state of ``len(seeds)`` draw groups, group ``j`` drawn under its own seed
+        (and ``call``, this layer's position in the forward pass): one ``sample_state(rows,
+        1)`` per group, joined by :meth:`merge_states`. Layers whose draws are shared between
+        layers override it."""
+        rows = x.shape[0] // len(seeds)
+        states = []
+        for j, s in enumerate(seeds):
+            torch.manual_seed(draw_seed(s, 0, call))
+            states.append(self.sample_state(x[j * rows : (j + 1) * rows], 1))
+        return states[0] if len(states) == 1 else self.merge_states(states)
+
     def merge_states(self, states: list[Any]) -> Any:
         """Join per-group states (each drawn with ``groups=1``) into one state of all groups.
 
@@ -181,13 +193,7 @@ class StochasticModule(nn.Module):
             if seeds is None:
                 state = self.sample_state(x, groups)
             else:
-                call = _next_call_index()
-                rows = x.shape[0] // groups
-                states = []
-                for j, s in enumerate(seeds):
-                    torch.manual_seed(draw_seed(s, 0, call))
-                    states.append(self.sample_state(x[j * rows : (j + 1) * rows], 1))
-                state = states[0] if groups == 1 else self.merge_states(states)
+                state = self.sample_seeded(x, seeds, _next_call_index())
         self.last_state = state
         return self.forward_with_state(x, state)
 

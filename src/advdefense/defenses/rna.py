@@ -52,10 +52,34 @@ Every layer samples independently (the reference's ``--mixed``, the released set
 :func:`convert` call share a :class:`PathController`; the first layer to run in a forward
 draws, the others reuse that draw.
 
+No host synchronization on accelerators: the path is drawn on the input's device (from the
+global torch RNG of that device, or from :func:`set_path_generator`'s generator). On CUDA (any
+device but the CPU) and while ``torch.compile`` traces, the forward never reads the draw back
+on the host (no ``.item()``, ``.tolist()``, ``nonzero()``, ``.cpu()``): every type of the
+layer's space is computed for the whole batch and ``torch.where`` keeps, row by row, the output
+of the type that row drew. That costs ``|space|`` normalizations per layer instead of one and
+keeps CUDA streams and compiled graphs unbroken. On the CPU, where reading a tensor is free,
+only the drawn types are computed, each on its rows (``index_select``/``index_copy``). Both
+forwards give the same outputs, gradients and statistics (``layer.sync_free = True/False``
+forces one). In both:
+
+* every type's parameters take part in every forward; the types a row did not draw get zero
+  gradients (so weight decay and momentum keep acting on them, and DistributedDataParallel sees
+  no unused parameters);
+* the outputs of the types are cast to the input's dtype before they are merged (under CUDA
+  autocast BatchNorm returns fp16 while GroupNorm returns fp32).
+
 Training-mode BatchNorm on a subset: when rows of a batch take different types (several draw
-groups, or ``granularity="sample"``), each type runs only on the rows that chose it (batched
-``index_select``/``index_copy``, no loop over samples), so a BN in train mode normalizes with
-*that subset's* batch statistics and only a BN that was used updates its running statistics.
+groups, or ``granularity="sample"``), a BN in train mode normalizes with *that subset's* batch
+statistics (sync-free: masked sums), and only a BN that some row used updates its running
+statistics (sync-free: a masked ``torch.where``; a BN nobody drew keeps its statistics).
+Synchronized BatchNorm (``train.sync_bn``): after :func:`set_sync_batchnorm` (or when the
+``bn`` entry is an ``nn.SyncBatchNorm``), in train mode with more than one process, the batch
+statistics (masked or not) are summed over the processes with a differentiable all-reduce, so
+BN normalizes with the statistics of the global batch. Every process computes every type, so
+the collectives match even when processes drew different paths (share the path generator,
+:func:`set_path_generator`, to make them draw the same). This works on CPU (gloo) too, where
+DistributedDataParallel refuses ``nn.SyncBatchNorm``.
 
 Departures from the reference code, on purpose
 ----------------------------------------------
@@ -81,10 +105,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import AdvDefenseError, ConfigError
-from ..randomness import StochasticModule, freeze, stochastic_modules
+from ..randomness import draw_seed, StochasticModule, freeze, stochastic_modules
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +131,8 @@ __all__ = [
     "path_states",
     "set_path",
     "current_path",
+    "set_path_generator",
+    "set_sync_batchnorm",
 ]
 
 GRANULARITIES = ("call", "sample")
@@ -139,8 +168,9 @@ class PathController:
 
     def choose(self, layer: RandomNormalization, count: int, n_types: int,
                device: torch.device) -> torch.Tensor:
-        if layer is self.leader or self.draw is None or self.draw.numel() != count:
-            self.draw = torch.randint(n_types, (count,)).to(device)
+        if (layer is self.leader or self.draw is None or self.draw.numel() != count
+                or self.draw.device != device):
+            self.draw = layer._randint(count, device)
         return self.draw
 
 
@@ -206,6 +236,12 @@ class RandomNormalization(StochasticModule):
         self.norms = nn.ModuleList(
             [_make_norm(k, self.channels, eps=eps, momentum=momentum) for k in self.space])
         self.controller = controller
+        self.generator: torch.Generator | None = None  # None: the device's global RNG
+        self.sync_batchnorm = False  # sum BN batch statistics over processes (train mode)
+        # None: automatic (no host reads on accelerators and under torch.compile; on CPU,
+        # where reading the draw costs nothing, only the drawn types are computed)
+        self.sync_free: bool | None = None
+        self.process_group: Any = None  # with sync_batchnorm; None = the default group
 
     def extra_repr(self) -> str:
         mixed = "" if self.controller is None else ", mixed=False"
@@ -221,46 +257,227 @@ class RandomNormalization(StochasticModule):
         return self.space.index(kind)
 
     # -- StochasticModule ---------------------------------------------------------------
+    def _randint(self, count: int, device: torch.device) -> torch.Tensor:
+        gen = self.generator
+        if gen is not None and gen.device.type != torch.device(device).type:
+            raise AdvDefenseError(
+                f"the RNA path generator is on {gen.device} but the input is on {device}; "
+                "create the generator on the model's device")
+        return torch.randint(len(self.space), (count,), device=device, generator=gen)
+
     def sample_state(self, x: torch.Tensor, groups: int) -> RNAState:
         per_sample = self.granularity == "sample"
         count = x.shape[0] if per_sample else groups
         if self.controller is not None:
             types = self.controller.choose(self, count, len(self.space), x.device)
         else:
-            types = torch.randint(len(self.space), (count,)).to(x.device)
+            types = self._randint(count, x.device)
         return RNAState(types, per_sample)
 
+    def sample_seeded(self, x: torch.Tensor, seeds, call: int) -> RNAState:
+        """Seeded draw groups (:func:`~advdefense.randomness.replicated_forward`). With a
+        shared path (``mixed=False``) the leader draws one type per group under the group's
+        seed and the layers after it reuse that draw, as :class:`PathController` does."""
+        ctl = self.controller
+        if ctl is None or self.granularity == "sample":
+            return super().sample_seeded(x, seeds, call)
+        if (self is ctl.leader or ctl.draw is None or ctl.draw.numel() != len(seeds)
+                or ctl.draw.device != x.device):
+            draws = []
+            for s in seeds:
+                torch.manual_seed(draw_seed(s, 0, call))
+                draws.append(self._randint(1, x.device))
+            ctl.draw = torch.cat(draws)
+        return RNAState(ctl.draw, False)
+
+    def _home(self) -> torch.device:
+        ref = next(itertools.chain(self.norms.parameters(), self.norms.buffers()), None)
+        return torch.device("cpu") if ref is None else ref.device
+
     def make_state(self, value: Any) -> RNAState:
-        """Turn a type name, an index, a sequence of them, or an :class:`RNAState` into a state."""
+        """Turn a type name, an index, a sequence of them, or an :class:`RNAState` into a state
+        (on the layer's device, so a frozen explicit path costs no copy per forward)."""
         if isinstance(value, RNAState):
             return value
         if isinstance(value, (str, int)):
             value = [value]
         if isinstance(value, torch.Tensor):
-            return RNAState(value.long().flatten())
+            types = value.long().flatten()
+            if types.device.type == "cpu" and types.numel() and (
+                    int(types.min()) < 0 or int(types.max()) >= len(self.space)):
+                raise AdvDefenseError(
+                    f"RNA type index out of range for space {self.space}: {types.tolist()}")
+            return RNAState(types.to(self._home()))
         idx = [self.index(v) if isinstance(v, str) else int(v) for v in value]
         if any(i < 0 or i >= len(self.space) for i in idx):
             raise AdvDefenseError(f"RNA type index out of range for space {self.space}: {idx}")
-        return RNAState(torch.tensor(idx, dtype=torch.long))
+        return RNAState(torch.tensor(idx, dtype=torch.long).to(self._home()))
 
     def forward_with_state(self, x: torch.Tensor, state: Any) -> torch.Tensor:
         state = self.make_state(state)
-        types = state.types.to(x.device)
+        types = state.types
+        if types.device != x.device:
+            types = types.to(x.device)
         n, g = x.shape[0], types.numel()
-        if g == 1:
-            return self.norms[int(types[0])](x)
-        if n % g:
+        if g == 0 or n % g:
             raise AdvDefenseError(
                 f"an RNA state with {g} entries cannot be applied to a batch of {n} rows")
-        rows = types.repeat(n // g) if state.per_sample else types.repeat_interleave(n // g)
-        used = torch.unique(rows).tolist()
-        if len(used) == 1:
-            return self.norms[used[0]](x)
-        out = x.new_zeros(x.shape)
-        for t in used:  # at most |space| iterations, never a loop over samples
-            sel = (rows == t).nonzero().squeeze(1)
-            out = out.index_copy(0, sel, self.norms[t](x.index_select(0, sel)))
+        rows = None
+        if g > 1:
+            rows = types.repeat(n // g) if state.per_sample else types.repeat_interleave(n // g)
+        groups = [self._sync_group(m) if isinstance(m, _BatchNorm) else None
+                  for m in self.norms]
+        if self._sync_free(x) or any(gr is not None for gr in groups):
+            return self._merged(x, types, rows, groups)
+        return self._selective(x, types, rows)
+
+    def _sync_free(self, x: torch.Tensor) -> bool:
+        if self.sync_free is not None:
+            return self.sync_free
+        return x.device.type != "cpu" or torch.compiler.is_compiling()
+
+    def _merged(self, x: torch.Tensor, types: torch.Tensor, rows: torch.Tensor | None,
+                groups: list[Any]) -> torch.Tensor:
+        """Every type on every row, merged with ``torch.where``: no host synchronization."""
+        if rows is None:  # one type for the whole batch: 0-d conditions
+            conds = [types[0] == t for t in range(len(self.norms))]
+        else:
+            conds = [(rows == t).view(-1, *([1] * (x.dim() - 1)))
+                     for t in range(len(self.norms))]
+        out: torch.Tensor | None = None
+        for t, norm in enumerate(self.norms):  # |space| iterations, never a loop over samples
+            if isinstance(norm, _BatchNorm) and (norm.training or norm.running_mean is None):
+                y = _batch_norm_batch_stats(norm, x, None if rows is None else rows == t,
+                                            conds[t] if rows is None else None, groups[t])
+            else:
+                y = norm(x)
+            y = y.to(x.dtype)
+            out = y if out is None else torch.where(conds[t], y, out)
+        assert out is not None
         return out
+
+    def _selective(self, x: torch.Tensor, types: torch.Tensor, rows: torch.Tensor | None
+                   ) -> torch.Tensor:
+        """Only the drawn types, on their rows (reads the draw on the host: CPU only)."""
+        if rows is None:
+            used = [int(types[0])]
+        else:
+            used = torch.unique(rows).tolist()
+        if len(used) == 1:
+            out = self.norms[used[0]](x).to(x.dtype)
+        else:
+            out = x.new_empty(x.shape)
+            for t in used:  # at most |space| sub-batches, never a loop over samples
+                sel = (rows == t).nonzero().squeeze(1)
+                out = out.index_copy(0, sel, self.norms[t](x.index_select(0, sel)).to(x.dtype))
+        # in training, the types nobody drew take part with a zero gradient, as in the merged
+        # forward (same optimizer behaviour; no unused parameters under DDP)
+        idle = [p for t, m in enumerate(self.norms) if t not in used for p in m.parameters()
+                if p.requires_grad] if self.training and torch.is_grad_enabled() else []
+        if idle:
+            out = out + 0.0 * torch.stack([p.sum() for p in idle]).sum().to(out.dtype)
+        return out
+
+    def _sync_group(self, bn: _BatchNorm) -> Any:
+        """The process group the BN entry's statistics are summed over, or ``None``."""
+        if isinstance(bn, nn.SyncBatchNorm):
+            group = bn.process_group
+        elif self.sync_batchnorm:
+            group = self.process_group
+        else:
+            return None
+        if not (bn.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if group is None else group
+        return group if dist.get_world_size(group) > 1 else None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of every process's input is the sum of the incoming
+    gradients (each process's loss depends on the global sum)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group: Any) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def _all_reduce(t: torch.Tensor, group: Any) -> torch.Tensor:
+    return _AllReduceSum.apply(t, group)
+
+
+def _batch_norm_batch_stats(bn: _BatchNorm, x: torch.Tensor, mask: torch.Tensor | None,
+                            selected: torch.Tensor | None, group: Any = None) -> torch.Tensor:
+    """A BatchNorm that normalizes with batch statistics, without host synchronization.
+
+    ``mask`` (rows, bool): the statistics are those of the masked rows only (the other rows'
+    outputs are discarded by the caller). ``selected`` (0-d bool): the whole batch drew this
+    BN or not. The running statistics (train mode) move only when the BN was used, through a
+    masked ``torch.where``. With a process ``group`` the statistics are summed over it.
+    """
+    track = bn.training and bn.track_running_stats and bn.running_mean is not None
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if mask is None and group is None and (bn.momentum is not None or not track):
+        # the common case: the fused kernel; running statistics on copies, merged afterwards
+        rm = bn.running_mean.clone() if track else None
+        rv = bn.running_var.clone() if track else None
+        y = F.batch_norm(x, rm, rv, bn.weight, bn.bias, True,
+                         bn.momentum if bn.momentum is not None else 0.0, bn.eps)
+        if track:
+            assert rm is not None and rv is not None and selected is not None
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.where(selected, rm, bn.running_mean))
+                bn.running_var.copy_(torch.where(selected, rv, bn.running_var))
+                bn.num_batches_tracked.add_(selected.long())
+        return y
+    x32 = x.float()
+    dims = [0, *range(2, x.dim())]
+    per_row = x32[0].numel() // x32.shape[1]
+    if mask is None:
+        m = None
+        count = x32.new_full((1,), float(x32.shape[0] * per_row))
+        s1 = x32.sum(dims)
+    else:
+        m = mask.to(x32.dtype).view(-1, *([1] * (x.dim() - 1)))
+        count = (m.sum() * per_row).view(1)
+        s1 = (x32 * m).sum(dims)
+    if group is not None:
+        both = _all_reduce(torch.cat([s1, count]), group)
+        s1, count = both[:-1], both[-1:].detach()
+    safe = count.clamp_min(1.0)
+    mean = s1 / safe
+    d = x32 - mean.view(shape)
+    sq = (d * d).sum(dims) if m is None else (d * d * m).sum(dims)
+    if group is not None:
+        sq = _all_reduce(sq, group)
+    var = sq / safe
+    y = d * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.weight is not None:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if track:
+        with torch.no_grad():
+            used = count[0] > 0
+            if selected is not None:
+                used = used & selected
+            unbiased = var * (count / (count - 1).clamp_min(1.0))
+            if bn.momentum is None:  # cumulative moving average
+                factor = 1.0 / (bn.num_batches_tracked + 1).to(x32.dtype)
+            else:
+                factor = x32.new_full((), float(bn.momentum))
+            rm = bn.running_mean + factor * (mean.detach() - bn.running_mean)
+            rv = bn.running_var + factor * (unbiased.detach() - bn.running_var)
+            bn.running_mean.copy_(torch.where(used, rm, bn.running_mean))
+            bn.running_var.copy_(torch.where(used, rv, bn.running_var))
+            bn.num_batches_tracked.add_(used.long())
+    return y
 
 
 # -- conversion --------------------------------------------------------------------------
@@ -322,12 +539,13 @@ def convert(
     return model
 
 
-_OPTIONS = ("space", "granularity", "mixed")
+_OPTIONS = ("space", "granularity", "mixed", "sync_free")
 
 
 def apply(model: nn.Module, options: Mapping[str, Any], info: Any = None) -> nn.Module:
     """Defense-registry entry: ``defense: {rna: {space: [bn, in], granularity: call,
-    mixed: true}}``."""
+    mixed: true, sync_free: null}}`` (``sync_free``: ``null`` = automatic, ``true`` = the
+    merged forward everywhere, ``false`` = drawn types only, reading the draw on the host)."""
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise ConfigError(
@@ -335,8 +553,14 @@ def apply(model: nn.Module, options: Mapping[str, Any], info: Any = None) -> nn.
     mixed = options.get("mixed", True)
     if not isinstance(mixed, bool):
         raise ConfigError(f"defense.rna.mixed must be true or false, got {mixed!r}")
-    return convert(model, space=options.get("space", DEFAULT_SPACE),
-                   granularity=str(options.get("granularity", "call")), mixed=mixed)
+    sync_free = options.get("sync_free")
+    if sync_free is not None and not isinstance(sync_free, bool):
+        raise ConfigError(f"defense.rna.sync_free must be null, true or false, got {sync_free!r}")
+    model = convert(model, space=options.get("space", DEFAULT_SPACE),
+                    granularity=str(options.get("granularity", "call")), mixed=mixed)
+    for la in rna_layers(model):
+        la.sync_free = sync_free
+    return model
 
 
 # -- path control --------------------------------------------------------------------------
@@ -427,3 +651,29 @@ def current_path(model: nn.Module) -> list[list[str]]:
         st = la.last_state
         out.append([] if st is None else [la.space[int(i)] for i in la.make_state(st).types])
     return out
+
+
+def set_path_generator(model: nn.Module, generator: torch.Generator | None) -> int:
+    """Draw every RNA path of ``model`` from ``generator`` (``None``: back to the global RNG of
+    the input's device); returns the number of RNA layers.
+
+    Multi-process training with ``train.sync_bn`` gives every process one generator on its
+    device and seeds it identically before each step, so all processes draw the same path and
+    the synchronized BatchNorm statistics belong to that one path (as in one-process training
+    with the global batch). The generator must live on the device of the inputs.
+    """
+    layers = rna_layers(model)
+    for la in layers:
+        la.generator = generator
+    return len(layers)
+
+
+def set_sync_batchnorm(model: nn.Module, enabled: bool = True, process_group: Any = None) -> int:
+    """Make the ``bn`` entries of every RNA layer normalize with statistics summed over the
+    processes of ``process_group`` (default: all) in train mode (see the module docstring);
+    returns the number of RNA layers. Outside RNA use ``nn.SyncBatchNorm``."""
+    layers = rna_layers(model)
+    for la in layers:
+        la.sync_batchnorm = bool(enabled)
+        la.process_group = process_group
+    return len(layers)

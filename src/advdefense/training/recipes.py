@@ -22,6 +22,23 @@ are used by the attack and by the training forward:
     the attack is crafted on a frozen draw A, the training forward uses a fresh draw B (RNA's
     "black-box adversarial training", Dong et al. 2022 reference ``train.py``).
 
+**Precision.** Under a training autocast (``train.amp``) the inner maximization runs in fp32
+by default (:attr:`Recipe.attack_autocast` = False switches autocast off around it): it takes
+input gradients with ``torch.autograd.grad`` and no loss scaling, and in fp16 a large share of
+the TRADES KL gradient's entries underflows to zero (a third on a small CNN at TRADES' start;
+more as the per-example gradients shrink), which quietly turns adversarial training towards
+clean training. Only the outer loss runs under autocast.
+
+**One forward under DistributedDataParallel.** TRADES, MART and ``pgd_at`` with
+``clean_weight > 0`` evaluate the model on the clean and on the adversarial batch. Under DDP
+a second forward before the backward breaks the gradient reduction of stochastic models
+("Expected to mark a variable ready only once"), so there the two batches go through one
+forward of their concatenation (as two draw groups: independent randomness per half, as two
+forwards would draw) and the logits are split. Train-mode BatchNorm then normalizes the clean
+and adversarial halves with joint statistics (two forwards: separate ones), and ``pgd_at``
+with ``attack_label: predicted`` takes the label from an eval-mode forward. One process keeps
+the two forwards of the reference code.
+
 Registry: :data:`RECIPES`; :func:`build_recipe` validates the recipe arguments.
 """
 
@@ -42,7 +59,7 @@ from ..attacks.base import normalize_step
 from ..defenses.noise import training_noise
 from ..errors import ConfigError
 from ..models.heads import forward_with_aux
-from ..randomness import freeze, is_stochastic
+from ..randomness import draw_groups, freeze, is_stochastic
 
 __all__ = [
     "Recipe",
@@ -79,6 +96,11 @@ def _attack_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _joint_forward(model: nn.Module) -> bool:
+    """Whether the clean and adversarial batches must share one forward (DDP)."""
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.detach().argmax(1) == y).float().mean())
 
@@ -105,6 +127,8 @@ class Recipe:
 
     name = "recipe"
     adversarial = True
+    attack_autocast = False
+    """Run the inner maximization under the caller's autocast (True) or in fp32 (False)."""
 
     def __init__(self, attack_cfg: Any = None, *, aux_weight: float = 0.0,
                  draw: str = "fresh", max_batch: int = 4096) -> None:
@@ -144,6 +168,22 @@ class Recipe:
         logits, _aux = forward_with_aux(model, x, y)
         return logits, []
 
+    def _heads_pair(self, model: nn.Module, x_nat: torch.Tensor, x_adv: torch.Tensor,
+                    y: torch.Tensor):
+        """``(_heads(x_nat), _heads(x_adv))``: two forwards, or one under DDP (module doc)."""
+        if not _joint_forward(model):
+            return self._heads(model, x_nat, y), self._heads(model, x_adv, y)
+        n = x_nat.shape[0]
+        groups = draw_groups(2) if is_stochastic(_attack_model(model)) else contextlib.nullcontext()
+        with groups:
+            logits, aux = self._heads(model, torch.cat([x_nat, x_adv]), torch.cat([y, y]))
+        return ((logits[:n], [a[:n] for a in aux]), (logits[n:], [a[n:] for a in aux]))
+
+    def _precision(self, device_type: str):
+        if self.attack_autocast or not torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, enabled=False)
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """The training loss on a batch and a dict of float logs (``loss``, ``acc``, ...).
@@ -151,7 +191,13 @@ class Recipe:
         Runs inside :func:`advdefense.defenses.noise.training_noise`: train-time input noise
         stays on in the inner attack (eval mode), as in the smoothing paper's training.
         """
-        with self._phases(model) as attack_context, training_noise():
+        with self._phases(model) as phase, training_noise():
+
+            @contextlib.contextmanager
+            def attack_context() -> Iterator[None]:
+                with phase(), self._precision(x.device.type):
+                    yield
+
             return self._loss(model, x, y, attack_context)
 
     def _loss(self, model, x, y, attack_context):  # pragma: no cover - abstract
@@ -201,7 +247,8 @@ class PGDATRecipe(Recipe):
     mode, which also updates BN statistics with adversarial batches); PGD returns, per example,
     the best iterate (most draws misclassified, then highest loss) rather than the last one;
     with ``attack_label: predicted`` and ``clean_weight > 0`` the label comes from the
-    train-mode clean forward, as in PNI, otherwise from an eval-mode forward.
+    train-mode clean forward, as in PNI, otherwise (and under DDP, where the clean forward
+    follows the attack: see the module docstring) from an eval-mode forward.
     """
 
     name = "pgd_at"
@@ -235,7 +282,8 @@ class PGDATRecipe(Recipe):
         logs: dict[str, float] = {}
         clean_term = None
         label = y
-        if self.clean_weight > 0:
+        joint = self.clean_weight > 0 and _joint_forward(model)
+        if self.clean_weight > 0 and not joint:
             logits_nat, aux_nat = self._heads(model, x, y)
             clean_term = self._ce(logits_nat, aux_nat, y)
             logs["clean_acc"] = _accuracy(logits_nat, y)
@@ -247,7 +295,12 @@ class PGDATRecipe(Recipe):
                 with torch.no_grad(), eval_mode(target):
                     label = target(x).argmax(1)
             x_adv = self.attack(target, x, label)
-        logits_adv, aux_adv = self._heads(model, x_adv, y)
+        if joint:
+            (logits_nat, aux_nat), (logits_adv, aux_adv) = self._heads_pair(model, x, x_adv, y)
+            clean_term = self._ce(logits_nat, aux_nat, y)
+            logs["clean_acc"] = _accuracy(logits_nat, y)
+        else:
+            logits_adv, aux_adv = self._heads(model, x_adv, y)
         adv_term = self._ce(logits_adv, aux_adv, y)
         if clean_term is None:
             loss = adv_term
@@ -352,8 +405,7 @@ class TradesRecipe(_SmallNoiseAscent):
             objective = KLObjective(F.softmax(nat_logits, 1), [F.softmax(a, 1) for a in nat_aux],
                                     aux_weight=self.aux_weight)
             x_adv = self._ascend(target, x, y, objective)
-        logits_nat, aux_nat = self._heads(model, x, y)
-        logits_adv, aux_adv = self._heads(model, x_adv, y)
+        (logits_nat, aux_nat), (logits_adv, aux_adv) = self._heads_pair(model, x, x_adv, y)
 
         def term(ln, la):
             ce = F.cross_entropy(ln, y)
@@ -407,8 +459,7 @@ class MartRecipe(_SmallNoiseAscent):
                                       if self.aux_weight else "ce")
         with attack_context():
             x_adv = self._ascend(_attack_model(model), x, y, objective)
-        logits_nat, aux_nat = self._heads(model, x, y)
-        logits_adv, aux_adv = self._heads(model, x_adv, y)
+        (logits_nat, aux_nat), (logits_adv, aux_adv) = self._heads_pair(model, x, x_adv, y)
         main, bce, kl = self._term(logits_nat, logits_adv, y)
         heads = [self._term(a, b, y)[0] for a, b in zip(aux_nat, aux_adv, strict=True)]
         loss = _combine(main, heads, self.aux_weight)

@@ -15,11 +15,15 @@ With ``train.early_stopping`` (:mod:`.early_stopping`) ``train.epochs`` is a cap
 stops once the monitored accuracy has not risen for ``patience`` epochs, each record also
 holds ``best_epoch``, and the best epoch's checkpoint is kept as ``best.pt``.
 
-``fit(resume=True)`` continues from ``last.pt`` and reaches exactly the weights of an
-uninterrupted run: every RNG (torch, numpy, Python, the loader's generator, and per-rank states
-in multi-process runs) is saved and restored; the data order of epoch ``e`` depends only on
-``(seed, e)`` (``DistributedSampler.set_epoch``, also used with one process); the monitor runs
-under a forked RNG, so it never shifts the training stream.
+``fit(resume=True)`` continues from ``last.pt``: every RNG (torch, numpy, Python, the loader's
+generator, and per-rank states in multi-process runs) is saved and restored; the data order of
+epoch ``e`` depends only on ``(seed, e)`` (``DistributedSampler.set_epoch``, also used with one
+process); the monitor runs under a forked RNG, so it never shifts the training stream. A
+resumed run reaches *exactly* the weights of an uninterrupted one on CPU with in-memory data,
+and on CUDA with ``train.deterministic: true`` (deterministic kernels, non-persistent loader
+workers whose seeds come from the saved loader generator). Without it, cuDNN autotuning, atomic
+adds in backward kernels and persistent workers' augmentation streams make two runs (resumed or
+not) differ by run-to-run noise.
 
 Seeding: ``cfg.seed`` seeds Python, numpy and torch before the model is built (the same
 initial weights in every process); the training stream is then seeded with ``seed + rank``
@@ -29,11 +33,24 @@ Defense hooks: recipe arguments a defense asks for (``model.recipe_defaults``, e
 ``aux_weight``) are merged under ``cfg.train.recipe_args``.
 
 Speed options (``train.amp``, ``train.channels_last``, ``train.compile``): ``amp: bf16`` runs
-the recipe under ``torch.autocast`` (CPU or CUDA); ``fp16`` adds a GradScaler and needs CUDA.
-``compile`` applies ``torch.compile`` to the model used by the recipe; TRADES/MART need no
-double backward here (their inner maximization differentiates with respect to the inputs only,
-via ``torch.autograd.grad``), so the compiled graph is the ordinary forward/backward. If
-compilation fails at the first step the Trainer logs a warning and continues eagerly.
+the recipe's outer loss under ``torch.autocast`` (CPU or CUDA); ``fp16`` adds a GradScaler and
+needs CUDA. The inner maximization runs in fp32 unless ``train.attack_precision: amp`` (see
+:mod:`advdefense.training.recipes`); on Ampere and later GPUs fp32 convolutions use TF32.
+``compile`` applies ``torch.compile`` to a module that routes both ``model(x)`` and
+``forward_with_aux`` (CAS heads) through the compiled graph; TRADES/MART need no double
+backward here (their inner maximization differentiates with respect to the inputs only, via
+``torch.autograd.grad``). If compilation fails at the first step the Trainer logs a warning
+and continues eagerly. On CUDA without ``train.deterministic`` cuDNN autotuning is on.
+
+Multi-process (torchrun): DDP with the global ``data.batch_size`` split over the processes;
+``train.sync_bn`` converts BatchNorm to ``nn.SyncBatchNorm`` and draws RNA paths from a
+generator that every process seeds with ``(seed, epoch, step)``, so the global batch takes one
+path per step, as one process would. Without ``sync_bn`` every process normalizes its own
+share and draws its own path.
+
+``Trainer(cfg, train_set=...)`` trains on a given dataset instead of ``data.name``'s split
+(synthetic data for benchmarks, a user's own data); :meth:`Trainer.train_step` runs one
+optimizer step on a batch.
 """
 
 from __future__ import annotations
@@ -42,6 +59,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -52,15 +70,17 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ..attacks import PGD, eval_mode
 from ..config import ExperimentConfig, build_from_config, save_config, to_dict
-from ..data import as_tensors, load_split
+from ..data import as_tensors, load_split, loader_options
+from ..defenses import rna
 from ..errors import AdvDefenseError, CheckpointError, ConfigError
 from ..models.heads import forward_with_aux
-from ..randomness import is_stochastic, seeded
+from ..randomness import seeded, stochastic_modules
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
 from .early_stopping import stopping_state
@@ -73,6 +93,7 @@ __all__ = ["Trainer", "seed_everything", "TrainingError"]
 
 CHECKPOINT_NAME = "last.pt"
 BEST_NAME = "best.pt"
+_LOADER_KEYS = ("num_workers", "pin_memory", "persistent_workers")
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.yaml"
 
@@ -108,6 +129,48 @@ class _AuxModule(nn.Module):
 class _AuxDDP(nn.parallel.DistributedDataParallel):
     def forward_with_aux(self, x, y=None):
         return self(x, y, with_aux=True)
+
+
+class _CompiledAux(nn.Module):
+    """``torch.compile`` of a model that also compiles its ``forward_with_aux``.
+
+    ``torch.compile(model).forward_with_aux`` would be the eager method of the original model
+    (so CAS heads would train uncompiled); here both entry points call one compiled
+    :class:`_AuxModule` (``with_aux`` is a guarded constant: one graph per value).
+    """
+
+    def __init__(self, inner: nn.Module, backend: str | None = None) -> None:
+        super().__init__()
+        self.aux = _AuxModule(inner)
+        kwargs = {} if backend is None else {"backend": backend}
+        # not registered as a submodule: it wraps self.aux, whose parameters are already here
+        object.__setattr__(self, "compiled", torch.compile(self.aux, **kwargs))
+
+    def forward(self, x):
+        return self.compiled(x)
+
+    def forward_with_aux(self, x, y=None):
+        return self.compiled(x, y, with_aux=True)
+
+
+def set_deterministic(mode: bool | str) -> None:
+    """Deterministic kernels for ``train.deterministic`` (``True`` warns about ops without a
+    deterministic implementation, ``"strict"`` raises). Process-wide, as PyTorch's flags are."""
+    if not mode:
+        return
+    # cuBLAS reads this when its handle is created (before the first CUDA matmul)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=mode != "strict")
+
+
+def _overlapping_splits(train: str, monitor: str) -> bool:
+    inside_train = ("train", "val", "fit")
+    if train == monitor:
+        return True
+    return (train == "train" and monitor in inside_train) or (
+        monitor == "train" and train in inside_train)
 
 
 def init_from_checkpoint(model: nn.Module, path: str) -> None:
@@ -146,7 +209,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: ExperimentConfig, *, device: str | torch.device | None = None,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, train_set: Dataset | None = None) -> None:
         self.cfg = cfg
         tc = cfg.train
         if device is None:
@@ -155,6 +218,10 @@ class Trainer:
         if tc.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.amp=fp16 needs a CUDA device (it uses a GradScaler); "
                               "use train.amp=bf16 on CPU")
+        self.compile_backend = self._compile_backend(tc.compile)
+        set_deterministic(tc.deterministic)
+        if self.device.type == "cuda" and not tc.deterministic:
+            torch.backends.cudnn.benchmark = True
         self.dist = D.init_from_env(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -169,6 +236,9 @@ class Trainer:
         self.model = model.to(self.device)
         if tc.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.path_generator: torch.Generator | None = None
+        if tc.sync_bn:
+            self._sync_batchnorm()
 
         args = {**recipe_defaults(self.model), **tc.recipe_args}
         self.recipe: Recipe = build_recipe(tc.recipe, tc.attack, **args)
@@ -176,12 +246,15 @@ class Trainer:
         if tc.adv_start_epoch > 0 and self.recipe.adversarial:
             self.warmup_recipe = StandardRecipe(aux_weight=self.recipe.aux_weight,
                                                 draw=self.recipe.draw)
+        for r in (self.recipe, self.warmup_recipe):
+            if r is not None:
+                r.attack_autocast = tc.attack_precision == "amp"
         self.optimizer = build_optimizer(self.model, tc.optimizer)
         self.schedule = build_schedule(self.optimizer, tc.schedule, epochs=tc.epochs)
         self.scaler = torch.amp.GradScaler("cuda") if tc.amp == "fp16" else None
 
-        self._setup_data()
-        self.train_model = self._wrap(self.model, compile_=tc.compile)
+        self._setup_data(train_set)
+        self.train_model = self._wrap(self.model, compile_=bool(tc.compile))
         self._compile_checked = not tc.compile
         # Training stream: one per process (RNA/PNI draws, attack starts differ by rank).
         seed_everything(cfg.seed + self.dist.rank)
@@ -189,23 +262,86 @@ class Trainer:
         self.start_epoch = 0
 
     # -- setup ----------------------------------------------------------------------------
-    def _setup_data(self) -> None:
+    @staticmethod
+    def _compile_backend(option: bool | str) -> str | None:
+        if not isinstance(option, str):
+            return None
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if option not in known:
+            raise ConfigError(f"train.compile: unknown backend {option!r}; use true or one of: "
+                              f"{', '.join(sorted(known))}")
+        return option
+
+    def _sync_batchnorm(self) -> None:
+        """``train.sync_bn``: global-batch BN statistics and one RNA path per step for all.
+
+        RNA layers sum their BN statistics themselves (:func:`rna.set_sync_batchnorm`, which
+        also works on CPU/gloo); other BatchNorm layers become ``nn.SyncBatchNorm`` (CUDA).
+        """
+        if not self.dist.enabled:
+            log.info("train.sync_bn has no effect with one process")
+            return
+        layers = rna.rna_layers(self.model)
+        inside_rna = {id(n) for la in layers for n in la.norms}
+        plain = [m for m in self.model.modules()
+                 if isinstance(m, _BatchNorm) and id(m) not in inside_rna]
+        if plain and self.device.type != "cuda":
+            raise ConfigError("train.sync_bn on CPU works only for BatchNorm inside RNA layers "
+                              "(DistributedDataParallel accepts nn.SyncBatchNorm on GPUs only); "
+                              "run on GPUs or drop sync_bn")
+
+        def convert(module: nn.Module) -> None:
+            for name, child in module.named_children():
+                if isinstance(child, rna.RandomNormalization):
+                    continue
+                if isinstance(child, _BatchNorm):
+                    setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+                else:
+                    convert(child)
+
+        convert(self.model)
+        if layers:
+            rna.set_sync_batchnorm(self.model, True)
+            self.path_generator = torch.Generator(device=self.device)
+            rna.set_path_generator(self.model, self.path_generator)
+
+    def _seed_paths(self, epoch: int, step: int) -> None:
+        """The same RNA path seed on every process for step ``step`` of epoch ``epoch``."""
+        if self.path_generator is not None:
+            self.path_generator.manual_seed(
+                (self.cfg.seed * 1_000_003 + epoch * 1_000_033 + step) % (2**63))
+
+    def _setup_data(self, train_set: Dataset | None = None) -> None:
         dc = self.cfg.data
         world = self.dist.world_size
         if dc.batch_size % world:
             raise ConfigError(f"data.batch_size={dc.batch_size} (the global batch) must be "
                               f"divisible by the number of processes ({world})")
-        self.train_set = load_split(dc.name, dc.train_split, root=dc.root, download=dc.download,
-                                    augment=dc.augment, limit=dc.limit)
+        if train_set is None:
+            train_set = load_split(dc.name, dc.train_split, root=dc.root,
+                                   download=dc.download, augment=dc.augment, limit=dc.limit)
+            if dc.monitor_size > 0 and _overlapping_splits(dc.train_split, dc.monitor_split):
+                log.warning("data.monitor_split=%s lies inside data.train_split=%s: the "
+                            "monitor accuracies are training-set figures (train on fit and "
+                            "monitor on val, or monitor on test)", dc.monitor_split,
+                            dc.train_split)
+        self.train_set = train_set
         # The order of epoch e depends only on (seed, e); one process is world size 1.
         self.sampler = DistributedSampler(self.train_set, num_replicas=world,
                                           rank=self.dist.rank, shuffle=True,
                                           seed=self.cfg.seed, drop_last=False)
         self.loader_generator = torch.Generator().manual_seed(self.cfg.seed)
+        persistent = dc.persistent_workers
+        if self.cfg.train.deterministic and persistent is None:
+            persistent = False
+        self.loader_options = loader_options(
+            dc.name, self.device.type, num_workers=dc.num_workers, pin_memory=dc.pin_memory,
+            persistent_workers=persistent)
         self.loader = DataLoader(self.train_set, batch_size=dc.batch_size // world,
-                                 sampler=self.sampler, num_workers=dc.num_workers,
-                                 generator=self.loader_generator,
-                                 pin_memory=self.device.type == "cuda")
+                                 sampler=self.sampler, generator=self.loader_generator,
+                                 **self.loader_options)
         self.monitor_x = self.monitor_y = None
         if dc.monitor_size > 0:
             mon = load_split(dc.name, dc.monitor_split, root=dc.root, download=dc.download,
@@ -216,12 +352,15 @@ class Trainer:
         train_model: nn.Module = model
         if compile_:
             try:
-                train_model = torch.compile(model)
+                train_model = _CompiledAux(model, self.compile_backend)
             except Exception as exc:  # noqa: BLE001 - any backend failure -> eager
                 log.warning("torch.compile failed (%s); training eagerly", exc)
                 train_model = model
         if self.dist.enabled:
-            find_unused = is_stochastic(model) or hasattr(model, "forward_with_aux")
+            # RNA layers use every parameter in every forward (all types are computed); other
+            # stochastic layers (a user's own) and auxiliary heads may leave some unused
+            find_unused = hasattr(model, "forward_with_aux") or any(
+                not isinstance(m, rna.RandomNormalization) for m in stochastic_modules(model))
             ids = [self.device.index] if self.device.type == "cuda" else None
             train_model = _AuxDDP(_AuxModule(train_model), device_ids=ids,
                                   find_unused_parameters=find_unused)
@@ -260,6 +399,17 @@ class Trainer:
             self.optimizer.step()
         return logs
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, *, recipe: Recipe | None = None
+                   ) -> dict[str, float]:
+        """One optimizer step of ``recipe`` (default: the configured one) on a batch; the model
+        must be in train mode (``fit`` sets it). Returns the recipe's logs."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if self.cfg.train.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        step = self._step if self._compile_checked else self._first_step
+        return step(self.recipe if recipe is None else recipe, x, y)
+
     def _first_step(self, recipe: Recipe, x, y) -> dict[str, float]:
         """First step with ``compile``: fall back to eager if compilation fails."""
         self._compile_checked = True
@@ -283,13 +433,9 @@ class Trainer:
         count = 0
         bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
                    disable=not self.progress, leave=False, dynamic_ncols=True)
-        for x, y in bar:
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if self.cfg.train.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            step = self._step if self._compile_checked else self._first_step
-            logs = step(recipe, x, y)
+        for i, (x, y) in enumerate(bar):
+            self._seed_paths(epoch, i)
+            logs = self.train_step(x, y, recipe=recipe)
             b = int(y.shape[0])
             count += b
             for k, v in logs.items():
@@ -395,8 +541,14 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location="cpu")  # RNG states must stay on CPU
         saved = dict(ckpt["config"])
         mine = to_dict(self.cfg)
+
+        def comparable(section: str, value: Any) -> Any:
+            if section == "data" and isinstance(value, dict):  # loader options: speed only
+                return {k: v for k, v in value.items() if k not in _LOADER_KEYS}
+            return value
+
         changed = [k for k in mine if k not in ("train", "output_dir", "eval", "name")
-                   and saved.get(k) != mine[k]]
+                   and comparable(k, saved.get(k)) != comparable(k, mine[k])]
         if changed:
             raise CheckpointError(f"cannot resume {path}: config sections {', '.join(changed)} "
                                   "differ from the checkpoint's; use the saved config.yaml")
