@@ -11,8 +11,8 @@ cost is included), EOT samples 8 and 32, batches 128 and 8.
 Default model: smallcnn (28x28); ``--models resnet20,smallcnn`` adds the CIFAR ResNet-20
 (at batch 128 x EOT 32 one step is 4,096 ResNet-20 rows: minutes per call here).
 
-Ours is run with its defaults (``max_batch=4096``, at most ``CPU_EOT_ROWS = 256`` replicated
-rows per pass on CPU) and fully batched (``CPU_EOT_ROWS = None``: all ``n*k`` rows of a step in
+Ours is run with its defaults (``max_batch=4096``, at most ``CPU_ROWS = 256`` replicated
+rows per pass on CPU) and fully batched (``CPU_ROWS = None``: all ``n*k`` rows of a step in
 one pass, up to 4,096) to show the effect of the chunk size on CPU.
 
 Run: ``python benchmarks/bench_eot.py``
@@ -32,8 +32,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from advdefense import randomness  # noqa: E402
 from advdefense.attacks import PGD  # noqa: E402
-from advdefense.attacks import base as attack_base  # noqa: E402
 from advdefense.randomness import StochasticModule  # noqa: E402
 
 EPS, ALPHA = 8 / 255, 2 / 255
@@ -59,12 +59,12 @@ def stochastic(name: str, sigma: float = 0.1) -> nn.Module:
 
 @contextmanager
 def cpu_eot_rows(rows):
-    """Temporarily set :data:`advdefense.attacks.base.CPU_EOT_ROWS` (restored on exit)."""
-    saved, attack_base.CPU_EOT_ROWS = attack_base.CPU_EOT_ROWS, rows
+    """Temporarily set :data:`advdefense.randomness.CPU_ROWS` (restored on exit)."""
+    saved, randomness.CPU_ROWS = randomness.CPU_ROWS, rows
     try:
         yield
     finally:
-        attack_base.CPU_EOT_ROWS = saved
+        randomness.CPU_ROWS = saved
 
 
 def fully_batched(attack, model, x, y):
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     eots = [int(k) for k in args.eot.split(",")]
     if args.quick:
         batches, eots, args.steps = [4], [2], 1
-    with cpu_eot_rows(4 if args.quick else attack_base.CPU_EOT_ROWS):  # quick: 8 rows > 4
+    with cpu_eot_rows(4 if args.quick else randomness.CPU_ROWS):  # quick: 8 rows > 4
         rows = measure(args, batches, eots)
     common.write("eot", args, rows)
     return 0
@@ -103,13 +103,13 @@ def measure(args, batches: list[int], eots: list[int]) -> list[dict]:
                 ta = torchattacks.EOTPGD(model, eps=EPS, alpha=ALPHA, steps=args.steps,
                                          eot_iter=k, random_start=True)
                 fns = {"ours": partial(ours, model, x, y), "ta": partial(ta, x, y)}
-                if n * k > (attack_base.CPU_EOT_ROWS or n * k):  # otherwise identical to "ours"
+                if n * k > (randomness.CPU_ROWS or n * k):  # otherwise identical to "ours"
                     fns["ours_mb"] = partial(fully_batched, ours_mb, model, x, y)
                 times = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
                 base = dict(benchmark=f"EOT-PGD-{args.steps}", model=name + "+noise",
                             metric="img/s", reference="torchattacks.EOTPGD", n=n,
                             goal=1.0 if n >= 128 else 1.5, seconds=times, batch=n, eot_samples=k)
-                cap = attack_base.CPU_EOT_ROWS
+                cap = randomness.CPU_ROWS
                 rows.append(common.compare(times, "ours", "ta", **base,
                                            setting=f"batch {n}, EOT {k}, <= {cap} rows/pass"))
                 if "ours_mb" in fns:

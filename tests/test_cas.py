@@ -400,14 +400,23 @@ def test_trainer_uses_beta_2_and_the_checkpoint_rebuilds_the_cas_model(trained_c
 
 
 def test_predicted_class_mask_does_not_mask_gradients(trained_cas, mnist_test):
-    from advdefense.evaluation.checks import check_gradients, check_unbounded
+    from advdefense.evaluation.checks import (
+        CHECK_NAMES,
+        CheckSettings,
+        UnboundedSettings,
+        run_checks,
+    )
 
     model = trained_cas.model.eval()
     x, y = mnist_test
     x, y = x[:32], y[:32]
-    for check in check_gradients(model, x, y):
+    names = ("nonfinite_gradients", "zero_gradients", "unbounded_attack")
+    settings = CheckSettings(skip=tuple(n for n in CHECK_NAMES if n not in names),
+                             unbounded=UnboundedSettings(steps=30))
+    checks = run_checks(model, (x, y), None, settings)
+    assert [c.name for c in checks] == list(names)
+    for check in checks:
         assert check.passed, check.detail
-    assert check_unbounded(model, x, y, unbounded_steps=30).passed
     # the adaptive objective has non-zero input gradients too
     from advdefense.attacks import eot_loss_grad
 

@@ -18,12 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "advdefense"
 
 # layer of every top-level part of the package (docs/architecture.md keeps the same table)
 LAYERS = {
-    "errors": 0, "randomness": 0, "distributed": 0, "provenance": 0, "data": 0,
+    "errors": 0, "randomness": 0, "distributed": 0, "provenance": 0, "atomic": 0, "data": 0,
     "models": 1,
     "attacks": 2, "defenses": 2,
-    "config": 3, "evaluation": 3, "analysis": 3,
+    "config": 3, "evaluation": 3, "analysis": 3, "advfile": 3,
     "training": 4,
-    "presets": 5, "reproduction": 5,
+    "presets": 5, "reproduction": 5, "loading": 5,
     "commands": 6, "cli": 6, "__main__": 6,
 }
 # same-layer arrows that are still wrong (a defense provides models and objectives; how it is

@@ -34,7 +34,11 @@ def relative_path(path: str | os.PathLike) -> str:
 def relative_value(value: Any) -> Any:
     """An absolute path (``str`` or ``Path``) made relative; a ``Path`` becomes ``str``;
     ``key=/abs/path`` (``--set output_dir=...``, ``--out=...``) keeps its key; anything else
-    is returned unchanged."""
+    is returned unchanged. Dicts, lists and tuples are converted item by item."""
+    if isinstance(value, dict):
+        return {k: relative_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_value(v) for v in value]
     if isinstance(value, os.PathLike):
         return relative_path(value)
     if not isinstance(value, str):

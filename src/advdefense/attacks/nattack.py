@@ -28,7 +28,8 @@ taken as probabilities, else as logits. On a stochastic model every score is the
 probability over ``eot_samples`` draws, and an example stops only when its candidate is
 adversarial on the majority of ``confirm_draws`` fresh draws, not after one lucky draw.
 Departures from the reference code (``Cold-Winter/Nattack``): batched over examples instead
-of one example at a time; ``mu`` is initialised to zero (the reference uses ``0.001 * N(0, 1)``); L-inf only.
+of one example at a time; ``mu`` is initialised to zero (the reference uses
+``0.001 * N(0, 1)``); L-inf only.
 """
 
 from __future__ import annotations

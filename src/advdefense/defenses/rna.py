@@ -111,7 +111,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import AdvDefenseError, ConfigError
-from ..randomness import draw_seed, StochasticModule, freeze, stochastic_modules
+from ..randomness import StochasticModule, draw_seed, freeze, stochastic_modules
 
 log = logging.getLogger(__name__)
 

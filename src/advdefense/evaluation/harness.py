@@ -213,15 +213,10 @@ class EvalResult:
     adv_source: list[str] | None = None      # keep_adv: label of the attack that gave it
 
     def summary(self) -> dict[str, Any]:
-        """A small dict: n, clean and worst-case accuracy (all-repeats verdict, %, CI) and
-        each entry's accuracy."""
-        def pct(a: Accuracy) -> dict[str, float]:
-            return {"acc": 100 * a.value, "low": 100 * a.low, "high": 100 * a.high}
+        """Headline numbers as a small dict (:func:`advdefense.evaluation.report.summary`)."""
+        from .report import summary
 
-        return {"n": self.n, "stochastic": self.stochastic, "repeats": self.repeats,
-                "clean": pct(self.accuracy("clean")), "worst": pct(self.accuracy("worst")),
-                "entries": {lab: pct(e.accuracy()) for lab, e in self.entries.items()},
-                "failed_checks": [c.name for c in self.checks if c.passed is False]}
+        return summary(self)
 
     def accuracy(self, label: str = "worst", kind: str = "all") -> Accuracy:
         """Accuracy with CI of ``"clean"``, ``"worst"`` or an entry label."""
