@@ -39,7 +39,7 @@ def test_defaults_and_name_from_file(tmp_path):
     assert cfg.data.monitor_size == 500 and cfg.data.limit is None
     assert cfg.model.name == "smallcnn" and cfg.model.norm == "bn"
     assert cfg.train.recipe == "standard" and cfg.train.amp is None
-    assert cfg.defense == {} and cfg.eval == {}
+    assert cfg.defense == {} and cfg.eval.eps is None and cfg.eval.protocols == ["fresh"]
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):

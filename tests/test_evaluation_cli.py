@@ -52,3 +52,39 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, capsys):
         rc = main(["evaluate", "--checkpoint", str(ckpt), *bad])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("advdefense: error:")
+
+
+def test_evaluation_is_reproduced_from_its_config_file(tmp_path, capsys, monkeypatch):
+    """An evaluation config file supplies every option not given on the command line; the
+    report writes the resolved section, and running from it gives the same per-example
+    results. A bad file is one line, exit 2."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = _checkpoint(tmp_path)
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(
+        {"eval": {"attacks": ["fgsm", "pgd"], "eps": 0.1, "n": 12, "steps": 2,
+                  "checks": False}}))
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--config", "eval.yaml", "--output",
+               "first", "--no-progress", "--seed", "4"])
+    assert rc == 0
+    first = json.loads((tmp_path / "first" / "report.json").read_text())
+    resolved = yaml.safe_load((tmp_path / "first" / "eval_config.yaml").read_text())["eval"]
+    assert resolved["attacks"] == ["fgsm", "pgd"] and resolved["n"] == 12
+    assert resolved["seed"] == 4 and resolved["eps"] == 0.1 and resolved["checks"] is False
+    assert first["eps_source"] == "evaluation config" and first["n"] == 12
+    assert first["checks"] == []
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--config", "first/eval_config.yaml",
+               "--output", "second", "--no-progress"])
+    assert rc == 0
+    second = json.loads((tmp_path / "second" / "report.json").read_text())
+    for key in ("clean", "worst"):
+        assert second["per_example"][key] == first["per_example"][key]
+    for label, entry in first["per_example"]["attacks"].items():
+        assert second["per_example"]["attacks"][label]["correct"] == entry["correct"]
+        assert second["per_example"]["attacks"][label]["attack"] == entry["attack"]
+    (tmp_path / "bad.yaml").write_text("eval: {suite: nonsense}\n")
+    capsys.readouterr()
+    rc = main(["evaluate", "--checkpoint", str(ckpt), "--config", "bad.yaml", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "eval.suite" in err[0]

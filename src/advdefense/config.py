@@ -12,18 +12,19 @@ A config file has the sections ``name, seed, output_dir, data, model, defense, t
       epochs: 8
       optimizer: {name: adam, lr: 0.001}
       attack: {eps: 0.3, steps: 10, step_size: 0.075}
-    eval: {}                          # passed to advdefense.evaluation as is
+    eval: {eps: 0.3, suite: rand}     # EvalConfig: what `advdefense evaluate` runs by default
 
 Unknown keys are errors that list the valid keys; values are type-checked (an int is accepted
 where a float is expected). ``load_config(path, ["train.epochs=3", "data.limit=500"])`` applies
 ``--set`` style overrides (values parsed with ``yaml.safe_load``) before validation.
-``defense``, ``eval``, ``model.kwargs`` and ``train.recipe_args`` are free-form mappings,
+``defense``, ``model.kwargs`` and ``train.recipe_args`` are free-form mappings,
 validated by the component that consumes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import types
 import typing
@@ -293,6 +294,48 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How an experiment's model is evaluated: ``advdefense evaluate`` takes every option it is
+    not given on the command line from here (the checkpoint's ``eval`` section, or a file
+    passed with ``--config``), and records the resolved section in its report, so an
+    evaluation is reproduced from a file as training is. ``None`` means the command's own
+    default (``eps``/``norm``: from the training attack, else the dataset's)."""
+
+    eps: float | None = None
+    norm: str | None = None
+    attacks: list[str] = field(default_factory=list)   # registry names; empty: the demo set
+    eps_sweep: list[float] = field(default_factory=list)
+    suite: str | None = None                             # standard | rand | full
+    protocols: list[str] = field(default_factory=lambda: ["fresh"])
+    steps: int = 20
+    repeats: int = 10
+    eot: int | None = None                               # None: 20 if stochastic, else 1
+    n: int = 1000
+    split: str = "test"
+    batch_size: int = 250
+    seed: int = 0
+    checks: bool = True
+
+    def validate(self, where: str) -> None:
+        if self.eps is not None and not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ConfigError(f"{where}.eps must be a finite number >= 0, got {self.eps}")
+        if self.norm not in (None, "linf", "l2"):
+            raise ConfigError(f"{where}.norm must be linf or l2, got {self.norm!r}")
+        if self.suite not in (None, "standard", "rand", "full"):
+            raise ConfigError(f"{where}.suite must be standard, rand or full, got "
+                              f"{self.suite!r}")
+        for p in self.protocols:
+            if p not in ("fresh", "paper", "fixed"):
+                raise ConfigError(f"{where}.protocols: unknown protocol {p!r}; choose fresh, "
+                                  "paper or fixed")
+        for key in ("steps", "repeats", "n", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
+        if self.eot is not None and self.eot < 1:
+            raise ConfigError(f"{where}.eot must be >= 1, got {self.eot}")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment. ``output_dir`` defaults to ``runs/<name>``."""
 
@@ -303,7 +346,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     defense: dict = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: dict = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         if self.output_dir is None:

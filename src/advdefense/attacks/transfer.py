@@ -29,7 +29,8 @@ class TransferAttack(Attack):
 
     def __init__(self, *, substitute: nn.Module, attack: Attack | str = "pgd",
                  attack_options: dict[str, Any] | None = None, eps: float | None = None,
-                 **common) -> None:
+                 norm: str | None = None, eot_samples: int = 1, max_batch: int = 4096,
+                 seed: int | None = None, restarts: int = 1, targeted: bool = False) -> None:
         if isinstance(attack, str):
             from . import build_attack
             options = dict(attack_options or {})
@@ -37,12 +38,13 @@ class TransferAttack(Attack):
                 options.setdefault("eps", eps)
             if "eps" not in options:
                 raise AdvDefenseError("TransferAttack needs eps (or an Attack instance)")
-            options.setdefault("seed", common.get("seed"))
+            options.setdefault("seed", seed)
             attack = build_attack(attack, **options)
         if not isinstance(attack, Attack):
             raise AdvDefenseError(f"inner attack must be an Attack, got {type(attack).__name__}")
-        common.setdefault("norm", attack.norm)
-        super().__init__(eps=attack.eps, **common)
+        super().__init__(eps=attack.eps, norm=norm or attack.norm, eot_samples=eot_samples,
+                         max_batch=max_batch, seed=seed, restarts=restarts, targeted=targeted)
+        self.attack = attack
         if not isinstance(substitute, nn.Module):
             raise AdvDefenseError(
                 f"substitute must be a model, got {type(substitute).__name__}; load a checkpoint "

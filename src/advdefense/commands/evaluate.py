@@ -39,6 +39,7 @@ the report. A ``--state`` file gets a ``.rank<r>`` suffix per process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -179,10 +180,11 @@ def resolve_budget(eps: float | None, norm: str | None, cfg, dataset: str
     ``command line``, ``checkpoint config`` or ``dataset default``."""
     from_cfg: dict[str, Any] = {}
     if cfg is not None:
-        ev = cfg.eval if isinstance(getattr(cfg, "eval", None), dict) else {}
+        ev = getattr(cfg, "eval", None)
         if cfg.train.recipe != "standard":
             from_cfg = {"eps": cfg.train.attack.eps, "norm": cfg.train.attack.norm}
-        from_cfg.update({k: ev[k] for k in ("eps", "norm") if ev.get(k) is not None})
+        from_cfg.update({k: getattr(ev, k) for k in ("eps", "norm")
+                         if getattr(ev, k, None) is not None})
     sources = {}
     if norm is not None:
         sources["norm_source"] = "command line"
@@ -215,18 +217,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run an AutoAttack-style cascade instead of --attacks")
     parser.add_argument("--norm", choices=("linf", "l2"), default=None,
                         help="threat model (default: the checkpoint's, else linf)")
-    parser.add_argument("--protocols", type=_names, default=["fresh"],
+    parser.add_argument("--protocols", type=_names, default=None,
                         help="fresh,paper,fixed (stochastic models; default fresh)")
-    parser.add_argument("--steps", type=int, default=20, help="PGD/CW iterations (default 20)")
-    parser.add_argument("--repeats", type=int, default=10,
+    parser.add_argument("--steps", type=int, default=None, help="PGD/CW iterations (default 20)")
+    parser.add_argument("--repeats", type=int, default=None,
                         help="stochastic predictions per verdict (default 10)")
     parser.add_argument("--eot", type=int, default=None,
                         help="EOT samples (default: 20 for stochastic models, else 1)")
-    parser.add_argument("--n", "--examples", dest="n", type=int, default=1000,
-                        help="number of test examples (--examples under torchrun, whose own "
-                             "options make --n ambiguous)")
-    parser.add_argument("--split", default="test", help="data split (default test)")
-    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--n", "--examples", dest="n", type=int, default=None,
+                        help="number of test examples (default 1000; --examples under "
+                             "torchrun, whose own options make --n ambiguous)")
+    parser.add_argument("--split", default=None, help="data split (default test)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 250")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="evaluation config (YAML: an `eval:` section, or its keys): "
+                             "every option not given here; default: the checkpoint's eval "
+                             "section. The resolved section is written to eval_config.yaml")
     parser.add_argument("--output", default=None,
                         help="output folder (default: <checkpoint folder>/eval, or "
                              "runs/eval_<model> for --model)")
@@ -237,9 +243,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adv-file", default=None, metavar="FILE",
                         help="re-check the adversarial examples of FILE (--save-adv) on this "
                              "model instead of attacking: transfer / re-verification")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="default 0")
     parser.add_argument("--no-checks", action="store_true", help="skip the failure checks")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+EVAL_OPTIONS = ("eps", "norm", "attacks", "eps_sweep", "suite", "protocols", "steps",
+                "repeats", "eot", "n", "split", "batch_size", "seed")
+
+
+def read_eval_config(path: str):
+    """The :class:`~advdefense.config.EvalConfig` of a YAML file (an ``eval:`` section, a
+    whole experiment config, or the section's keys alone)."""
+    import yaml
+
+    from ..config import EvalConfig, _build
+    from ..errors import ConfigError
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"evaluation config {path} not found") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"evaluation config {path} is unreadable: "
+                          f"{' '.join(str(exc).split())}") from None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"evaluation config {path} must be a mapping")
+    if "eval" in raw:
+        raw = raw["eval"] or {}
+    return _build(EvalConfig, raw, "eval")
+
+
+def resolve_eval_options(args: argparse.Namespace, cfg) -> tuple[Any, dict[str, str]]:
+    """Fill every evaluation option not given on the command line from ``--config``, else the
+    checkpoint's ``eval`` section, else the defaults. Returns the resolved
+    :class:`~advdefense.config.EvalConfig` and, for eps and norm, where a value set there came
+    from (eps/norm left unset are resolved later from the training attack or the dataset)."""
+    import dataclasses
+
+    from ..config import EvalConfig
+
+    if args.config is not None:
+        base, where = read_eval_config(args.config), "evaluation config"
+    else:
+        base, where = getattr(cfg, "eval", None) or EvalConfig(), "checkpoint config"
+    values = dataclasses.asdict(base)
+    sources: dict[str, str] = {}
+    for key in EVAL_OPTIONS:
+        given = getattr(args, key, None)
+        if given is not None:
+            values[key] = given
+            continue
+        value = values[key]
+        if key in ("attacks", "eps_sweep") and not value:
+            value = None                      # the command's own default set
+        setattr(args, key, value)
+        if key in ("eps", "norm") and value is not None:
+            sources[f"{key}_source"] = where
+    if not values["checks"]:
+        args.no_checks = True
+    values["checks"] = not args.no_checks
+    return EvalConfig(**values), sources
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -250,13 +315,13 @@ def _validate(args: argparse.Namespace) -> None:
     for e in (args.eps_sweep or []) + ([args.eps] if args.eps is not None else []):
         if not math.isfinite(e) or e < 0:
             raise AdvDefenseError(f"eps must be a finite number >= 0, got {e}")
-    for p in args.protocols:
+    for p in args.protocols or []:
         check_protocol(p)
     for name in args.attacks or []:
         if name not in ATTACKS:
             raise unknown_name("attack", name, ATTACKS)
     for key in ("repeats", "n", "batch_size", "steps"):
-        if getattr(args, key) < 1:
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             raise AdvDefenseError(f"--{key.replace('_', '-')} must be >= 1")
     if args.eot is not None and args.eot < 1:
         raise AdvDefenseError("--eot must be >= 1")
@@ -395,12 +460,16 @@ def run(args: argparse.Namespace) -> int:
         device = args.device if args.device is not None else default_device()
         loaded = open_from_args(args, device=device)
         model, cfg = loaded.model, loaded.config
+        eval_cfg, eval_sources = resolve_eval_options(args, cfg)
+        _validate(args)
         if args.adv_file is not None:
             return _recheck(args, loaded, next((p.device for p in model.parameters()),
                                                torch.device("cpu"))) if ctx.is_main else 0
         dataset, dataset_source = resolve_dataset(args, loaded)
         info = dataset_info(dataset)
         eps, norm, sources = resolve_budget(args.eps, args.norm, cfg, dataset)
+        sources.update(eval_sources)
+        eval_cfg.eps, eval_cfg.norm = eps, norm
         eps_list = sorted(set((args.eps_sweep or []) + [eps]))
         data = load_split(dataset, args.split, root=data_root(args, loaded), limit=args.n)
         x_all, y_all = load_data(data, args.n)
@@ -467,6 +536,7 @@ def run(args: argparse.Namespace) -> int:
                  "model": relative_value(loaded.source), "dataset": dataset,
                  "dataset_source": dataset_source, "split": args.split, "eps": eps,
                  "norm": norm, **sources, "processes": ctx.world_size, "robustbench": rb,
+                 "eval_config": dataclasses.asdict(eval_cfg),
                  "command": {k: relative_value(v) for k, v in vars(args).items()
                              if not k.startswith("_")}}
         title = f"Evaluation of {name}"
@@ -478,6 +548,13 @@ def run(args: argparse.Namespace) -> int:
                              eps=eps, norm=norm, model=name)
             extra["adversarial_examples"] = relative_path(args.save_adv)
         paths = write_report(result, out, sweep=sweep, extra=extra, title=title)
+        import yaml
+
+        from ..atomic import atomic_write_text
+
+        paths["eval_config"] = atomic_write_text(
+            out / "eval_config.yaml", yaml.safe_dump({"eval": dataclasses.asdict(eval_cfg)},
+                                                     sort_keys=False))
         print(f"eps {eps:g} ({sources['eps_source']}), norm {norm} ({sources['norm_source']}), "
               f"{dataset} ({dataset_source})")
         print(to_markdown(result, title=title, sweep=sweep))

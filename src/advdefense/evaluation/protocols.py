@@ -169,7 +169,7 @@ def run_protocol(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, pro
 
     if protocol in ("fixed", "paper"):
         with freeze(model):
-            with seeded(seed), torch.inference_mode():  # draw the batch's frozen state
+            with seeded(seed), torch.no_grad():  # draw the batch's frozen state
                 model(x[:1])
             states = get_states(model)
             x_adv = craft()
