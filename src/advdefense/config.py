@@ -24,8 +24,8 @@ validated by the component that consumes them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import logging
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
