@@ -149,10 +149,17 @@ class RunTrace:
     idx: torch.Tensor
     losses: list[torch.Tensor] = field(default_factory=list)
     grad_norms: list[torch.Tensor] = field(default_factory=list)
-    new_adversarial: int = 0   # examples first seen adversarial in this run
+    new: torch.Tensor | int = 0   # examples first seen adversarial in this run
+
+    @property
+    def new_adversarial(self) -> int:
+        return int(self.new)
 
     def loss_matrix(self) -> torch.Tensor:
-        return torch.stack(self.losses) if self.losses else torch.empty(0, len(self.idx))
+        """(steps, m) on the CPU (the steps stay on the attack's device while it runs)."""
+        if not self.losses:
+            return torch.empty(0, len(self.idx))
+        return torch.stack(self.losses).cpu()
 
 
 class AttackRecorder:
@@ -163,13 +170,14 @@ class AttackRecorder:
     examples whose iterate was adversarial on all EOT draws, :meth:`sanitize` for each gradient
     (non-finite entries are counted and zeroed), :meth:`count` for the rows pushed through the
     model. The base :class:`Attack` sets ``returned_adversarial``. Nothing is kept on the attack
-    object: two calls never share state.
+    object: two calls never share state. Per-step records stay on the attack's device (no host
+    synchronisation inside the loop); they are moved when read.
     """
 
     def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
         self.n = n
         self.runs: list[RunTrace] = []
-        self.nonfinite = 0
+        self._nonfinite: torch.Tensor | int = 0
         self.forward_rows = 0
         self.backward_rows = 0
         self.ever_adversarial = torch.zeros(n, dtype=torch.bool, device=device)
@@ -181,7 +189,7 @@ class AttackRecorder:
     def begin_run(self, idx: torch.Tensor | None = None) -> RunTrace:
         if idx is None:
             idx = torch.arange(self.n)
-        run = RunTrace(idx.detach().cpu())
+        run = RunTrace(idx.detach())
         self.runs.append(run)
         return run
 
@@ -189,28 +197,29 @@ class AttackRecorder:
         if not self.runs:
             self.begin_run()
         run = self.runs[-1]
-        run.losses.append(loss.detach().float().cpu())
+        run.losses.append(loss.detach().float())
         if grad_norm is not None:
-            run.grad_norms.append(grad_norm.detach().float().cpu())
+            run.grad_norms.append(grad_norm.detach().float())
 
     def saw(self, idx: torch.Tensor | None, adversarial: torch.Tensor) -> None:
         """Examples ``idx`` (all when ``None``) whose current iterate is adversarial."""
         if idx is None:
             idx = torch.arange(self.n, device=self.ever_adversarial.device)
         hit = idx[adversarial]
-        new = int((~self.ever_adversarial[hit]).sum())
-        if new and self.runs:
-            self.runs[-1].new_adversarial += new
+        if self.runs:
+            self.runs[-1].new = self.runs[-1].new + (~self.ever_adversarial[hit]).sum()
         self.ever_adversarial[hit] = True
 
     def sanitize(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient with NaN/inf entries set to zero; their number is recorded."""
         bad = ~torch.isfinite(grad)
-        count = int(bad.sum())
-        if count:
-            self.nonfinite += count
-            grad = torch.where(bad, torch.zeros_like(grad), grad)
-        return grad
+        self._nonfinite = self._nonfinite + bad.sum()
+        return torch.where(bad, torch.zeros_like(grad), grad)
+
+    @property
+    def nonfinite(self) -> int:
+        """Non-finite gradient entries seen (zeroed by :meth:`sanitize`)."""
+        return int(self._nonfinite)
 
     def count(self, rows: int, backward: bool) -> None:
         self.forward_rows += int(rows)
@@ -220,12 +229,12 @@ class AttackRecorder:
     # -- read by the evaluation and the tests ------------------------------------------------
     @property
     def losses(self) -> list[torch.Tensor]:
-        """Per-step (n,) losses of a call made of a single full run (compatibility view)."""
-        return [t for r in self.runs for t in r.losses]
+        """Per-step losses of every run, in order (each (m,) for the run's examples)."""
+        return [t.cpu() for r in self.runs for t in r.losses]
 
     @property
     def grad_norms(self) -> list[torch.Tensor]:
-        return [t for r in self.runs for t in r.grad_norms]
+        return [t.cpu() for r in self.runs for t in r.grad_norms]
 
     def loss_matrix(self) -> torch.Tensor:
         """(steps, n) losses when every run covers all examples; else the first run's."""
@@ -249,13 +258,18 @@ class BestIterate:
     def update(self, idx: torch.Tensor | None, x_cur: torch.Tensor, frac: torch.Tensor,
                loss: torch.Tensor) -> None:
         """Offer iterate ``x_cur`` of examples ``idx`` (all when ``None``)."""
-        if idx is None:
-            idx = torch.arange(self.x.shape[0], device=self.x.device)
+        if idx is None:  # whole batch: masked updates, no host synchronisation
+            better = (frac > self.frac) | ((frac == self.frac) & (loss > self.loss))
+            view = better.view((-1,) + (1,) * (x_cur.dim() - 1))
+            self.x = torch.where(view, x_cur, self.x)
+            self.frac = torch.where(better, frac, self.frac)
+            self.loss = torch.where(better, loss, self.loss)
+            return
         better = (frac > self.frac[idx]) | ((frac == self.frac[idx]) & (loss > self.loss[idx]))
-        sel = idx[better]
-        self.x[sel] = x_cur[better]
-        self.frac[sel] = frac[better]
-        self.loss[sel] = loss[better]
+        view = better.view((-1,) + (1,) * (x_cur.dim() - 1))
+        self.x[idx] = torch.where(view, x_cur, self.x[idx])
+        self.frac[idx] = torch.where(better, frac, self.frac[idx])
+        self.loss[idx] = torch.where(better, loss, self.loss[idx])
 
     def offer(self, idx, x_cur: torch.Tensor, res: EOTResult, y: torch.Tensor,
               target: torch.Tensor | None, recorder: AttackRecorder) -> torch.Tensor:

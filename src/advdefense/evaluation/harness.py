@@ -121,11 +121,13 @@ class TraceSummary:
                       eot: int) -> TraceSummary:
         """Summary of one batch; ``positions`` maps the batch's rows to evaluation indices."""
         steps = getattr(attack, "steps", None) or getattr(attack, "n_iter", None)
-        runs = [RunRecord(positions[r.idx], r.loss_matrix()) for r in rec.runs if r.losses]
+        runs = [RunRecord(positions[r.idx.cpu()], r.loss_matrix()) for r in rec.runs
+                if r.losses]
         first = torch.full((len(positions),), float("nan"))
         for r in reversed(rec.runs):
             if r.grad_norms:
-                first[r.idx] = r.grad_norms[0]
+                first[r.idx.cpu()] = r.grad_norms[0].cpu()
+
         def flag(t):
             return None if t is None else t.detach().bool().cpu()
 

@@ -8,6 +8,7 @@ module keeps ``from advdefense.training import distributed`` working. The DDP wr
 
 from __future__ import annotations
 
+from .. import distributed as _shared
 from ..distributed import (
     DistContext,
     all_reduce_sum,
@@ -22,16 +23,4 @@ from ..distributed import (
     world_size,
 )
 
-__all__ = [
-    "DistContext",
-    "init_from_env",
-    "is_distributed",
-    "rank",
-    "world_size",
-    "is_main_process",
-    "barrier",
-    "all_reduce_sum",
-    "shard_indices",
-    "gather_per_example",
-    "cleanup",
-]
+__all__ = list(_shared.__all__)
