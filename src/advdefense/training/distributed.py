@@ -8,19 +8,5 @@ module keeps ``from advdefense.training import distributed`` working. The DDP wr
 
 from __future__ import annotations
 
-from .. import distributed as _shared
-from ..distributed import (
-    DistContext,
-    all_reduce_sum,
-    barrier,
-    cleanup,
-    gather_per_example,
-    init_from_env,
-    is_distributed,
-    is_main_process,
-    rank,
-    shard_indices,
-    world_size,
-)
-
-__all__ = list(_shared.__all__)
+from ..distributed import *  # noqa: F403  (the re-export)
+from ..distributed import __all__  # noqa: F401
