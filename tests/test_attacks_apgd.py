@@ -199,7 +199,8 @@ def test_batched_eot_matches_a_python_loop(monkeypatch):
     traces = []
     for max_batch in (4096, 10):
         drawn.clear()
-        atk = APGD(eps=eps, n_iter=10, eot_samples=k, max_batch=max_batch, seed=7)  # w_1 = 3
+        atk = APGD(eps=eps, n_iter=10, eot_samples=k, max_batch=max_batch, seed=7,
+                   eot_resample="run")  # w_1 = 3
         atk(model, x, y)
         states = drawn[:k]           # one state per draw group, in draw order
         assert all(torch.equal(a, b) for a, b in zip(drawn[k:2 * k], states, strict=True)), \
