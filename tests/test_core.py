@@ -172,3 +172,41 @@ def test_frozen_protocols_run_gradient_attacks_on_weight_noise():
     specs = [AttackSpec("pgd", PGD(eps=0.1, steps=3), p) for p in ("paper", "fixed")]
     res = evaluate(model, (x, y), specs, repeats=3, checks=None, batch_size=4)
     assert all(len(e.states) == 2 for e in res.entries.values())  # one frozen draw per batch
+
+
+class MemoryLimit(nn.Module):
+    """Raises the device's out-of-memory error above ``limit`` rows (a fake allocator)."""
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.model, self.limit, self.rows = model, limit, []
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"fake: {x.shape[0]} rows > {self.limit}")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_the_draws():
+    torch.manual_seed(0)
+    inner = TwoLayers().eval()
+    x, y = torch.rand(6, 6), torch.randint(0, 4, (6,))
+    ref = eot_loss_grad(inner, x, y, "ce", eot_samples=8, seed=5)
+    limited = MemoryLimit(inner, limit=7)
+    got = eot_loss_grad(limited, x, y, "ce", eot_samples=8, seed=5, max_batch=4096)
+    assert max(limited.rows) > 7 and any(r <= 7 for r in limited.rows)  # it retried smaller
+    assert torch.allclose(got.loss, ref.loss, atol=1e-6)
+    assert torch.allclose(got.grad, ref.grad, atol=1e-6)
+    # the verdict and FAB's Jacobians go through the same loop
+    from advdefense.attacks.fab import logit_diff_grads
+    from advdefense.evaluation.protocols import predictions
+
+    limited.rows.clear()
+    assert predictions(limited, x, repeats=4).shape == (4, 6)
+    others = torch.stack([(y + j) % 4 for j in (1, 2)], dim=1)
+    torch.manual_seed(0)
+    d0, g0 = logit_diff_grads(inner, x, y, others, eot_samples=4)
+    torch.manual_seed(0)
+    d1, g1 = logit_diff_grads(MemoryLimit(inner, limit=5), x, y, others, eot_samples=4)
+    assert torch.allclose(d0, d1, atol=1e-6) and torch.allclose(g0, g1, atol=1e-6)

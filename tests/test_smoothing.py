@@ -213,3 +213,32 @@ def test_outer_draw_groups_give_independent_weight_noise():
     with torch.no_grad(), draw_groups(3):
         out = smooth(x.repeat(3, 1, 1, 1)).view(3, 2, -1)
     assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+
+
+def test_gradient_through_the_vote_is_the_soft_gradient_in_bounded_memory():
+    """The gradient of a smoothed classifier's scores equals that of its mean softmax over the
+    same samples, and is computed chunk by chunk (never more than max_batch rows at once)."""
+    import torch
+    from torch import nn
+
+    from advdefense.defenses.smoothing import SmoothedClassifier
+    from advdefense.randomness import freeze
+
+    torch.manual_seed(0)
+    seen = []
+    base = nn.Sequential(nn.Flatten(), nn.Linear(12, 4)).eval()
+    base.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    x = torch.rand(3, 12)
+    for vote in ("soft", "prediction"):
+        sm = SmoothedClassifier(base, sigma=0.3, m=16, vote=vote, max_batch=12)
+        with freeze(sm):  # the same 16 samples for both computations
+            xi = x.clone().requires_grad_(True)
+            out = sm(xi)
+            assert "VoteWithSoftGradient" in type(out.grad_fn).__name__  # no m x N graph kept
+            (g,) = torch.autograd.grad(out[:, 1].sum(), xi)
+            xr = x.clone().requires_grad_(True)
+            soft = sm.soft_scores(xr)
+            (g_ref,) = torch.autograd.grad(soft[:, 1].sum(), xr)
+        assert torch.allclose(g, g_ref, atol=1e-6), vote
+        assert torch.allclose(out.detach().sum(1), torch.ones(3))
+    assert max(seen) <= 12

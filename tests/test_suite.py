@@ -151,3 +151,35 @@ def test_standard_suite_runs_with_registered_attacks(standard_model, mnist_test)
     assert res.entries["apgd-ce"].ran.sum() == res.clean.verdict.all.sum()
     # eps 0.3 breaks a standard mnist model: APGD-CE leaves little for the later attacks
     assert res.accuracy("worst").value <= 0.2
+
+
+class FailsOnCall(PGD):
+    """Raises on call number ``fail_at`` (an interruption inside an attack)."""
+
+    def __init__(self, fail_at, **kw):
+        super().__init__(**kw)
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, *args, **kw):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return super().__call__(*args, **kw)
+
+
+def test_suite_resumes_inside_an_attack_batch_by_batch(standard_model, mnist_test, tmp_path):
+    x, y = mnist_test[0][:60], mnist_test[1][:60]
+    kw = dict(eps=0.15, seed=3, checks=False, batch_size=20)
+    state = tmp_path / "state.json"
+    flaky = FailsOnCall(3, eps=0.15, steps=3, seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(standard_model, (x, y), attacks=[("pgd", flaky)], state_path=state, **kw)
+    saved = json.loads(state.read_text())
+    assert list(saved["partial"]["pgd"]) and len(saved["partial"]["pgd"]) == 2
+    resumed = run_suite(standard_model, (x, y), attacks=[("pgd", flaky)], state_path=state,
+                        **kw)
+    assert flaky.calls == 4  # two batches were done, the third ran on resume (call 4)
+    assert json.loads(state.read_text())["partial"] == {}
+    full = run_suite(standard_model, (x, y),
+                     attacks=[("pgd", FailsOnCall(0, eps=0.15, steps=3, seed=2))], **kw)
+    assert torch.equal(resumed.worst.all, full.worst.all)

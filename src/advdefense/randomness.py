@@ -49,12 +49,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "StochasticModule",
@@ -303,7 +306,9 @@ def replicated_forward(
     For every chunk, ``body(x_rep, start, k0, kc)`` is called with ``x_rep`` = rows
     ``x[start:start+m]`` stacked ``kc`` times (copy ``j`` of the chunk is draw ``k0 + j``),
     inside ``draw_groups(kc, seeds)``; ``body`` runs the model (and any backward pass) itself,
-    so memory is bounded by ``max_batch`` rows (and :data:`CPU_ROWS` on CPU).
+    so memory is bounded by ``max_batch`` rows (and :data:`CPU_ROWS` on CPU). A chunk that runs
+    out of device memory (``torch.OutOfMemoryError``) is halved and retried, with the same
+    draws; ``body`` must therefore accumulate its results only after its last allocation.
 
     Draw ``j`` is seeded from (``seed``, ``j``); ``seed=None`` takes one integer from the
     global RNG, so consecutive calls get fresh draws and a seeded caller is reproducible. The
@@ -323,17 +328,34 @@ def replicated_forward(
         rows = min(rows, CPU_ROWS)
     batched = batched_draws_supported(model)
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    work: list[tuple[int, int, int, int]] = []      # (start, rows, first draw, draws)
     for start in range(0, n, ex_chunk):
-        xs = x[start : start + ex_chunk]
-        m = xs.shape[0]
+        m = min(ex_chunk, n - start)
         per_pass = max(1, rows // m) if batched else 1
-        for k0 in range(0, k, per_pass):
-            kc = min(per_pass, k - k0)
-            seeds = [draw_seed(base, k0 + j) for j in range(kc)]
-            xr = xs.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xs
+        work += [(start, m, k0, min(per_pass, k - k0)) for k0 in range(0, k, per_pass)]
+    work.reverse()
+    while work:
+        start, m, k0, kc = work.pop()
+        xs = x[start : start + m]
+        seeds = [draw_seed(base, k0 + j) for j in range(kc)]
+        xr = xs.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xs
+        try:
             with torch.random.fork_rng(devices=devices), draw_groups(kc, seeds):
                 torch.manual_seed(seeds[0])
                 body(xr, start, k0, kc)
+        except torch.OutOfMemoryError:
+            if kc == 1 and m == 1:
+                raise
+            del xr
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+            _log.warning("out of memory at %d rows: halving the chunk and retrying", kc * m)
+            if kc > 1:  # the same draws, in two passes
+                h = kc // 2
+                work += [(start, m, k0 + h, kc - h), (start, m, k0, h)]
+            else:
+                h = m // 2
+                work += [(start + h, m - h, k0, kc), (start, h, k0, kc)]
 
 
 class SeededRandomness(StochasticModule):

@@ -318,10 +318,10 @@ def eot_loss_grad(
     def body(xr: torch.Tensor, start: int, k0: int, kc: int) -> None:
         m = xr.shape[0] // kc
         xi = x[start : start + m].detach().clone().requires_grad_(need_grad)
-        inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
         ys = y[start : start + m].repeat(kc)
         ts = None if target is None else target[start : start + m].repeat(kc)
         with torch.set_grad_enabled(need_grad):
+            inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
             row_losses, out = objective(model, inp, ys, ts)
             if out.dim() != 2 or out.shape[0] != inp.shape[0]:
                 raise AdvDefenseError(

@@ -118,8 +118,8 @@ def smoothadv_loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, s
         def second_pass(xr, start, k0, kc):
             s = xr.shape[0] // kc
             xi = x[start : start + s].detach().clone().requires_grad_(True)
-            inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
             with torch.enable_grad():
+                inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
                 _, p = probs_of(model(inp), start, kc)
                 obj = (p.sum(0) * coef[start : start + s]).sum()
                 grad[start : start + s] += torch.autograd.grad(obj, xi)[0]

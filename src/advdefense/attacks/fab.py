@@ -128,8 +128,8 @@ def logit_diff_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         s = xr.shape[0] // kc
         ys, os_ = y[start:start + s], others[start:start + s]
         xi = x[start:start + s].detach().clone().requires_grad_(True)
-        inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
         with torch.enable_grad():
+            inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
             out = model(inp)
             if out.dim() != 2 or out.shape[0] != inp.shape[0]:
                 raise AdvDefenseError(
@@ -138,9 +138,10 @@ def logit_diff_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             zy = z.gather(2, ys[None, :, None].expand(kc, s, 1))
             zo = z.gather(2, os_[None].expand(kc, s, m))
             dd = zy - zo                                               # (kc, s, m)
-            for j in range(m):
-                (g,) = torch.autograd.grad(dd[:, :, j].sum() / k, xi, retain_graph=j < m - 1)
-                grads[start:start + s, j] += g
+            g = torch.stack([torch.autograd.grad(dd[:, :, j].sum() / k, xi,
+                                                 retain_graph=j < m - 1)[0]
+                             for j in range(m)], dim=1)
+        grads[start:start + s] += g   # accumulated after the last allocation (OOM retry)
         if recorder is not None:
             recorder.count(inp.shape[0], True)
         diffs[start:start + s] += dd.detach().sum(dim=0) / k

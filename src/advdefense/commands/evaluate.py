@@ -244,6 +244,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-check the adversarial examples of FILE (--save-adv) on this "
                              "model instead of attacking: transfer / re-verification")
     parser.add_argument("--seed", type=int, default=None, help="default 0")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="rows per forward/backward pass, a memory budget (default: from "
+                             "the free GPU memory, 4096 on CPU); an out-of-memory pass is "
+                             "halved and retried")
     parser.add_argument("--no-checks", action="store_true", help="skip the failure checks")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -323,6 +327,8 @@ def _validate(args: argparse.Namespace) -> None:
     for key in ("repeats", "n", "batch_size", "steps"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise AdvDefenseError(f"--{key.replace('_', '-')} must be >= 1")
+    if getattr(args, "max_batch", None) is not None and args.max_batch < 1:
+        raise AdvDefenseError("--max-batch must be >= 1")
     if args.eot is not None and args.eot < 1:
         raise AdvDefenseError("--eot must be >= 1")
     if args.adv_file is not None and args.save_adv is not None:
@@ -333,16 +339,17 @@ def _validate(args: argparse.Namespace) -> None:
                               "written by `advdefense train`")
 
 
-def _specs(args, eps: float, norm: str, eot: int):
+def _specs(args, eps: float, norm: str, eot: int, max_batch: int):
     from ..attacks import build_attack
     from ..evaluation import AttackSpec, standard_attack_specs
 
     if not args.attacks:
         return standard_attack_specs(eps, norm=norm, steps=args.steps, eot_samples=eot,
-                                     seed=args.seed, protocols=tuple(args.protocols))
+                                     seed=args.seed, protocols=tuple(args.protocols),
+                                     max_batch=max_batch)
     specs = []
     for name in args.attacks:
-        kw = dict(eps=eps, norm=norm, eot_samples=eot, seed=args.seed)
+        kw = dict(eps=eps, norm=norm, eot_samples=eot, seed=args.seed, max_batch=max_batch)
         if name in ("pgd", "cw"):
             kw.update(steps=args.steps, step_size=eps / 4)
         try:
@@ -448,7 +455,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate, format_checks
     from ..evaluation.checks import CheckSettings, MonotoneSettings
     from ..evaluation.distributed import gather_result, shard
-    from ..evaluation.harness import load_data, prepare_model
+    from ..evaluation.harness import default_max_batch, load_data, prepare_model
     from ..evaluation.report import robustbench_fields, to_markdown, write_report
     from ..evaluation.suite import run_suite
     from ..loading import check_logits, default_device
@@ -481,6 +488,7 @@ def run(args: argparse.Namespace) -> int:
         model, _ = prepare_model(model, x_all[:8].to(dev))  # undeclared randomness: wrapped
         stochastic = is_stochastic(model)
         offset = ctx.rank * 1_000_003  # batch seeds differ between processes
+        max_batch = args.max_batch or default_max_batch(model, x_all[:16].to(dev))
         eot = args.eot if args.eot is not None else (20 if stochastic else 1)
         out = Path(args.output) if args.output else default_output(args, "eval", loaded)
         progress = not args.no_progress and ctx.is_main
@@ -494,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
                                       repeats=args.repeats, state_path=state,
                                       batch_size=args.batch_size, seed=args.seed,
                                       progress=progress, checks=checks, keep_adv=save,
-                                      index_offset=offset)
+                                      index_offset=offset, max_batch=max_batch)
             if save and state and Path(state).exists():
                 raise AdvDefenseError(
                     f"--save-adv cannot recover the inputs of attacks finished in an "
@@ -505,10 +513,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             sweep = {}
             for e in eps_list:
-                sweep[e] = evaluate(model, (x, y), _specs(args, e, norm, eot),
+                sweep[e] = evaluate(model, (x, y), _specs(args, e, norm, eot, max_batch),
                                     repeats=args.repeats, batch_size=args.batch_size,
                                     seed=args.seed, progress=progress, checks=None,
-                                    keep_adv=save and e == eps, index_offset=offset)
+                                    keep_adv=save and e == eps, index_offset=offset,
+                                    max_batch=max_batch)
             result = sweep[eps]
             if checks is not None:
                 from ..evaluation import run_checks

@@ -194,9 +194,7 @@ class SmoothedClassifier(nn.Module):
         its own m fresh samples, weight noise included; under ``freeze`` the m samples are
         the same at every call."""
         m = self.m if m is None else m
-        self.draws(x)
-        seeds = [int(s) for s in self.draws.last_state.tolist()]
-        groups = current_groups() if len(seeds) > 1 else 1
+        seeds, groups = self._group_seeds(x)
         n = x.shape[0] // groups
         return torch.cat([sample_logits(self.base, x[j * n : (j + 1) * n], sigma=self.sigma,
                                         m=m, max_batch=self.max_batch, seed=seeds[j])
@@ -208,13 +206,14 @@ class SmoothedClassifier(nn.Module):
         return F.softmax(self.sample_logits(x), dim=2).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.sample_logits(x)
-        scores = vote_scores(logits.detach() if self.vote != "soft" else logits, self.vote,
-                             k=self.k)
-        if self.vote != "soft" and logits.requires_grad:
-            soft = F.softmax(logits, dim=2).mean(0)
-            scores = scores + (soft - soft.detach())
-        return scores
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return vote_scores(self.sample_logits(x), self.vote, k=self.k)
+        return _VoteWithSoftGradient.apply(x, self)
+
+    def _group_seeds(self, x: torch.Tensor) -> tuple[list[int], int]:
+        self.draws(x)
+        seeds = [int(s) for s in self.draws.last_state.tolist()]
+        return seeds, (current_groups() if len(seeds) > 1 else 1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,6 +231,47 @@ class SmoothedClassifier(nn.Module):
             if binomtest(na, na + nb, 0.5).pvalue > self.abstain_alpha:
                 out[i] = -1
         return out
+
+
+class _VoteWithSoftGradient(torch.autograd.Function):
+    """The vote scores on the forward pass; on the backward pass the gradient of the mean
+    softmax over the same m samples (exact for the soft vote, straight-through for the hard
+    ones), recomputed chunk by chunk with the forward's seeds, so the m x N graph is never
+    held at once (memory of one ``max_batch`` chunk)."""
+
+    @staticmethod
+    def forward(ctx, x, smoothed):  # noqa: D401 - autograd API
+        seeds, groups = smoothed._group_seeds(x)
+        n = x.shape[0] // groups
+        with torch.no_grad():
+            logits = torch.cat([sample_logits(smoothed.base, x[j * n:(j + 1) * n],
+                                              sigma=smoothed.sigma, m=smoothed.m,
+                                              max_batch=smoothed.max_batch, seed=seeds[j])
+                                for j in range(groups)], dim=1)
+        ctx.save_for_backward(x)
+        ctx.smoothed, ctx.seeds, ctx.groups = smoothed, seeds, groups
+        return vote_scores(logits, smoothed.vote, k=smoothed.k)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        sm, n = ctx.smoothed, x.shape[0] // ctx.groups
+        grad = torch.zeros_like(x)
+        noisy = NoisyBase(sm.base, sm.sigma)
+        for j, seed in enumerate(ctx.seeds[:ctx.groups]):
+            xj, gj = x[j * n:(j + 1) * n].detach(), grad_out[j * n:(j + 1) * n]
+
+            def body(xr, start, k0, kc, xj=xj, gj=gj, j=j):
+                s = xr.shape[0] // kc
+                xi = xj[start:start + s].clone().requires_grad_(True)
+                with torch.enable_grad():
+                    inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
+                    probs = F.softmax(noisy(inp), dim=1).view(kc, s, -1).sum(0) / sm.m
+                    (g,) = torch.autograd.grad((probs * gj[start:start + s]).sum(), xi)
+                grad[j * n + start:j * n + start + s] += g
+
+            replicated_forward(noisy, xj, sm.m, body, max_batch=sm.max_batch, seed=seed)
+        return grad, None
 
 
 def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:

@@ -305,6 +305,28 @@ def prepare_model(model: nn.Module, x_probe: torch.Tensor) -> tuple[nn.Module, s
     return model, kind
 
 
+def default_max_batch(model: nn.Module, x_probe: torch.Tensor, *, fraction: float = 0.5,
+                      cap: int = 65536) -> int:
+    """Rows per forward(+backward) pass: 4096 on CPU (where ``randomness.CPU_ROWS`` caps the
+    working set anyway); on a GPU, ``fraction`` of the free device memory divided by the
+    memory one row of forward and backward was measured to take (16 probe rows). A pass that
+    still runs out of memory is halved and retried (:func:`~advdefense.randomness.
+    replicated_forward`)."""
+    if x_probe.device.type != "cuda":
+        return 4096
+    dev = x_probe.device
+    rows = min(16, x_probe.shape[0])
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    xi = x_probe[:rows].detach().clone().requires_grad_(True)
+    with eval_mode(model), torch.enable_grad():
+        model(xi).float().logsumexp(1).sum().backward()
+    per_row = max(1, (torch.cuda.max_memory_allocated(dev) - base) // rows)
+    free, _ = torch.cuda.mem_get_info(dev)
+    return int(max(16, min(cap, fraction * free // per_row)))
+
+
 def batch_runner(n: int, batch_size: int, progress: bool, desc: str):
     """The one batch loop of evaluations: ``(start, positions)`` per batch."""
     starts = range(0, n, int(batch_size))
@@ -361,7 +383,7 @@ def evaluate(
     n_examples: int | None = None,
     seed: int = 0,
     progress: bool = False,
-    max_batch: int = 4096,
+    max_batch: int | None = None,
     checks: CheckSettings | bool | None = True,
     keep_adv: bool = False,
     index_offset: int = 0,
@@ -369,7 +391,8 @@ def evaluate(
     """Evaluate ``model`` on clean data and under every spec; see the module docstring.
 
     ``repeats`` (default 10) is the number of stochastic predictions per verdict; ignored for
-    deterministic models. ``max_batch`` bounds the rows of one forward pass. ``checks``:
+    deterministic models. ``max_batch`` bounds the rows of one forward pass of the verdicts
+    (``None``: :func:`default_max_batch`; attacks keep their own). ``checks``:
     :class:`~.checks.CheckSettings` for the attack-failure checks afterwards (``None``: none).
     ``keep_adv`` keeps the worst-case adversarial input per example (``result.adv``,
     ``result.adv_source``). Every batch is seeded from (the spec's seed, the position of its
@@ -389,6 +412,8 @@ def evaluate(
     device = model_device(model)
     n = x_all.shape[0]
     model, randomness = prepare_model(model, x_all[:8].to(device))
+    if max_batch is None:
+        max_batch = default_max_batch(model, x_all[:16].to(device))
     stochastic = is_stochastic(model)
     labels = []
     for s in specs:

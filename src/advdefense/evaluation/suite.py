@@ -23,15 +23,15 @@ earlier attack can never become robust again. Per attack the result keeps the ``
 its own per-example verdict (``True`` where it did not run) and the cascade's cumulative
 verdict after it (the AutoAttack-style "robust accuracy after X" row of the report).
 
-``state_path``: a JSON file (:class:`SuiteState`) saved atomically after the clean pass and
-after every attack (per-example masks + finished attacks). Rerunning with the same arguments
-resumes: finished attacks are skipped. Its fingerprint covers the data, the settings and the
+``state_path``: a JSON file (:class:`SuiteState`) saved atomically after the clean pass, after
+every batch of an attack and after every attack (per-example masks + finished attacks and
+batches). Rerunning with the same arguments resumes: finished attacks and the finished batches
+of the attack in progress are skipped. Its fingerprint covers the data, the settings and the
 model (a hash of the weights and buffers and of the architecture), so a state written for
 another model is refused. Each attack runs under its own seed (``seed + 1000 * (position +
-1)``), and every batch under a seed derived from that and the position of its first example,
-so a resumed run gives the same result as an uninterrupted one and batches draw
-independently. Traces (for the failure checks) of attacks finished in an earlier process are
-not restored.
+1)``), and every batch under a seed derived from that and the position of its first example, so
+a resumed run gives the same result as an uninterrupted one and batches draw independently.
+Traces (for the failure checks) of attacks finished in an earlier process are not restored.
 
 ``protocol`` runs every attack of the suite under that protocol (default ``fresh``; ``paper``
 gives the transfer-from-a-frozen-draw figure beside it).
@@ -65,6 +65,7 @@ from .harness import (
     EvalResult,
     TraceSummary,
     batch_runner,
+    default_max_batch,
     load_data,
     model_device,
     prepare_model,
@@ -168,6 +169,8 @@ class SuiteState:
     clean: Verdict | None = None
     clean_seconds: float = 0.0
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the attack in progress: its finished batches (first example -> verdict of the batch)
+    partial: dict[str, dict[str, Verdict]] = field(default_factory=dict)
 
     @property
     def finished(self) -> list[str]:
@@ -177,6 +180,7 @@ class SuiteState:
                attack: str) -> None:
         self.entries[label] = {"verdict": own, "ran": ran, "seconds": seconds,
                                "attack": attack}
+        self.partial.pop(label, None)
 
     def save(self, path: Path | None) -> None:
         if path is None:
@@ -186,7 +190,9 @@ class SuiteState:
                 "clean": None if self.clean is None else _verdict_to_json(self.clean),
                 "clean_seconds": self.clean_seconds,
                 "entries": {k: {**v, "verdict": _verdict_to_json(v["verdict"]),
-                                "ran": v["ran"].tolist()} for k, v in self.entries.items()}}
+                                "ran": v["ran"].tolist()} for k, v in self.entries.items()},
+                "partial": {k: {b: _verdict_to_json(v) for b, v in parts.items()}
+                            for k, parts in self.partial.items()}}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w") as fh:
@@ -222,6 +228,8 @@ class SuiteState:
         for k, v in data["entries"].items():
             state.entries[k] = {**v, "verdict": _verdict_from_json(v["verdict"]),
                                 "ran": torch.tensor(v["ran"], dtype=torch.bool)}
+        for k, parts in data.get("partial", {}).items():
+            state.partial[k] = {b: _verdict_from_json(v) for b, v in parts.items()}
         return state
 
 
@@ -239,7 +247,7 @@ def run_suite(
     n_examples: int | None = None,
     batch_size: int = 250,
     seed: int = 0,
-    max_batch: int = 4096,
+    max_batch: int | None = None,
     progress: bool = False,
     checks: CheckSettings | bool | None = True,
     protocol: str = "fresh",
@@ -263,6 +271,8 @@ def run_suite(
     device = model_device(model)
     model_hash = model_fingerprint(model)
     model, randomness = prepare_model(model, x_all[:8].to(device))
+    if max_batch is None:  # rows per pass of every attack and verdict (a memory budget)
+        max_batch = default_max_batch(model, x_all[:16].to(device))
     stochastic = is_stochastic(model)
     reps = int(repeats) if stochastic else 1
     if attacks is not None:
@@ -295,14 +305,26 @@ def run_suite(
     t_start = time.perf_counter()
     keeper = AdvKeeper(x_all) if keep_adv else None
 
-    def batched(fn, idx: torch.Tensor, attack_seed: int | None) -> Verdict:
+    def batched(fn, idx: torch.Tensor, attack_seed: int | None, label: str | None = None
+                ) -> Verdict:
+        """Run ``fn`` batch by batch; with ``label`` every finished batch is saved in the
+        state, and a resumed run skips the batches already there (their seeds depend only
+        on the batch's first example, so the result is the uninterrupted one)."""
         parts = []
+        done = state.partial.get(label, {}) if label is not None else {}
         for _, pos in batch_runner(len(idx), batch_size, False, ""):
             sel = idx[pos]
             first = index_offset + int(sel[0]) if len(sel) else 0
+            if str(first) in done:
+                parts.append(done[str(first)])
+                continue
             with seeded(batch_seed(attack_seed, first)):
-                parts.append(fn(x_all[sel].to(device), y_all[sel].to(device), sel,
-                                batch_seed(attack_seed, first)))
+                v = fn(x_all[sel].to(device), y_all[sel].to(device), sel,
+                       batch_seed(attack_seed, first))
+            parts.append(v)
+            if label is not None:
+                state.partial.setdefault(label, {})[str(first)] = v
+                state.save(path)
         return Verdict.cat(parts) if parts else Verdict.full(0)
 
     with eval_mode(model):
@@ -357,7 +379,7 @@ def run_suite(
                     keeper.offer(label, sel, out.x_adv, ~out.verdict.all)
                 return out.verdict
 
-            part = batched(step, idx, stage_seed)
+            part = batched(step, idx, stage_seed, label)
             own = Verdict.full(n)
             for k in Verdict.KINDS:
                 own.get(k)[idx] = part.get(k)
