@@ -186,7 +186,7 @@ def test_stochastic_py_model_rand_suite(user, tmp_path, capsys):
     rb = report["robustbench"]
     assert rb["autoattack_acc"] is None and rb["autoattack_acc_source"] is None
     assert rb["number_forward_passes"] == 2 and rb["clean_acc"] is not None
-    assert set(rb["attacks"]) == {"apgd-ce+eot", "apgd-dlr+eot", "square+eot"}
+    assert set(rb["attacks"]) == {"apgd-ce+eot", "apgd-dlr+eot", "square+eot", "apgd-ce@frozen"}
 
 
 def _fake_cifar10(root, n=8):

@@ -123,8 +123,11 @@ def test_suite_plans_follow_autoattack_settings():
     assert [name for _, name, _ in std] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert std[1][2]["n_target_classes"] == 9 and std[3][2]["n_queries"] == 5000
     rand = suite_plan("rand", eps=0.3, eot_samples=20)
-    assert [name for _, name, _ in rand] == ["apgd-ce", "apgd-dlr", "square"]
-    assert all(kw["eot_samples"] == 20 for _, _, kw in rand)
+    assert [name for _, name, _ in rand] == ["apgd-ce", "apgd-dlr", "square", "apgd-ce"]
+    assert all(kw["eot_samples"] == 20 for _, _, kw in rand[:3])
+    assert rand[3][2]["protocol"] == "paper"  # the transfer from one frozen draw
+    assert all("protocol" not in kw for _, _, kw in suite_plan("rand", eps=0.3,
+                                                                stochastic=False))
     full = suite_plan("full", eps=0.3, stochastic=True)
     assert len(full) == len(std) + len(rand) + 2
     det = suite_plan("full", eps=0.3, stochastic=False)

@@ -122,7 +122,8 @@ def standard_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
 
 
 def rand_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
-    """The ``rand`` cascade: APGD-CE/DLR with batched EOT, Square on the EOT-averaged loss."""
+    """The ``rand`` cascade: APGD-CE/DLR with batched EOT, Square on the EOT-averaged loss,
+    APGD-CE on a frozen draw classified on fresh ones (never weaker than that transfer)."""
     from .attacks import build_attack
 
     k, q = budget["eot"], budget["rand_square_queries"]
@@ -131,6 +132,7 @@ def rand_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
         (f"apgd-dlr+eot{k}", build_attack("apgd-dlr", eps=eps, eot_samples=k, seed=seed)),
         (f"square+eot{min(k, 4)} ({q} q)",
          build_attack("square", eps=eps, n_queries=q, eot_samples=min(k, 4), seed=seed)),
+        ("apgd-ce on a frozen draw", build_attack("apgd-ce", eps=eps, seed=seed), "paper"),
     ]
 
 
