@@ -186,3 +186,23 @@ def test_suite_resumes_inside_an_attack_batch_by_batch(standard_model, mnist_tes
     full = run_suite(standard_model, (x, y),
                      attacks=[("pgd", FailsOnCall(0, eps=0.15, steps=3, seed=2))], **kw)
     assert torch.equal(resumed.worst.all, full.worst.all)
+
+
+def test_evaluate_resumes_batch_by_batch(standard_model, mnist_test, tmp_path):
+    """``evaluate(state_path=...)`` keeps every finished batch; an interrupted run resumed
+    from it gives the uninterrupted result and recomputes only the missing batches."""
+    x, y = mnist_test[0][:60], mnist_test[1][:60]
+    state = tmp_path / "eval_state.json"
+    flaky = FailsOnCall(3, eps=0.15, steps=3, seed=2)
+    specs = [AttackSpec("pgd", flaky)]
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(standard_model, (x, y), specs, batch_size=20, checks=None, state_path=state)
+    resumed = evaluate(standard_model, (x, y), specs, batch_size=20, checks=None,
+                       state_path=state)
+    assert flaky.calls == 4  # batches 1 and 2 read back, batch 3 computed on resume
+    full = evaluate(standard_model, (x, y), [AttackSpec("pgd", FailsOnCall(
+        0, eps=0.15, steps=3, seed=2))], batch_size=20, checks=None)
+    assert torch.equal(resumed.worst.all, full.worst.all)
+    with pytest.raises(AdvDefenseError, match="another run"):
+        evaluate(standard_model, (x, y), [AttackSpec("pgd", PGD(eps=0.2, steps=3))],
+                 batch_size=20, checks=None, state_path=state)

@@ -4,7 +4,8 @@ or any model ``--model`` names (see :mod:`advdefense.loading`; then ``--dataset`
 
 Writes ``certify.json`` (per-example prediction, radius, p_A lower bound, label) and
 ``certify.md`` (certified accuracy at each radius of ``--radii``) into ``--output``, each
-atomically, with a progress bar over the examples.
+atomically, with a progress bar over the examples. Every batch of examples is seeded on its
+own; with ``--state FILE`` each finished batch is saved and a rerun resumes from it.
 
 Example::
 
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=20, help="examples per certify call")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--state", default=None, metavar="FILE",
+                        help="save every finished batch to FILE; rerun with it to resume")
     parser.add_argument("--output", default=None,
                         help="output folder (default: <checkpoint folder>/certify, or "
                              "runs/certify_<model> for --model)")
@@ -56,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..atomic import atomic_write_json, atomic_write_text
+    from ..attacks.base import batch_seed
     from ..data import as_tensors, dataset_info, load_split
     from ..defenses.smoothing import certify
+    from ..evaluation.resume import BatchStore, model_fingerprint, run_fingerprint
     from ..loading import check_logits
     from ..provenance import relative_path, relative_value
     from ..randomness import seeded
@@ -74,16 +79,24 @@ def run(args: argparse.Namespace) -> int:
     check_logits(model, x[:2].to(device), num_classes=dataset_info(dataset).num_classes,
                  what=f"{dataset} images")
     out = Path(args.output) if args.output else default_output(args, "certify", loaded)
+    settings = {k: getattr(args, k) for k in ("sigma", "n0", "n", "alpha", "batch", "seed",
+                                               "batch_samples")}
+    store = BatchStore(args.state, run_fingerprint(x, y, settings, model_fingerprint(model)))
     preds, radii, plow, t0 = [], [], [], time.perf_counter()
     bar = tqdm(total=x.shape[0], desc="certify", unit="img", disable=args.no_progress)
-    with seeded(args.seed), bar:
+    with bar:
         for s in range(0, x.shape[0], args.batch):
-            r = certify(model, x[s : s + args.batch].to(device), sigma=args.sigma, n0=args.n0,
-                        n=args.n, alpha=args.alpha, max_batch=args.max_batch,
-                        batch_samples=args.batch_samples)
-            preds.append(r.prediction.cpu())
-            radii.append(r.radius.cpu())
-            plow.append(r.p_lower.cpu())
+            if str(s) not in store:  # each batch seeded on its own: resumable
+                with seeded(batch_seed(args.seed, s)):
+                    r = certify(model, x[s : s + args.batch].to(device), sigma=args.sigma,
+                                n0=args.n0, n=args.n, alpha=args.alpha,
+                                max_batch=args.max_batch, batch_samples=args.batch_samples)
+                store.put(str(s), {"prediction": r.prediction.tolist(),
+                                   "radius": r.radius.tolist(), "p_lower": r.p_lower.tolist()})
+            done = store.get(str(s))
+            preds.append(torch.tensor(done["prediction"], dtype=torch.long))
+            radii.append(torch.tensor(done["radius"], dtype=torch.float64))
+            plow.append(torch.tensor(done["p_lower"], dtype=torch.float64))
             bar.update(min(args.batch, x.shape[0] - s))
     seconds = time.perf_counter() - t0
     pred, radius, p_lower = torch.cat(preds), torch.cat(radii), torch.cat(plow)

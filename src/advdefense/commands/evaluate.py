@@ -236,7 +236,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None,
                         help="output folder (default: <checkpoint folder>/eval, or "
                              "runs/eval_<model> for --model)")
-    parser.add_argument("--state", default=None, help="suite state file (resumable)")
+    parser.add_argument("--state", default=None,
+                        help="state file saved after every batch: rerun with it to resume "
+                             "(suites and --attacks)")
     parser.add_argument("--save-adv", default=None, metavar="FILE",
                         help="write the worst-case adversarial input of every example to FILE "
                              "(.pt, loadable with weights_only=True)")
@@ -494,19 +496,19 @@ def run(args: argparse.Namespace) -> int:
         progress = not args.no_progress and ctx.is_main
         checks = None if args.no_checks else CheckSettings(seed=args.seed)
         save = args.save_adv is not None
+        state = args.state
+        if state and ctx.enabled:
+            state = f"{state}.rank{ctx.rank}"
+        if save and state and Path(state).exists():
+            raise AdvDefenseError(
+                f"--save-adv cannot recover the inputs of batches finished in an earlier run "
+                f"of {state}; delete it or drop --state")
         if args.suite:
-            state = args.state
-            if state and ctx.enabled:
-                state = f"{state}.rank{ctx.rank}"
             kw: dict[str, Any] = dict(norm=norm, eps=eps, eot_samples=eot,
                                       repeats=args.repeats, state_path=state,
                                       batch_size=args.batch_size, seed=args.seed,
                                       progress=progress, checks=checks, keep_adv=save,
                                       index_offset=offset, max_batch=max_batch)
-            if save and state and Path(state).exists():
-                raise AdvDefenseError(
-                    f"--save-adv cannot recover the inputs of attacks finished in an "
-                    f"earlier run of {state}; delete it or drop --state")
             result = run_suite(model, (x, y), suite=args.suite, **kw)
             result.config["suite"] = args.suite
             sweep = None
@@ -517,7 +519,9 @@ def run(args: argparse.Namespace) -> int:
                                     repeats=args.repeats, batch_size=args.batch_size,
                                     seed=args.seed, progress=progress, checks=None,
                                     keep_adv=save and e == eps, index_offset=offset,
-                                    max_batch=max_batch)
+                                    max_batch=max_batch,
+                                    state_path=None if not state else (
+                                        state if e == eps else f"{state}.eps{e:g}"))
             result = sweep[eps]
             if checks is not None:
                 from ..evaluation import run_checks

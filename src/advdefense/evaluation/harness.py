@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from ..errors import AdvDefenseError
 from ..randomness import SeededRandomness, is_stochastic, probe_randomness, seeded
 from .checks import CheckSettings, run_checks
 from .protocols import Verdict, check_protocol, run_protocol, verdict
+from .resume import BatchStore, model_fingerprint, run_fingerprint
 from .stats import Accuracy, accuracy
 
 log = logging.getLogger(__name__)
@@ -387,6 +389,7 @@ def evaluate(
     checks: CheckSettings | bool | None = True,
     keep_adv: bool = False,
     index_offset: int = 0,
+    state_path: str | os.PathLike | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on clean data and under every spec; see the module docstring.
 
@@ -397,6 +400,9 @@ def evaluate(
     ``keep_adv`` keeps the worst-case adversarial input per example (``result.adv``,
     ``result.adv_source``). Every batch is seeded from (the spec's seed, the position of its
     first example + ``index_offset``), so batches and processes draw independently.
+    ``state_path``: a :class:`~.resume.BatchStore` file saved after every batch; rerun with it,
+    the finished batches are read back (a resumed run equals an uninterrupted one; traces and
+    kept inputs of those batches are not restored).
     """
     repeats = 10 if repeats is None else int(repeats)
     if repeats < 1:
@@ -411,22 +417,28 @@ def evaluate(
     x_all, y_all = load_data(data, n_examples)
     device = model_device(model)
     n = x_all.shape[0]
-    model, randomness = prepare_model(model, x_all[:8].to(device))
-    if max_batch is None:
-        max_batch = default_max_batch(model, x_all[:16].to(device))
-    stochastic = is_stochastic(model)
     labels = []
     for s in specs:
         label, i = s.label, 2
         while label in labels:
             label, i = f"{s.label}#{i}", i + 1
         labels.append(label)
+    store = BatchStore(state_path, run_fingerprint(
+        x_all, y_all, {"specs": [(lab, s.protocol, repr(s.attack)) for s, lab in
+                                 zip(specs, labels, strict=True)], "repeats": repeats,
+                       "seed": seed, "batch_size": int(batch_size),
+                       "index_offset": index_offset},
+        model_fingerprint(model) if state_path is not None else ""))
+    model, randomness = prepare_model(model, x_all[:8].to(device))
+    if max_batch is None:
+        max_batch = default_max_batch(model, x_all[:16].to(device))
+    stochastic = is_stochastic(model)
 
     clean_parts: list[Verdict] = []
     parts: dict[str, list[Verdict]] = {lab: [] for lab in labels}
     traces: dict[str, list[TraceSummary]] = {lab: [] for lab in labels}
     states: dict[str, list[Any]] = {lab: [] for lab in labels}
-    positions: list[torch.Tensor] = []
+    positions: dict[str, list[torch.Tensor]] = {lab: [] for lab in labels}
     seconds = dict.fromkeys(labels, 0.0)
     clean_seconds = 0.0
     keeper = AdvKeeper(x_all) if keep_adv else None
@@ -434,10 +446,14 @@ def evaluate(
     with eval_mode(model):
         for start, pos in batch_runner(n, batch_size, progress, "evaluate"):
             x, y = x_all[pos].to(device), y_all[pos].to(device)
-            positions.append(pos)
             t0 = time.perf_counter()
-            with seeded(batch_seed(seed, index_offset + start)):
-                clean_parts.append(verdict(model, x, y, repeats=repeats, max_batch=max_batch))
+            if f"clean:{start}" in store:
+                clean_parts.append(Verdict.from_json(store.get(f"clean:{start}")))
+            else:
+                with seeded(batch_seed(seed, index_offset + start)):
+                    clean_parts.append(verdict(model, x, y, repeats=repeats,
+                                               max_batch=max_batch))
+                store.put(f"clean:{start}", clean_parts[-1].to_json())
             if keeper is not None:
                 keeper.offer("clean", pos, x, ~clean_parts[-1].all)
             clean_seconds += time.perf_counter() - t0
@@ -445,6 +461,9 @@ def evaluate(
             for i, (spec, label) in enumerate(zip(specs, labels, strict=True)):
                 t0 = time.perf_counter()
                 key = id(spec.attack)
+                if f"{label}:{start}" in store:  # finished in an earlier run (no trace kept)
+                    parts[label].append(Verdict.from_json(store.get(f"{label}:{start}")))
+                    continue
                 if not stochastic and key in shared:
                     v, tr, x_adv = shared[key]
                 else:
@@ -460,6 +479,8 @@ def evaluate(
                         states[label].append(out.states)
                 parts[label].append(v)
                 traces[label].append(tr)
+                positions[label].append(pos)
+                store.put(f"{label}:{start}", v.to_json())
                 if keeper is not None:
                     keeper.offer(label, pos, x_adv, ~v.all)
                 seconds[label] += time.perf_counter() - t0
@@ -470,7 +491,8 @@ def evaluate(
     for spec, label in zip(specs, labels, strict=True):
         e = EntryResult(label, spec.name, spec.protocol, Verdict.cat(parts[label]),
                         seconds[label], repr(spec.attack),
-                        TraceSummary.merge(traces[label], n, positions), states=states[label])
+                        TraceSummary.merge(traces[label], n, positions[label]),
+                        states=states[label])
         entries[label] = e
         worst = worst & e.verdict
     config = {"n": n, "repeats": repeats if stochastic else 1, "batch_size": int(batch_size),

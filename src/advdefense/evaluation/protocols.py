@@ -76,6 +76,13 @@ class Verdict:
     def cat(parts: list[Verdict]) -> Verdict:
         return Verdict(*(torch.cat([getattr(p, k) for p in parts]) for k in Verdict.KINDS))
 
+    def to_json(self) -> dict[str, list[bool]]:
+        return {k: self.get(k).tolist() for k in self.KINDS}
+
+    @staticmethod
+    def from_json(d: dict[str, list[bool]]) -> Verdict:
+        return Verdict(*(torch.tensor(d[k], dtype=torch.bool) for k in Verdict.KINDS))
+
     @staticmethod
     def full(n: int, value: bool = True) -> Verdict:
         return Verdict(*(torch.full((n,), value, dtype=torch.bool) for _ in range(3)))

@@ -76,6 +76,7 @@ from .harness import (
     spec_seed,
 )
 from .protocols import Verdict, check_protocol, run_protocol, verdict
+from .resume import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +138,6 @@ def _build(name: str, label: str, kwargs: dict) -> Attack:
             f"attack {name!r} does not accept the suite settings: {exc}") from None
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Hash of a model's architecture (module types and parameter/buffer names and shapes)
-    and of every weight and buffer value."""
-    h = hashlib.sha256()
-    for name, module in model.named_modules():
-        h.update(f"{name}:{type(module).__name__};".encode())
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        h.update(f"{name}{tuple(t.shape)}{t.dtype};".encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
 def _fingerprint(x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any], model: str) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -159,11 +148,11 @@ def _fingerprint(x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any], mod
 
 
 def _verdict_to_json(v: Verdict) -> dict[str, list[bool]]:
-    return {k: v.get(k).tolist() for k in Verdict.KINDS}
+    return v.to_json()
 
 
 def _verdict_from_json(d: dict[str, list[bool]]) -> Verdict:
-    return Verdict(*(torch.tensor(d[k], dtype=torch.bool) for k in Verdict.KINDS))
+    return Verdict.from_json(d)
 
 
 @dataclass
