@@ -75,6 +75,7 @@ __all__ = [
     "probe_randomness",
     "draw_seed",
     "fresh_seed",
+    "seed_current",
 ]
 
 _local = threading.local()
@@ -106,6 +107,14 @@ def draw_seed(base: int, index: int, salt: int = 0) -> int:
          + (int(salt) + 1) * 2654435761) & _MASK
     h ^= h >> 29
     return (h * 0xBF58476D1CE4E5B9) & _MASK
+
+
+def seed_current(seed: int) -> None:
+    """Seed the CPU generator and the current CUDA device's (not every device's, so a forked
+    RNG that restores one device leaves the others untouched)."""
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed(seed)
 
 
 def fresh_seed() -> int:
@@ -168,7 +177,7 @@ class StochasticModule(nn.Module):
         rows = x.shape[0] // len(seeds)
         states = []
         for j, s in enumerate(seeds):
-            torch.manual_seed(draw_seed(s, 0, call))
+            seed_current(draw_seed(s, 0, call))
             states.append(self.sample_state(x[j * rows : (j + 1) * rows], 1))
         return states[0] if len(states) == 1 else self.merge_states(states)
 
@@ -341,7 +350,7 @@ def replicated_forward(
         xr = xs.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xs
         try:
             with torch.random.fork_rng(devices=devices), draw_groups(kc, seeds):
-                torch.manual_seed(seeds[0])
+                seed_current(seeds[0])
                 body(xr, start, k0, kc)
         except torch.OutOfMemoryError:
             if kc == 1 and m == 1:
@@ -362,7 +371,7 @@ class SeededRandomness(StochasticModule):
     """A model that is random without :class:`StochasticModule` layers, made controllable.
 
     The wrapped model draws from the global torch RNG on every call. A draw is a seed: draw
-    group ``j`` of a batch is run as its own forward call after ``torch.manual_seed(seed_j)``,
+    group ``j`` of a batch is run as its own forward call after seeding with ``seed_j``,
     so ``draw_groups`` gives real independent draws (one forward call per group), ``freeze``
     replays one draw, and ``seeded`` makes it reproducible. Randomness from other generators
     (NumPy, Python's ``random``) is not controlled: :func:`probe_randomness` reports it.
@@ -382,7 +391,7 @@ class SeededRandomness(StochasticModule):
         devices = [x.device.index or 0] if x.device.type == "cuda" else []
         for part, s in zip(parts, state.tolist(), strict=True):
             with torch.random.fork_rng(devices=devices), draw_groups(1):
-                torch.manual_seed(int(s))
+                seed_current(int(s))
                 outs.append(self.model(part))
         return outs[0] if g == 1 else torch.cat(outs, dim=0)
 

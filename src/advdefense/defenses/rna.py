@@ -111,7 +111,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import AdvDefenseError, ConfigError
-from ..randomness import StochasticModule, draw_seed, freeze, stochastic_modules
+from ..randomness import StochasticModule, draw_seed, freeze, seed_current, stochastic_modules
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class RandomNormalization(StochasticModule):
                 or ctl.draw.device != x.device):
             draws = []
             for s in seeds:
-                torch.manual_seed(draw_seed(s, 0, call))
+                seed_current(draw_seed(s, 0, call))
                 draws.append(self._randint(1, x.device))
             ctl.draw = torch.cat(draws)
         return RNAState(ctl.draw, False)
