@@ -210,3 +210,21 @@ def test_out_of_memory_halves_the_chunk_and_keeps_the_draws():
     torch.manual_seed(0)
     d1, g1 = logit_diff_grads(MemoryLimit(inner, limit=5), x, y, others, eot_samples=4)
     assert torch.allclose(d0, d1, atol=1e-6) and torch.allclose(g0, g1, atol=1e-6)
+
+
+def test_rna_shared_paths_stay_shared_under_seeded_draw_groups():
+    """mixed=False: every RNA layer of one draw uses the same type, also when each draw group
+    is drawn under its own seed; the groups differ and the draws do not depend on chunking."""
+    from advdefense.defenses import rna
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 36, 3))
+    model = rna.convert(net, space=("bn", "in", "ln"), mixed=False).eval()
+    x, y = torch.rand(2, 1, 6, 6), torch.randint(0, 3, (2,))
+    ref = eot_loss_grad(model, x, y, "ce", eot_samples=12, seed=3)
+    first, second = (s.types for s in get_states(model))
+    assert torch.equal(first, second) and len(first) == 12 and len(first.unique()) > 1
+    got = eot_loss_grad(model, x, y, "ce", eot_samples=12, seed=3, max_batch=4)
+    assert torch.allclose(got.loss, ref.loss, atol=1e-6)
