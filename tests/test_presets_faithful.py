@@ -14,7 +14,7 @@ from advdefense.reproduction import paired_markdown, paired_summary
 def test_quick_preset_plan_is_built_and_valid():
     plans = build_plans("mnist5k-quick")
     keys = [p.key for p in plans]
-    assert len(keys) == len(set(keys)) == 10
+    assert len(keys) == len(set(keys)) == 11
     assert not any(k.endswith("_s1") for k in keys)  # one seed
     for p in plans:
         cfg = config_from_dict(p.config)
@@ -54,7 +54,7 @@ def test_full_preset_trains_two_seeds_of_pgd_at_and_the_seed_defenses():
         assert p.config["train"] == first.config["train"]
         assert p.extra["skip_curve"] and p.extra["light_checks"]
         config_from_dict(p.config)
-    assert {p.config["train"]["epochs"] for p in plans} == {10}
+    assert {p.config["train"]["epochs"] for p in plans} == {20}
     assert preset_settings("mnist5k")["n"] == 200
     assert [p.key for p in build_plans("mnist5k", seeds=[3])][:2] == ["standard", "pgd_at"]
     assert {p.config["seed"] for p in build_plans("mnist5k", seed=5)} == {5, 6}

@@ -146,3 +146,22 @@ def test_smoothing_entry_chooses_sigma_and_m_on_val_only(monkeypatch):
     assert sigma in sm["sigmas"] and m in sm["ms"] and "8 val images" in how
     assert _choose_smoothing_on_val(None, plan, {"sigma": 0.2, "m": 8}, eps=0.3, seed=0,
                                     samples=2)[:2] == (0.2, 8)
+
+
+def test_raising_the_cap_of_a_stopped_run_reuses_model_and_evaluation(tmp_path):
+    # min_delta 1.0 (100 points): no epoch after the first can improve, so the run stops
+    # after epoch 2 with best epoch 1, below its cap of 3
+    rule = {"metric": "monitor_clean_acc", "patience": 1, "min_delta": 1.0}
+
+    def plans(cap):
+        cfg = mnist5k_config("es", epochs=cap, early_stopping=rule, monitor_size=30, limit=200)
+        return [Plan("es", "early-stopped", cfg, demo_plans()[0].evaluate)]
+
+    run_plans(plans(3), tmp_path, title="t", command="test", seed=0, curve_eps=None, n_eval=20)
+    section = json.loads((tmp_path / "report.json").read_text())["sections"][0]
+    assert section["training"]["stopped_early"] and section["training"]["epochs"] == 2
+    cache = tmp_path / "es" / "evaluation.json"
+    ckpt = tmp_path / "es" / "last.pt"
+    before = cache.stat().st_mtime_ns, ckpt.stat().st_mtime_ns
+    run_plans(plans(6), tmp_path, title="t", command="test", seed=0, curve_eps=None, n_eval=20)
+    assert (cache.stat().st_mtime_ns, ckpt.stat().st_mtime_ns) == before

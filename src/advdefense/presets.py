@@ -11,10 +11,10 @@ network. Budgets are sized from measurements on 2 CPU cores.
 ``mnist5k``
     the converged, faithful run: every entry trains on ``fit`` (train minus val) until its
     robust accuracy on the whole ``val`` split (PGD-10) stops rising (early stopping, patience
-    2 epochs, min_delta 0.5 points, cap 10 epochs; the best val epoch is evaluated), PGD-AT
-    and the seed defenses (CAS, RNA, PNI/smoothing) with two training seeds; 200 test
-    images. Estimated from per-step timings and the earlier 3-epoch report at about two hours
-    with ``--jobs 2`` on 2 cores (15 entries; the report records the measured time).
+    2 epochs, min_delta 0.5 points, cap 20 epochs; the best val epoch is evaluated), PGD-AT
+    and the seed defenses (CAS, RNA, PNI/smoothing) with two training seeds, CNI-W +
+    smoothing with one; 200 test images. About two hours with ``--jobs 2`` on 2 cores
+    (16 entries; the report records the measured compute and wall time).
 ``mnist5k-quick``
     the same entries for trying things: seed 0 only, at most 2 epochs on 1,500 training
     images, 100 test images, small attack budgets; estimated at about 20 minutes with
@@ -37,13 +37,13 @@ def mnist5k_config(name: str, *, recipe: str = "standard", epochs: int = 4, seed
                    attack: dict | None = None, recipe_args: dict | None = None,
                    defense: dict | None = None, lr: float = 1e-3, model: str = "smallcnn",
                    early_stopping: dict | None = None, monitor_size: int = 200,
-                   limit: int | None = None) -> dict[str, Any]:
+                   limit: int | None = None, optimizer: dict | None = None) -> dict[str, Any]:
     """An mnist5k experiment config (Adam, batch 100) as a plain dict.
 
     With ``early_stopping`` (a ``train.early_stopping`` mapping) the model trains on ``fit``
     and is monitored on ``val`` (``monitor_size`` examples); ``epochs`` is then the cap.
     Otherwise it trains on all of ``train`` and monitors ``monitor_size`` test images (the
-    demo).
+    demo). ``optimizer`` adds options to the Adam settings (e.g. ``noise_lr_scale``).
     """
     data: dict[str, Any] = {"name": "mnist5k", "batch_size": 100, "monitor_size": monitor_size}
     if early_stopping is not None:
@@ -57,7 +57,7 @@ def mnist5k_config(name: str, *, recipe: str = "standard", epochs: int = 4, seed
         "defense": copy.deepcopy(defense or {}),
         "train": {
             "recipe": recipe, "epochs": epochs,
-            "optimizer": {"name": "adam", "lr": lr, "weight_decay": 0.0},
+            "optimizer": {"name": "adam", "lr": lr, "weight_decay": 0.0, **(optimizer or {})},
             "schedule": {"name": "none"},
             "recipe_args": copy.deepcopy(recipe_args or {}),
             "attack": attack or {"eps": EPS, "steps": 7, "step_size": 0.1, "norm": "linf",
@@ -354,12 +354,13 @@ EARLY_STOPPING = {"metric": "monitor_pgd_acc", "patience": 2, "min_delta": 0.005
 MULTI_SEED = ("pgd_at", "pgd_at_rn", "at_cas", "rna_at", "pni_at")
 
 
-def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 10,
+def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 20,
                   seeds: list[int] | tuple[int, ...] | None = None, monitor_size: int = 500,
                   limit: int | None = None, n_val_smoothing: int = 100) -> list[Plan]:
-    """The mnist5k study: standard and PGD-AT, RNA (AT) and PNI-W (AT) + smoothing on
-    ``smallcnn``; PGD-AT, TRADES, MART and each of them + CAS on ``resnet_mini`` (CAS after
-    both blocks of its last stage, the paper's ResNet-18 placement).
+    """The mnist5k study: standard and PGD-AT, RNA (AT), PNI-W (AT) + smoothing and CNI-W (AT)
+    + smoothing on ``smallcnn``; PGD-AT, TRADES, MART and each of them + CAS on
+    ``resnet_mini`` (CAS after both blocks of its last stage, the paper's ResNet-18
+    placement).
 
     Every entry trains on ``fit`` with :data:`EARLY_STOPPING` on the ``val`` split
     (``monitor_size`` images), ``epochs`` being the cap. ``seeds`` (default: ``[seed]``):
@@ -412,6 +413,19 @@ def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 10
                "base_verdict_name": "PNI-W (no smoothing), smallcnn",
                "smoothed_verdict_name": "PNI-W + smoothing (prediction vote), smallcnn"},
         **at)
+    add("cni_at", "CNI-W (rank 5, PGD-AT 0.5 clean + 0.5 adv) + smoothing, smallcnn",
+        "smallcnn", make_evaluator("smoothing", budget), cost=2.5, baselines=("pgd_at",),
+        defense={"noise": {"kind": "cni", "where": "weights", "rank": 5, "alpha_init": 0.035,
+                           "factor_init": 0.001}},
+        recipe_args={"clean_weight": 0.5, "attack_label": "predicted"},
+        optimizer={"noise_lr_scale": 0.01},
+        extra={"smoothing": {"sigmas": [0.0, 0.1], "ms": [4, 16], "n_val": n_val_smoothing},
+               "skip_curve": True,
+               "base_verdict_name": "CNI-W (no smoothing), smallcnn",
+               "smoothed_verdict_name": "CNI-W + smoothing (prediction vote), smallcnn"},
+        notes="The smoothing paper's base model (SIAM): CNI-W noise init and noise-parameter "
+              "learning rate as configs/cni_w_at_mnist5k.yaml; trained like the PNI-W entry.",
+        **at)
     add("pgd_at_rn", "PGD-AT, resnet_mini", "resnet_mini", det, cost=1.4, **at)
     add("trades_rn", "TRADES (β = 6), resnet_mini", "resnet_mini", det, cost=1.4,
         baselines=("pgd_at_rn",), recipe="trades", recipe_args={"beta": 6.0})
@@ -438,7 +452,7 @@ TRIAL_BUDGET = {"n_targets": 1, "square_queries": 100, "eot": 2, "repeats": 4,
 # --no-curve override them). ``seeds: 2`` = the base seed and the next one.
 PRESETS: dict[str, dict[str, Any]] = {
     "mnist5k": {"n": 200, "seeds": 2, "budget": CPU_BUDGET, "curve_eps": CURVE_EPS,
-                "epochs": 10, "monitor_size": 500, "limit": None, "n_val_smoothing": 100},
+                "epochs": 20, "monitor_size": 500, "limit": None, "n_val_smoothing": 100},
     "mnist5k-quick": {"n": 100, "seeds": 1, "budget": TRIAL_BUDGET, "curve_eps": [0.0, 0.3],
                       "epochs": 2, "monitor_size": 200, "limit": 1500,
                       "n_val_smoothing": 50},

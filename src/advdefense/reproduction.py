@@ -501,8 +501,9 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
         return None
     cache = root / plan.key / "evaluation.json"
     # what the cached evaluation depends on: the experiment, the evaluated epoch, the examples
-    # and the evaluation options (a changed one re-evaluates)
-    digest = _digest({"config": plan.config, "n": n_eval, "curve": curve_eps,
+    # and the evaluation options (a changed one re-evaluates); a raised epoch cap alone does
+    # not, when the evaluated (best) epoch stays the same
+    digest = _digest({"config": _comparable(plan.config), "n": n_eval, "curve": curve_eps,
                       "epoch": training.get("best_epoch") or training.get("epochs"),
                       "extra": {k: v for k, v in plan.extra.items() if not callable(v)}})
     section = None
