@@ -10,6 +10,8 @@
   smallcnn at ``--suite-eps`` (default 2/255, so that some points survive APGD-CE and the
   later attacks have work to do). The robust accuracy each side reaches is stored in the
   row (``ours_robust``, ``ref_robust``) to show that the work done was comparable.
+* ``failure checks``: the same suite once more with every attack-failure check on; the
+  checks' own seconds against the suite's (goal: at most 30% on top).
 
 The models have random weights, so the labels are the model's own clean predictions: every
 example starts correctly classified and both implementations attack the whole batch (both
@@ -31,12 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from advdefense.attacks import build_attack  # noqa: E402
+from advdefense.evaluation.checks import CheckSettings  # noqa: E402
 from advdefense.evaluation.suite import run_suite, suite_plan  # noqa: E402
 
 EPS = 8 / 255
 
 
-def suite_row(args) -> dict:
+def suite_row(args) -> list[dict]:
     name, n, eps, steps, queries = (args.suite_model, args.suite_batch, args.suite_eps,
                                     args.suite_steps, args.suite_queries)
     model = common.build(name)
@@ -70,12 +73,21 @@ def suite_row(args) -> dict:
 
     # no warm-up round (one call takes minutes); the APGD rows above warmed the kernels
     times = common.interleaved({"ours": ours, "ta": ta}, warmup=0, repeats=args.suite_repeats)
-    return common.compare(
+    # the attack-failure checks' own cost, beside the suite time of the same call
+    checked = run_suite(model, (x, y), suite="standard", eps=eps, seed=0,
+                        checks=CheckSettings(), batch_size=n, attacks=plan)
+    spent = checked.config["checks_seconds"]
+    checks_row = common.row(
+        benchmark="failure checks", model=name, setting=f"all checks after the suite above "
+        f"(batch {n})", metric="s", ours=spent, reference="the suite's own seconds",
+        ref_value=checked.seconds, ratio=spent / checked.seconds, goal=0.3,
+        higher_is_better=False)
+    return [common.compare(
         times, "ours", "ta", n=n, benchmark="standard suite", model=name,
         setting=(f"batch {n}, eps {eps * 255:.3g}/255, APGD-CE/APGD-T/FAB-T {steps} it, "
                  f"Square {queries} q"),
         metric="img/s", reference="torchattacks MultiAttack (AutoAttack standard)", goal=1.0,
-        seconds=times, ours_robust=robust["ours"], ref_robust=robust["ta"])
+        seconds=times, ours_robust=robust["ours"], ref_robust=robust["ta"]), checks_row]
 
 
 def main(argv=None) -> int:
@@ -111,7 +123,7 @@ def main(argv=None) -> int:
             setting=f"batch {args.batch}, eps 8/255, 1 restart", metric="img/s",
             reference="torchattacks.APGD", goal=1.0, seconds=times))
     if not args.no_suite:
-        rows.append(suite_row(args))
+        rows += suite_row(args)
     common.write("apgd", args, rows)
     return 0
 

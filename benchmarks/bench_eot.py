@@ -1,19 +1,21 @@
 """EOT-PGD throughput: ours (EOT batched along the batch dimension) vs torchattacks.EOTPGD
-(a Python loop over EOT samples), on a stochastic model, in one run.
+(a Python loop over EOT samples), on stochastic models, in one run.
 
-The stochastic model is ``InputNoise(sigma) -> model``: Gaussian noise added to the input, a
-:class:`advdefense.randomness.StochasticModule` (fresh draw on every forward, one independent
-draw per EOT copy under ``draw_groups``), so both attacks see the same kind of randomness.
-Settings: eps 8/255, step 2/255, random start, ``--steps`` steps (default 5; our attack
-also runs one gradient-free EOT evaluation after the last step to pick the best iterate, that
-cost is included), EOT samples 8 and 32, batches 128 and 8.
+The stochastic models (``--kinds``, all on the given ``--models``):
 
-Default model: smallcnn (28x28); ``--models resnet20,smallcnn`` adds the CIFAR ResNet-20
-(at batch 128 x EOT 32 one step is 4,096 ResNet-20 rows: minutes per call here).
+* ``input``: Gaussian noise (sigma 0.1) added to the input, a fresh draw per row;
+* ``pni``: PNI-W, layer-wise weight noise on every Conv2d/Linear (He et al. 2019);
+* ``cni``: CNI-W, rank-5 correlated weight noise (the smoothing paper's base model);
+* ``rna``: RNA over BN/IN, one random path per forward call (Dong et al. 2022).
 
-Ours is run with its defaults (``max_batch=4096``, at most ``CPU_ROWS = 256`` replicated
-rows per pass on CPU) and fully batched (``CPU_ROWS = None``: all ``n*k`` rows of a step in
-one pass, up to 4,096) to show the effect of the chunk size on CPU.
+Each is an :class:`advdefense.randomness.StochasticModule` model: torchattacks gets one fresh
+draw per forward call, ours one independent draw per EOT copy under ``draw_groups``, so both
+average over the same distribution. Settings: eps 8/255, step 2/255, random start,
+``--steps`` steps (default 5; ours also runs one gradient-free EOT evaluation after the last
+step to pick the best iterate, that cost is included), EOT samples 8 and 32, batches 128 and
+8. Ours runs with its defaults (channels_last weights on the CPU, at most ``CPU_ROWS = 256``
+replicated rows per pass); ``--fully-batched`` adds a row with all ``n*k`` rows of a step in
+one pass.
 
 Run: ``python benchmarks/bench_eot.py``
 """
@@ -34,6 +36,7 @@ import common  # noqa: E402
 
 from advdefense import randomness  # noqa: E402
 from advdefense.attacks import PGD  # noqa: E402
+from advdefense.defenses import noise, rna  # noqa: E402
 from advdefense.randomness import StochasticModule  # noqa: E402
 
 EPS, ALPHA = 8 / 255, 2 / 255
@@ -53,8 +56,16 @@ class InputNoise(StochasticModule):
         return x + state
 
 
-def stochastic(name: str, sigma: float = 0.1) -> nn.Module:
-    return nn.Sequential(InputNoise(sigma), common.build(name)).eval()
+def stochastic(name: str, kind: str = "input", sigma: float = 0.1) -> nn.Module:
+    """``common.build(name)`` with the randomness ``kind`` (see the module docstring)."""
+    if kind == "input":
+        return nn.Sequential(InputNoise(sigma), common.build(name)).eval()
+    if kind in ("pni", "cni"):
+        options = {"rank": 5, "alpha_init": 0.035, "factor_init": 0.001} if kind == "cni" else {}
+        return noise.inject(common.build(name), kind=kind, where="weights", **options).eval()
+    if kind == "rna":
+        return rna.convert(common.build(name), space=["bn", "in"], granularity="call").eval()
+    raise ValueError(f"unknown kind {kind!r}")
 
 
 @contextmanager
@@ -78,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batches", default="128,8")
     p.add_argument("--eot", default="8,32")
+    p.add_argument("--kinds", default="input,pni,cni,rna")
+    p.add_argument("--fully-batched", action="store_true")
     p.set_defaults(repeats=3, models="smallcnn")
     args = p.parse_args(argv)
     common.setup(args)
@@ -93,8 +106,8 @@ def main(argv=None) -> int:
 
 def measure(args, batches: list[int], eots: list[int]) -> list[dict]:
     rows = []
-    for name in args.models.split(","):
-        model = stochastic(name)
+    for name, kind in [(m, k) for m in args.models.split(",") for k in args.kinds.split(",")]:
+        model = stochastic(name, kind)
         for n in batches:
             x, y = common.batch(name, n)
             for k in eots:
@@ -103,10 +116,10 @@ def measure(args, batches: list[int], eots: list[int]) -> list[dict]:
                 ta = torchattacks.EOTPGD(model, eps=EPS, alpha=ALPHA, steps=args.steps,
                                          eot_iter=k, random_start=True)
                 fns = {"ours": partial(ours, model, x, y), "ta": partial(ta, x, y)}
-                if n * k > (randomness.CPU_ROWS or n * k):  # otherwise identical to "ours"
+                if args.fully_batched and n * k > (randomness.CPU_ROWS or n * k):
                     fns["ours_mb"] = partial(fully_batched, ours_mb, model, x, y)
                 times = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
-                base = dict(benchmark=f"EOT-PGD-{args.steps}", model=name + "+noise",
+                base = dict(benchmark=f"EOT-PGD-{args.steps}", model=f"{name}+{kind}",
                             metric="img/s", reference="torchattacks.EOTPGD", n=n,
                             goal=1.0 if n >= 128 else 1.5, seconds=times, batch=n, eot_samples=k)
                 cap = randomness.CPU_ROWS

@@ -20,7 +20,7 @@ import common  # noqa: E402
 
 from advdefense.provenance import command_line  # noqa: E402
 
-ORDER = ["pgd", "eot", "apgd", "smoothing", "training_overhead", "memory", "scaling"]
+ORDER = ["pgd", "eot", "apgd", "bf16", "smoothing", "training_overhead", "memory", "scaling"]
 
 
 def table(out_dir: Path) -> str:

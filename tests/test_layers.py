@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "advdefense"
 # layer of every top-level part of the package (docs/architecture.md keeps the same table)
 LAYERS = {
     "errors": 0, "randomness": 0, "distributed": 0, "provenance": 0, "atomic": 0, "data": 0,
+    "layout": 0, "precision": 0,
     "models": 1,
     "attacks": 2, "defenses": 2,
     "config": 3, "evaluation": 3, "analysis": 3, "advfile": 3,

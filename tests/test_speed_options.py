@@ -71,10 +71,13 @@ def test_channels_last_gives_the_same_outputs(batch):
 
 def test_channels_last_trainer_matches_default(tmp_path):
     sgd = {"name": "sgd", "lr": 0.05, "momentum": 0.0, "weight_decay": 0.0}
-    plain = Trainer(cfg(tmp_path, "plain", optimizer=sgd), device="cpu", progress=False)
+    plain = Trainer(cfg(tmp_path, "plain", channels_last=False, optimizer=sgd), device="cpu",
+                    progress=False)
+    assert all(p.is_contiguous() for p in plain.model.parameters())
     plain.fit()
     cl = Trainer(cfg(tmp_path, "cl", channels_last=True, optimizer=sgd), device="cpu",
                  progress=False)
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in cl.model.parameters())
     cl.fit()
     worst = max(float((a.float() - b.float()).abs().max())
                 for a, b in zip(plain.model.state_dict().values(),

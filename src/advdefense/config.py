@@ -238,6 +238,8 @@ class TrainConfig:
     (default; autocast is switched off around it, so fp16 input gradients cannot underflow) or
     ``amp`` (under the training autocast; ``bf16`` only, as fp16 gradients of the TRADES KL
     underflow to zero).
+    ``channels_last``: ``auto`` (channels_last weights on the CPU for convolutional models,
+    :mod:`advdefense.layout`), ``true`` (also on CUDA) or ``false``.
     ``compile``: ``false``, ``true`` (``torch.compile``, default backend) or a backend name
     (``inductor``, ``aot_eager``, ``eager``, ...); covers ``forward_with_aux`` too.
     ``sync_bn``: with several processes, BatchNorm uses statistics of the global batch
@@ -263,7 +265,7 @@ class TrainConfig:
     monitor_attack: MonitorAttackConfig = field(default_factory=MonitorAttackConfig)
     amp: str | None = None
     attack_precision: str = "fp32"
-    channels_last: bool = False
+    channels_last: bool | str = "auto"
     compile: bool | str = False
     sync_bn: bool = False
     deterministic: bool | str = False
@@ -278,6 +280,7 @@ class TrainConfig:
         if self.amp is not None:
             _choice(f"{where}.amp", self.amp, ("bf16", "fp16"))
         _choice(f"{where}.attack_precision", self.attack_precision, ("fp32", "amp"))
+        _choice(f"{where}.channels_last", self.channels_last, (True, False, "auto"))
         if self.attack_precision == "amp" and self.amp == "fp16":
             raise ConfigError(f"{where}.attack_precision=amp with amp=fp16: fp16 input "
                               "gradients of the inner attack underflow to zero; use fp32 or "
@@ -315,8 +318,10 @@ class EvalConfig:
     batch_size: int = 250
     seed: int = 0
     checks: bool = True
+    attack_precision: str = "fp32"                       # fp32 | bf16 (advdefense.precision)
 
     def validate(self, where: str) -> None:
+        _choice(f"{where}.attack_precision", self.attack_precision, ("fp32", "bf16"))
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps >= 0):
             raise ConfigError(f"{where}.eps must be a finite number >= 0, got {self.eps}")
         if self.norm not in (None, "linf", "l2"):

@@ -535,8 +535,9 @@ def _entry_worker(rebuild: Callable[[], list[Plan]], key: str, root: Path, threa
                   options: dict[str, Any]) -> str:
     """One entry in a worker process (``run_plans(jobs=N)``): plans hold closures, so the
     worker rebuilds them with ``rebuild`` (a picklable module-level callable)."""
+    # force: a worker runs several entries, each line names the current one
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{key}] %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%H:%M:%S", force=True)
     torch.set_num_threads(threads)
     plan = next(p for p in rebuild() if p.key == key)
     evaluate_entry(plan, root, **options)

@@ -5,6 +5,8 @@ An attack is configured once and called as ``attack(model, x, y) -> x_adv``. Eve
 * keeps ``x_adv`` inside the eps-ball around ``x`` and inside [0, 1];
 * runs the model in eval mode and restores each module's mode afterwards, so BatchNorm
   running statistics never move;
+* runs convolutional models in channels_last where that is faster (:mod:`advdefense.layout`;
+  the weights' layout is restored afterwards);
 * takes ``seed`` (the global RNG is forked, so the caller's RNG is untouched);
 * takes ``eot_samples``: the expectation over the model's randomness (Athalye et al. 2018) is
   estimated by repeating the batch ``eot_samples`` times along the batch dimension, with one
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import AdvDefenseError
+from ..layout import channels_last_weights
 from ..randomness import draw_seed, is_stochastic, replicated_forward, seeded
 from .losses import LossFn, get_loss
 
@@ -320,7 +323,7 @@ def eot_loss_grad(
         xi = x[start : start + m].detach().clone().requires_grad_(need_grad)
         ys = y[start : start + m].repeat(kc)
         ts = None if target is None else target[start : start + m].repeat(kc)
-        with torch.set_grad_enabled(need_grad):
+        with torch.enable_grad() if need_grad else torch.inference_mode():
             inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
             row_losses, out = objective(model, inp, ys, ts)
             if out.dim() != 2 or out.shape[0] != inp.shape[0]:
@@ -469,7 +472,7 @@ class Attack(ABC):
             recorder.returned_adversarial = torch.zeros(x.shape[0], dtype=torch.bool)
             return x.clone()
         seed = self.seed if seed is None else seed
-        with eval_mode(model), seeded(seed):
+        with eval_mode(model), seeded(seed), channels_last_weights(model):
             x_adv = self.run(model, x, y, target if self.targeted else None, recorder)
         if recorder.returned_adversarial is None:
             recorder.returned_adversarial = recorder.ever_adversarial.clone()

@@ -7,6 +7,8 @@
 ``dlr`` (Croce & Hein 2020, eq. 6; targeted eq. 7)
     ``-(z_y - max_{c != y} z_c) / (z_pi1 - z_pi3)``; targeted
     ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``. Needs at least 3 (4 for targeted) classes.
+
+Every loss is computed in fp32 (logits of a bf16 autocast forward are cast first).
 """
 
 from __future__ import annotations
@@ -28,18 +30,21 @@ def _other_max(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
 
 
 def ce_loss(logits, y, target=None):
+    logits = logits.float()  # fp32 losses also under bf16 autocast
     if target is None:
         return F.cross_entropy(logits, y, reduction="none")
     return -F.cross_entropy(logits, target, reduction="none")
 
 
 def margin_loss(logits, y, target=None):
+    logits = logits.float()
     if target is None:
         return _other_max(logits, y) - logits.gather(1, y[:, None]).squeeze(1)
     return logits.gather(1, target[:, None]).squeeze(1) - _other_max(logits, target)
 
 
 def dlr_loss(logits, y, target=None):
+    logits = logits.float()
     z_sorted = logits.sort(dim=1, descending=True).values
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     if target is None:

@@ -317,7 +317,8 @@ class GaussianInput(StochasticModule):
         return f"sigma={self.sigma}, train_only={self.train_only}"
 
     def sample_state(self, x: torch.Tensor, groups: int) -> torch.Tensor:
-        return torch.randn_like(x)
+        # in x's logical order whatever its memory layout: the same seed, the same noise
+        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
 
     def forward_with_state(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         if self.sigma == 0 or (self.train_only and not self.training

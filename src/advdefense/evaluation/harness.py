@@ -46,6 +46,8 @@ from ..attacks import ATTACKS, Attack, build_attack
 from ..attacks.base import AttackRecorder, batch_seed, check_eps, eval_mode
 from ..data import as_tensors
 from ..errors import AdvDefenseError
+from ..layout import channels_last_weights
+from ..precision import check_precision
 from ..randomness import SeededRandomness, is_stochastic, probe_randomness, seeded
 from .checks import CheckSettings, run_checks
 from .protocols import Verdict, check_protocol, run_protocol, verdict
@@ -390,6 +392,7 @@ def evaluate(
     keep_adv: bool = False,
     index_offset: int = 0,
     state_path: str | os.PathLike | None = None,
+    attack_precision: str = "fp32",
 ) -> EvalResult:
     """Evaluate ``model`` on clean data and under every spec; see the module docstring.
 
@@ -402,8 +405,10 @@ def evaluate(
     first example + ``index_offset``), so batches and processes draw independently.
     ``state_path``: a :class:`~.resume.BatchStore` file saved after every batch; rerun with it,
     the finished batches are read back (a resumed run equals an uninterrupted one; traces and
-    kept inputs of those batches are not restored).
+    kept inputs of those batches are not restored). ``attack_precision``: ``fp32`` or
+    ``bf16`` (attacks under bf16 autocast, verdicts in fp32; :mod:`advdefense.precision`).
     """
+    check_precision(attack_precision)
     repeats = 10 if repeats is None else int(repeats)
     if repeats < 1:
         raise AdvDefenseError(f"repeats must be >= 1, got {repeats}")
@@ -427,7 +432,7 @@ def evaluate(
         x_all, y_all, {"specs": [(lab, s.protocol, repr(s.attack)) for s, lab in
                                  zip(specs, labels, strict=True)], "repeats": repeats,
                        "seed": seed, "batch_size": int(batch_size),
-                       "index_offset": index_offset},
+                       "index_offset": index_offset, "attack_precision": attack_precision},
         model_fingerprint(model) if state_path is not None else ""))
     model, randomness = prepare_model(model, x_all[:8].to(device))
     if max_batch is None:
@@ -443,7 +448,7 @@ def evaluate(
     clean_seconds = 0.0
     keeper = AdvKeeper(x_all) if keep_adv else None
     t_start = time.perf_counter()
-    with eval_mode(model):
+    with eval_mode(model), channels_last_weights(model):
         for start, pos in batch_runner(n, batch_size, progress, "evaluate"):
             x, y = x_all[pos].to(device), y_all[pos].to(device)
             t0 = time.perf_counter()
@@ -469,7 +474,8 @@ def evaluate(
                 else:
                     bseed = batch_seed(spec_seed(spec.attack, seed, i), index_offset + start)
                     out = run_protocol(model, spec.attack, x, y, spec.protocol,
-                                       repeats=repeats, max_batch=max_batch, seed=bseed)
+                                       repeats=repeats, max_batch=max_batch, seed=bseed,
+                                       precision=attack_precision)
                     eot = 1 if spec.protocol != "fresh" or not stochastic else int(
                         getattr(spec.attack, "eot_samples", 1))
                     v, x_adv = out.verdict, out.x_adv
@@ -497,6 +503,7 @@ def evaluate(
         worst = worst & e.verdict
     config = {"n": n, "repeats": repeats if stochastic else 1, "batch_size": int(batch_size),
               "seed": seed, "max_batch": max_batch, "stochastic": stochastic,
+              "attack_precision": attack_precision,
               "randomness": randomness,
               "specs": [{"label": lab, "name": s.name, "protocol": s.protocol,
                          "attack": repr(s.attack), "eps": getattr(s.attack, "eps", None),

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..attacks.base import Attack, AttackRecorder, check_adversarial_output
 from ..errors import AdvDefenseError
+from ..precision import attack_autocast
 from ..randomness import freeze, get_states, is_stochastic, replicated_forward, seeded
 
 __all__ = ["PROTOCOLS", "ProtocolOutcome", "Verdict", "check_protocol", "predictions",
@@ -146,8 +147,8 @@ class ProtocolOutcome:
 
 
 def run_protocol(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, protocol: str, *,
-                 repeats: int = 10, max_batch: int = 4096, seed: int | None = None
-                 ) -> ProtocolOutcome:
+                 repeats: int = 10, max_batch: int = 4096, seed: int | None = None,
+                 precision: str = "fp32") -> ProtocolOutcome:
     """Run ``attack`` on ``(x, y)`` under ``protocol``; see the module docstring.
 
     The caller puts the model in eval mode. ``seed`` seeds this batch: the frozen draw of
@@ -155,17 +156,21 @@ def run_protocol(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, pro
     output of any attack (also a user's callable) is checked to lie in [0, 1] and the eps-ball
     before it is counted. ``attack`` may be an :class:`~advdefense.attacks.Attack` or any
     callable ``attack(model, x, y) -> x_adv`` with ``eps`` and ``norm`` attributes.
+    ``precision="bf16"`` crafts under bf16 autocast (:mod:`advdefense.precision`); the verdict
+    is always fp32.
     """
     check_protocol(protocol)
     recorder = AttackRecorder(x.shape[0], x.device)
     states = None
 
     def craft() -> torch.Tensor:
-        if isinstance(attack, Attack):
-            out = attack(model, x, y, seed=seed, recorder=recorder)
-        else:
-            with seeded(seed):
-                out = attack(model, x, y)
+        with attack_autocast(precision, x.device):
+            if isinstance(attack, Attack):
+                out = attack(model, x, y, seed=seed, recorder=recorder)
+            else:
+                with seeded(seed):
+                    out = attack(model, x, y)
+        out = out.float() if isinstance(out, torch.Tensor) else out
         eps = getattr(attack, "eps", None)
         norm = getattr(attack, "norm", "linf")
         name = getattr(attack, "name", type(attack).__name__)

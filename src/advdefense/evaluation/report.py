@@ -139,8 +139,14 @@ def to_markdown(result: EvalResult, *, title: str = "Robustness evaluation",
             lines.append(f"| {eps:g} | {r.accuracy('clean')} | {r.accuracy('worst')} |")
     if result.checks:
         failed = sum(c.passed is False for c in result.checks)
-        lines += ["", f"## Attack-failure checks ({failed} failed)", "",
-                  "| check | result | detail | remedy |", "|---|---|---|---|"]
+        lines += ["", f"## Attack-failure checks ({failed} failed)", ""]
+        spent = result.config.get("checks_seconds")
+        if spent is not None:
+            share = f" ({100 * spent / result.seconds:.0f}% on top of the evaluation's " \
+                f"{result.seconds:.1f} s)" if result.seconds else ""
+            lines += [f"The checks' own cost: {spent:.1f} s{share}; they reuse the attacks' "
+                      "traces and, with an eps sweep, its accuracies.", ""]
+        lines += ["| check | result | detail | remedy |", "|---|---|---|---|"]
         for c in result.checks:
             detail = c.detail.replace("|", "\\|")
             remedy = c.remedy.replace("|", "\\|") if c.passed is False else ""

@@ -59,6 +59,8 @@ from tqdm.auto import tqdm
 from ..attacks import ATTACKS, Attack
 from ..attacks.base import NORMS, batch_seed, check_eps, eval_mode
 from ..errors import AdvDefenseError
+from ..layout import channels_last_weights
+from ..precision import check_precision
 from ..provenance import relative_path
 from ..randomness import is_stochastic, seeded
 from .checks import CheckSettings, run_checks
@@ -250,13 +252,16 @@ def run_suite(
     protocol: str = "fresh",
     keep_adv: bool = False,
     index_offset: int = 0,
+    attack_precision: str = "fp32",
 ) -> EvalResult:
     """Run a suite as a cascade and return an :class:`EvalResult` (``kind="suite"``).
 
     ``attacks`` replaces the suite by a custom list of ``(label, attack)`` pairs, or
     ``(label, attack, protocol)`` triples (``suite`` is then only a name in the report). See
-    the module docstring for the semantics.
+    the module docstring for the semantics. ``attack_precision``: ``fp32`` or ``bf16``
+    (attacks under bf16 autocast, verdicts in fp32; :mod:`advdefense.precision`).
     """
+    check_precision(attack_precision)
     eps = check_eps(eps)
     if norm not in NORMS:
         raise AdvDefenseError(f"unknown norm {norm!r}; choose linf or l2")
@@ -294,6 +299,7 @@ def run_suite(
         suite_name = suite
     settings = {"suite": suite_name, "norm": norm, "eps": eps, "eot_samples": eot_samples,
                 "repeats": reps, "seed": seed, "n": n, "protocol": protocol,
+                "attack_precision": attack_precision,
                 "index_offset": index_offset,
                 "plan": [(lab, name, kw) for lab, name, kw in plan] if attacks is None
                 else [(lab, repr(given[lab]), kw) for lab, _, kw in plan]}
@@ -327,7 +333,7 @@ def run_suite(
                 state.save(path)
         return Verdict.cat(parts) if parts else Verdict.full(0)
 
-    with eval_mode(model):
+    with eval_mode(model), channels_last_weights(model):
         if state.clean is None:
             t0 = time.perf_counter()
             state.clean = batched(
@@ -371,7 +377,8 @@ def run_suite(
             def step(x, y, sel, bseed, attack=attack, traces=traces, positions=positions,
                      label=label, frozen=frozen, stage_protocol=stage_protocol):
                 out = run_protocol(model, attack, x, y, stage_protocol, repeats=reps,
-                                   max_batch=max_batch, seed=bseed)
+                                   max_batch=max_batch, seed=bseed,
+                                   precision=attack_precision)
                 eot = int(getattr(attack, "eot_samples", 1)) if (
                     stochastic and stage_protocol == "fresh") else 1
                 traces.append(TraceSummary.from_recorder(out.recorder, attack, sel, eot))

@@ -32,7 +32,9 @@ initial weights in every process); the training stream is then seeded with ``see
 Defense hooks: recipe arguments a defense asks for (``model.recipe_defaults``, e.g. CAS's
 ``aux_weight``) are merged under ``cfg.train.recipe_args``.
 
-Speed options (``train.amp``, ``train.channels_last``, ``train.compile``): ``amp: bf16`` runs
+Speed options (``train.amp``, ``train.channels_last``, ``train.compile``): ``channels_last``
+(``auto`` by default: on the CPU for convolutional models, :mod:`advdefense.layout`) puts the
+4-D weights in channels_last, which carries the convolutions' activations. ``amp: bf16`` runs
 the recipe's outer loss under ``torch.autocast`` (CPU or CUDA); ``fp16`` adds a GradScaler and
 needs CUDA. The inner maximization runs in fp32 unless ``train.attack_precision: amp`` (see
 :mod:`advdefense.training.recipes`); on Ampere and later GPUs fp32 convolutions use TF32.
@@ -79,6 +81,7 @@ from ..config import ExperimentConfig, build_from_config, save_config, to_dict
 from ..data import as_tensors, load_split, loader_options
 from ..defenses import rna
 from ..errors import AdvDefenseError, CheckpointError, ConfigError
+from ..layout import to_channels_last
 from ..models.heads import forward_with_aux
 from ..randomness import seeded, stochastic_modules
 from . import distributed as D
@@ -234,8 +237,8 @@ class Trainer:
         if tc.init_from:
             init_from_checkpoint(model, tc.init_from)
         self.model = model.to(self.device)
-        if tc.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        to_channels_last(self.model, {True: "channels_last", False: "contiguous"}.get(
+            tc.channels_last, tc.channels_last))
         self.path_generator: torch.Generator | None = None
         if tc.sync_bn:
             self._sync_batchnorm()
@@ -405,8 +408,6 @@ class Trainer:
         must be in train mode (``fit`` sets it). Returns the recipe's logs."""
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        if self.cfg.train.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         step = self._step if self._compile_checked else self._first_step
         return step(self.recipe if recipe is None else recipe, x, y)
 
