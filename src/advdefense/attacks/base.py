@@ -206,8 +206,13 @@ class AttackRecorder:
 
     def saw(self, idx: torch.Tensor | None, adversarial: torch.Tensor) -> None:
         """Examples ``idx`` (all when ``None``) whose current iterate is adversarial."""
-        if idx is None:
-            idx = torch.arange(self.n, device=self.ever_adversarial.device)
+        if idx is None:  # the whole batch: masked updates, no host synchronisation
+            adversarial = adversarial.to(self.ever_adversarial.device)
+            if self.runs:
+                self.runs[-1].new = self.runs[-1].new + (adversarial
+                                                         & ~self.ever_adversarial).sum()
+            self.ever_adversarial |= adversarial
+            return
         hit = idx[adversarial]
         if self.runs:
             self.runs[-1].new = self.runs[-1].new + (~self.ever_adversarial[hit]).sum()
