@@ -33,6 +33,8 @@ def table(out_dir: Path) -> str:
             continue
         name = path.stem
         payload = json.loads(path.read_text())
+        if "rows" not in payload or "date_utc" not in payload:
+            continue  # another script's result (e.g. eot_vs_transfer.json)
         m = payload["machine"]
         parts.append(f"### {name}\n\n`{payload['command']}` — {payload['date_utc']}, "
                      f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
