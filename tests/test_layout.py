@@ -76,3 +76,25 @@ def test_same_robust_accuracy_as_contiguous(robust_model, mnist_test, contiguous
     # only the convolutions' float rounding differs: at most a borderline example or two
     assert int((a != b).sum()) <= 2
     assert 0.2 < float(b.float().mean()) < 0.98  # a robust model: the comparison means something
+
+
+def test_a_grey_scale_stem_runs_in_channels_last_too():
+    """A weight with one input channel is contiguous in both layouts; it must still get the
+    exact channels_last strides, or oneDNN runs the stem (and the layers after it up to the
+    next weight) in NCHW and copies the activations back and forth."""
+    model = make_smallcnn()
+    stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.weight.shape[1] == 1
+    before = stem.weight.stride()
+    outputs = []
+    hook = stem.register_forward_hook(lambda m, args, out: outputs.append(out))
+    try:
+        with layout.channels_last_weights(model):
+            c, h, w = stem.weight.shape[1:]
+            assert stem.weight.stride() == (c * h * w, 1, w * c, c)
+            model(torch.rand(4, 1, 28, 28))
+    finally:
+        hook.remove()
+    out = outputs[0]
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert stem.weight.stride() == before  # restored to the exact contiguous strides

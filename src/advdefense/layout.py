@@ -72,11 +72,21 @@ def to_channels_last(model: nn.Module, mode: str | None = None) -> list[nn.Param
     if wants_channels_last(model, mode):
         with torch.no_grad():
             for p in model.parameters():
-                if p.dim() == 4 and p.is_contiguous() and not p.is_contiguous(
-                        memory_format=torch.channels_last):
-                    p.data = p.data.contiguous(memory_format=torch.channels_last)
+                if p.dim() == 4 and p.is_contiguous() and p.stride() != _nhwc_strides(p.shape):
+                    p.data = p.data.clone(memory_format=torch.channels_last)
                     changed.append(p)
     return changed
+
+
+def _nhwc_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The exact channels_last strides of a 4-D shape. A weight with one input channel (the
+    stem of a grey-scale model) or a 1x1 kernel is contiguous in both layouts, and
+    ``.contiguous(memory_format=channels_last)`` leaves its contiguous strides; oneDNN then
+    reads it as contiguous and runs that convolution, and everything after it, in NCHW
+    until the next weight forces a conversion (a copy of the activations, forward and
+    backward). Cloning into these strides makes the layout unambiguous."""
+    n, c, h, w = shape
+    return (c * h * w, 1, w * c, c)
 
 
 @contextlib.contextmanager
@@ -89,4 +99,4 @@ def channels_last_weights(model: nn.Module, mode: str | None = None) -> Iterator
     finally:
         with torch.no_grad():
             for p in changed:
-                p.data = p.data.contiguous()
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
