@@ -443,3 +443,23 @@ def test_sync_free_and_selective_forwards_agree(granularity, train):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     for a, b in zip(b1, b2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["in", "gn_2"])
+def test_group_norm_types_keep_channels_last_and_values_on_the_cpu(kind):
+    """The CPU forward sends channels_last inputs of GroupNorm types through a contiguous copy
+    (a faster kernel): same output and gradient as the module on the contiguous input, and
+    the output is channels_last again for the convolution that follows."""
+    layer = RandomNormalization(4, ("bn", kind)).eval()
+    x = torch.randn(6, 4, 5, 5)
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xi = x.clone(memory_format=fmt).requires_grad_(True)
+        out = layer.forward_with_state(xi, RNAState(torch.tensor([1])))
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        outs.append((out, xi.grad))
+    assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    plain = layer.norm(kind)(x)
+    torch.testing.assert_close(outs[1][0], plain)

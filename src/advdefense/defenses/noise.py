@@ -203,6 +203,11 @@ class NoisyLayer(StochasticModule):
         extra = f", input_sample={self.input_sample}" if self.input_noise else ""
         return f"kind={self.kind}, where={where}, mode={self.mode}, rank={self.rank}{extra}"
 
+    @property
+    def cheap_groups(self) -> bool:  # type: ignore[override]
+        """Weight noise needs one kernel per draw group; input noise alone batches freely."""
+        return not self.weight_noise
+
     # -- randomness ---------------------------------------------------------------------
     def sample_state(self, x: torch.Tensor, groups: int) -> NoiseState:
         w = self.layer.weight

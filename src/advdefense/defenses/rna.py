@@ -247,6 +247,12 @@ class RandomNormalization(StochasticModule):
         mixed = "" if self.controller is None else ", mixed=False"
         return f"{self.channels}, space={self.space}, granularity={self.granularity!r}{mixed}"
 
+    @property
+    def cheap_groups(self) -> bool:  # type: ignore[override]
+        """Per-call paths give each draw group its own normalization (a pass per type);
+        per-sample paths cost the same whatever the groups."""
+        return self.granularity == "sample" or len(self.space) == 1
+
     def norm(self, kind: str) -> nn.Module:
         """The normalization layer of one type (e.g. ``layer.norm("bn")``)."""
         return self.norms[self.index(kind)]
@@ -364,12 +370,13 @@ class RandomNormalization(StochasticModule):
         else:
             used = torch.unique(rows).tolist()
         if len(used) == 1:
-            out = self.norms[used[0]](x).to(x.dtype)
+            out = _cpu_norm(self.norms[used[0]], x).to(x.dtype)
         else:
             out = x.new_empty(x.shape)
             for t in used:  # at most |space| sub-batches, never a loop over samples
                 sel = (rows == t).nonzero().squeeze(1)
-                out = out.index_copy(0, sel, self.norms[t](x.index_select(0, sel)).to(x.dtype))
+                out = out.index_copy(0, sel,
+                                     _cpu_norm(self.norms[t], x.index_select(0, sel)).to(x.dtype))
         # in training, the types nobody drew take part with a zero gradient, as in the merged
         # forward (same optimizer behaviour; no unused parameters under DDP)
         idle = [p for t, m in enumerate(self.norms) if t not in used for p in m.parameters()
@@ -390,6 +397,17 @@ class RandomNormalization(StochasticModule):
             return None
         group = dist.group.WORLD if group is None else group
         return group if dist.get_world_size(group) > 1 else None
+
+
+def _cpu_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` on the CPU. GroupNorm's CPU kernel is slow on channels_last inputs (smallcnn
+    activations, 8 x 32 x 28 x 28, forward + backward: 1.40 ms against 0.84 ms through a
+    contiguous copy, 2 threads), so such an input goes through a contiguous copy and comes
+    back in channels_last."""
+    if (isinstance(norm, nn.GroupNorm) and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return norm(x.contiguous()).contiguous(memory_format=torch.channels_last)
+    return norm(x)
 
 
 class _AllReduceSum(torch.autograd.Function):
