@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["MODES", "channels_last_weights", "get_memory_format", "set_memory_format",
-           "to_channels_last", "wants_channels_last"]
+__all__ = ["MODES", "channels_last_weights", "get_memory_format", "match_layout",
+           "set_memory_format", "to_channels_last", "wants_channels_last"]
 
 MODES = ("auto", "channels_last", "contiguous")
 _mode = "auto"
@@ -76,6 +76,15 @@ def to_channels_last(model: nn.Module, mode: str | None = None) -> list[nn.Param
                     p.data = p.data.clone(memory_format=torch.channels_last)
                     changed.append(p)
     return changed
+
+
+def match_layout(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` in exact channels_last strides when ``ref`` (a weight) has them and ``t`` (a value
+    computed from it, such as a noisy weight) lost them; otherwise ``t`` itself."""
+    if (t.dim() == 4 and ref.dim() == 4 and ref.stride() == _nhwc_strides(ref.shape)
+            and t.shape == ref.shape and t.stride() != ref.stride()):
+        return t.clone(memory_format=torch.channels_last)
+    return t
 
 
 def _nhwc_strides(shape: torch.Size) -> tuple[int, ...]:

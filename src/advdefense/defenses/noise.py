@@ -67,6 +67,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ConfigError
+from ..layout import match_layout
 from ..randomness import StochasticModule
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,9 @@ class NoisyLayer(StochasticModule):
     def _noisy_weight_forward(self, x: torch.Tensor, state: NoiseState) -> torch.Tensor:
         """The wrapped layer with the weight noise of a one-group ``state``."""
         layer = self.layer
-        weight = layer.weight + self.weight_noise_tensor(state)[0]
+        # a grey-scale stem's channels_last weight is contiguous in both layouts: keep its
+        # exact strides, or the convolution (and those after it) would run in NCHW
+        weight = match_layout(layer.weight + self.weight_noise_tensor(state)[0], layer.weight)
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, layer.bias)
         return layer._conv_forward(x, weight, layer.bias)
