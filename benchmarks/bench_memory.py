@@ -40,8 +40,11 @@ def child(path: str, model_name: str, n: int, k: int, max_batch: int, threads: i
     import torch
     from bench_eot import stochastic
 
+    from advdefense import randomness
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    randomness.CPU_ROWS = None  # ``max_batch`` is the one row budget under test
     x, y = common.batch(model_name, n)
     if path == "eot":
         from advdefense.attacks import eot_loss_grad

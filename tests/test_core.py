@@ -212,10 +212,14 @@ def test_out_of_memory_halves_the_chunk_and_keeps_the_draws():
     assert torch.allclose(d0, d1, atol=1e-6) and torch.allclose(g0, g1, atol=1e-6)
 
 
-def test_rna_shared_paths_stay_shared_under_seeded_draw_groups():
+def test_rna_shared_paths_stay_shared_under_seeded_draw_groups(monkeypatch):
     """mixed=False: every RNA layer of one draw uses the same type, also when each draw group
     is drawn under its own seed; the groups differ and the draws do not depend on chunking."""
+    from advdefense import randomness
     from advdefense.defenses import rna
+
+    # the draws stacked in one pass (the CPU default for per-call paths is a pass per draw)
+    monkeypatch.setattr(randomness, "groups_batch_cheaply", lambda model: True)
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),

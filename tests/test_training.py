@@ -275,7 +275,10 @@ def test_predicted_label_attack_and_clean_weight(batch):
                                         rel=1e-4)
 
 
-def test_eot_training_attack_averages_draws(batch):
+def test_eot_training_attack_averages_draws(batch, monkeypatch):
+    from advdefense import randomness
+
+    monkeypatch.setattr(randomness, "CPU_ROWS", None)  # all draws of a step in one pass
     x, y = batch
     model, noise = noisy_model()
     cfg = AttackConfig(eps=0.3, steps=2, step_size=0.1, eot_samples=4)
