@@ -127,10 +127,15 @@ def test_nattack_uses_probabilities_of_a_smoothed_model(standard_model, mnist_te
         torch.testing.assert_close(logp, probs.clamp_min(1e-12).log())  # not log_softmax
         torch.testing.assert_close(attack._log_probs(standard_model, x, 1, AttackRecorder(3)),
                                    standard_model(x).log_softmax(1))
+    seen = []  # rows the smoothed model really classified (its scores and its votes)
+    sample_logits = smooth.sample_logits
+    smooth.sample_logits = lambda xs: (seen.append(xs.shape[0]), sample_logits(xs))[1]
     x_adv = attack(smooth, x, y)
     assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 0.3 + 1e-6
-    # queries: 3 mean checks per step at most plus 10 candidates per active example per step
-    assert 0 < attack.trace.forward_rows <= 2 * 3 + 2 * 3 * 10
+    # the queries counted are the queries made: mean checks, candidates and the confirmations
+    # of candidates on fresh draws
+    assert attack.trace.forward_rows == sum(seen) > 0
+    assert attack.trace.forward_rows <= 2 * 3 + 2 * 3 * 10 + 2 * 2 * 3 * attack.confirm_draws
     with pytest.raises(AdvDefenseError):
         NAttack(eps=0.1, norm="l2")
 
