@@ -2,8 +2,8 @@
 
 ``SmoothedClassifier(base, sigma=0.25, m=m).predict(x)`` (hard vote) on ``--batch`` images,
 m = 100 and 512, against the raw limit: ``m x batch`` rows of plain ``base`` forwards under
-``torch.no_grad`` in chunks of the same row budget (no noise, no voting). Images/s =
-images classified per second.
+``torch.no_grad`` in chunks of the same rows per pass (``max_batch``, capped on the CPU by
+``randomness.CPU_ROWS`` as ours is), with no noise and no voting. Images/s = images classified per second.
 
 Run: ``python benchmarks/bench_smoothing.py``
 """
@@ -19,12 +19,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from advdefense import randomness  # noqa: E402
 from advdefense.defenses.smoothing import SmoothedClassifier  # noqa: E402
 
 
 def limit_fn(model, x, m, max_batch):
     n = x.shape[0]
-    per_pass = max(1, max_batch // n)
+    rows = max_batch
+    if x.device.type == "cpu" and randomness.CPU_ROWS is not None:
+        rows = min(rows, randomness.CPU_ROWS)
+    per_pass = max(1, rows // n)
     sizes = {min(per_pass, m - k0) for k0 in range(0, m, per_pass)}
     reps = {kc: x.repeat(kc, 1, 1, 1) for kc in sizes}
 
