@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     ms = [int(m) for m in args.smooth_ms.split(",")]
     n, smooth_n = args.batch, args.smooth_batch
     if args.quick:
-        ks, ms, n, smooth_n, args.max_batch = [1, 2, 4], [4, 16], 2, 2, 4
+        ks, ms, n, smooth_n, args.max_batch = [2, 4], [4, 16], 2, 2, 4
     rows, detail = [], {}
     series = [("eot", f"EOT chunked, max_batch {args.max_batch}", n, ks, lambda k: args.max_batch),
               ("eot", "EOT unchunked, max_batch = k x batch", n, ks, lambda k: k * n)]

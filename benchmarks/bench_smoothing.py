@@ -3,7 +3,8 @@
 ``SmoothedClassifier(base, sigma=0.25, m=m).predict(x)`` (hard vote) on ``--batch`` images,
 m = 100 and 512, against the raw limit: ``m x batch`` rows of plain ``base`` forwards under
 ``torch.no_grad`` in chunks of the same rows per pass (``max_batch``, capped on the CPU by
-``randomness.CPU_ROWS`` as ours is), with no noise and no voting. Images/s = images classified per second.
+``randomness.CPU_ROWS`` as ours is), with no noise and no voting. Images/s = images
+classified per second.
 
 Run: ``python benchmarks/bench_smoothing.py``
 """

@@ -58,8 +58,8 @@ def test_apgd_ce_not_weaker_than_torchattacks(robust_model, mnist_test):
 def test_standard_cascade_not_weaker_than_torchattacks_autoattack(robust_model, mnist_test):
     """APGD-CE -> APGD-T -> FAB-T -> Square, each on the examples still robust (per-example
     worst case), against torchattacks.AutoAttack(version='standard') with 100-step APGD,
-    APGD-T and FAB-T. To keep the test short: 24 examples and 500 Square queries in both."""
-    x, y = mnist_test[0][:24], mnist_test[1][:24]
+    APGD-T and FAB-T. To keep the test short: 16 examples and 500 Square queries in both."""
+    x, y = mnist_test[0][:16], mnist_test[1][:16]
     queries = 500
     robust = correct(robust_model, x, y)
     for atk in (APGD(eps=EPS, seed=0), APGDT(eps=EPS, seed=0), FABT(eps=EPS, seed=0),

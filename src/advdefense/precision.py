@@ -6,20 +6,27 @@ CPUs with avx512_bf16/AMX and on GPUs); the losses (:mod:`advdefense.attacks.los
 steps and the projections stay in fp32, and every verdict that decides robust accuracy is made
 in fp32 outside autocast. A bf16 attack can only be weaker, never report a lower accuracy
 than the model has: ``benchmarks/bench_bf16.py`` measures both its speed and its robust
-accuracy beside fp32 on a trained model.
+accuracy beside fp32 on a trained model. On a CPU without bf16 instructions autocast is
+emulated and much slower than fp32 (14x for PGD on a 2-core AVX2 machine): a warning says so
+once per process (:func:`warn_if_bf16_emulated`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 
 import torch
 
 from .errors import AdvDefenseError
 
-__all__ = ["PRECISIONS", "attack_autocast", "check_precision"]
+__all__ = ["PRECISIONS", "attack_autocast", "bf16_is_native", "check_precision",
+           "warn_if_bf16_emulated"]
 
 PRECISIONS = ("fp32", "bf16")
+_log = logging.getLogger(__name__)
+_warned = False
 
 
 def check_precision(precision: str) -> str:
@@ -33,4 +40,28 @@ def attack_autocast(precision: str, device: torch.device | str):
     """The context an attack runs in: bf16 autocast on ``device``, or nothing for fp32."""
     if check_precision(precision) == "fp32":
         return contextlib.nullcontext()
+    warn_if_bf16_emulated(device)
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def bf16_is_native(device: torch.device | str) -> bool:
+    """Whether bf16 convolutions run on bf16 instructions here: always on CUDA; on the CPU
+    where oneDNN finds avx512_bf16 or AMX."""
+    return torch.device(device).type != "cpu" or _cpu_has_bf16()
+
+
+@functools.cache
+def _cpu_has_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def warn_if_bf16_emulated(device: torch.device | str) -> bool:
+    """Log one warning per process when bf16 would be emulated on ``device`` (slower than
+    fp32); returns whether it is."""
+    global _warned
+    emulated = not bf16_is_native(device)
+    if emulated and not _warned:
+        _warned = True
+        _log.warning("this CPU has no bf16 instructions (avx512_bf16 or AMX): bf16 autocast is "
+                     "emulated and runs slower than fp32; use fp32 here")
+    return emulated

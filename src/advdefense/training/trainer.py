@@ -83,6 +83,7 @@ from ..defenses import rna
 from ..errors import AdvDefenseError, CheckpointError, ConfigError
 from ..layout import to_channels_last
 from ..models.heads import forward_with_aux
+from ..precision import warn_if_bf16_emulated
 from ..randomness import seeded, stochastic_modules
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
@@ -378,6 +379,8 @@ class Trainer:
         if amp is None:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        if amp == "bf16":
+            warn_if_bf16_emulated(self.device)
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def _step(self, recipe: Recipe, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
