@@ -202,12 +202,15 @@ def speed_ratio(times: dict[str, list[float]], ours: str, ref: str) -> float:
 
 def alt_ratios(times: dict[str, list[float]], ours: str, ref: str, *,
                time_ratio: bool = False) -> dict[str, float]:
-    """Two cross-checks of the headline ratio, stored beside it: ``ratio_best`` from the
-    fastest round of each side (contention only ever slows a round down) and ``ratio_cpu``
-    from process CPU seconds (median of per-round ratios). ``time_ratio``: ours/ref (for
-    step-time and memory-like rows) instead of ref/ours."""
+    """Cross-checks of the headline ratio, stored beside it: ``ratio_best`` from the
+    fastest round of each side (contention only ever slows a round down), ``ratio_range``
+    (lowest and highest per-round ratio: how much the machine moved the rounds) and
+    ``ratio_cpu`` from process CPU seconds (median of per-round ratios). ``time_ratio``:
+    ours/ref (for step-time and memory-like rows) instead of ref/ours."""
     a, b = (ours, ref) if time_ratio else (ref, ours)
-    out = {"ratio_best": min(times[a]) / min(times[b])}
+    per_round = [x / y for x, y in zip(times[a], times[b], strict=True)]
+    out = {"ratio_best": min(times[a]) / min(times[b]),
+           "ratio_range": [min(per_round), max(per_round)]}
     if CPU_TIMES.get(a) and CPU_TIMES.get(b) and min(CPU_TIMES[b]) > 0:
         out["ratio_cpu"] = paired_ratio(CPU_TIMES[a], CPU_TIMES[b])
     return out
@@ -255,10 +258,14 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
+def _range(lo_hi: list[float] | None) -> str:
+    return "-" if not lo_hi else f"{fmt(lo_hi[0])}-{fmt(lo_hi[1])}"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ("| benchmark | model | setting | metric | ours | reference | ref value | ratio "
-            "| ratio (best rounds) | goal | met |")
-    sep = "|" + "---|" * 11
+            "| ratio (best rounds) | rounds' range | goal | met |")
+    sep = "|" + "---|" * 12
     lines = [head, sep]
     for r in rows:
         goal = "-" if r["goal"] is None else (("≥ " if r.get("higher_is_better", True) else "≤ ")
@@ -266,8 +273,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         met = {True: "met", False: "missed", None: "-"}[r["met"]]
         lines.append("| " + " | ".join([r["benchmark"], r["model"], r["setting"], r["metric"],
                                          fmt(r["ours"]), r["reference"], fmt(r["ref_value"]),
-                                         fmt(r["ratio"]), fmt(r.get("ratio_best")), goal,
-                                         met]) + " |")
+                                         fmt(r["ratio"]), fmt(r.get("ratio_best")),
+                                         _range(r.get("ratio_range")), goal, met]) + " |")
     return "\n".join(lines)
 
 
