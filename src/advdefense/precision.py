@@ -7,8 +7,8 @@ steps and the projections stay in fp32, and every verdict that decides robust ac
 in fp32 outside autocast. A bf16 attack can only be weaker, never report a lower accuracy
 than the model has: ``benchmarks/bench_bf16.py`` measures both its speed and its robust
 accuracy beside fp32 on a trained model. On a CPU without bf16 instructions autocast is
-emulated and much slower than fp32 (14x for PGD on a 2-core AVX2 machine): a warning says so
-once per process (:func:`warn_if_bf16_emulated`).
+emulated and much slower than fp32 (11-17x for PGD and training steps on a 2-core AVX2 machine):
+a warning says so once per process (:func:`warn_if_bf16_emulated`).
 """
 
 from __future__ import annotations
