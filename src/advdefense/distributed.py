@@ -88,6 +88,7 @@ def init_from_env(device_type: str = "cpu") -> DistContext:
                               "PyTorch build; run a single process")
     rk = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rk)))
+    _set_local_device(local)
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local,
                            dist.get_backend(), False)
@@ -96,11 +97,17 @@ def init_from_env(device_type: str = "cpu") -> DistContext:
             raise AdvDefenseError(f"WORLD_SIZE={world} but {var} is not set; launch with "
                                   "torchrun --nproc_per_node=N -m advdefense train|evaluate ...")
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
     dist.init_process_group(backend=backend, rank=rk, world_size=world)
     log.info("joined process group: rank %d of %d (%s)", rk, world, backend)
     return DistContext(rk, world, local, backend, True)
+
+
+def _set_local_device(local: int) -> None:
+    """Make ``cuda:LOCAL_RANK`` the current device whenever CUDA is present, whatever the
+    backend: code that uses "the current device" (default ``cuda`` tensors, the current
+    device's generator) then works on this process's own GPU, not on GPU 0."""
+    if torch.cuda.is_available() and local < torch.cuda.device_count():
+        torch.cuda.set_device(local)
 
 
 def cleanup(ctx: DistContext) -> None:

@@ -29,6 +29,11 @@ call**. Callers control it from outside, for the whole model at once:
     wraps a model that is random without :class:`StochasticModule` layers (it draws from the
     torch RNG on every call): each draw group becomes a separate, seeded forward call, so
     ``draw_groups``, ``freeze`` and ``seeded`` hold for it too.
+``row_randn`` / ``row_randint``
+    per-row randomness (input noise, a normalization type per example): inside seeded draw
+    groups row ``r`` of draw ``j`` comes from (the draw's seed, the aligned block of
+    :data:`ROW_BLOCK` examples that holds ``r``'s *global* index), so an example gets the same
+    noise whichever chunk of a batch it lands in, and two examples never share it.
 
 Subclasses implement two methods:
 
@@ -53,6 +58,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -69,11 +75,19 @@ __all__ = [
     "seeded",
     "is_stochastic",
     "stochastic_modules",
+    "controlled_modules",
     "get_states",
     "current_seeds",
     "batched_draws_supported",
     "groups_batch_cheaply",
     "replicated_forward",
+    "DrawOutputs",
+    "learned_row_limit",
+    "row_randn",
+    "row_randint",
+    "rng_devices",
+    "current_row_start",
+    "ROW_BLOCK",
     "SeededRandomness",
     "probe_randomness",
     "draw_seed",
@@ -112,12 +126,33 @@ def draw_seed(base: int, index: int, salt: int = 0) -> int:
     return (h * 0xBF58476D1CE4E5B9) & _MASK
 
 
-def seed_current(seed: int) -> None:
-    """Seed the CPU generator and the current CUDA device's (not every device's, so a forked
-    RNG that restores one device leaves the others untouched)."""
+def seed_current(seed: int, device: torch.device | str | None = None) -> None:
+    """Seed the CPU generator and the generator of ``device`` (the device the draws are made
+    on; a CUDA tensor on ``cuda:1`` draws from ``cuda:1``'s generator whatever the current
+    device is). ``device=None`` seeds the current CUDA device's generator, if CUDA is in use.
+    Only these two are touched, so a forked RNG that restores one device leaves the others
+    untouched."""
     torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.manual_seed(seed)
+    dev = None if device is None else torch.device(device)
+    if dev is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.manual_seed(seed)
+    elif dev.type == "cuda":
+        with torch.cuda.device(dev):
+            torch.cuda.manual_seed(seed)
+    elif dev.type != "cpu":
+        accel = getattr(torch, dev.type, None)
+        if accel is not None and hasattr(accel, "manual_seed"):
+            accel.manual_seed(seed)
+
+
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA device indices :func:`torch.random.fork_rng` must save for draws on
+    ``device`` (the device's own index, never the current device's by default)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return []
+    return [dev.index if dev.index is not None else torch.cuda.current_device()]
 
 
 def fresh_seed() -> int:
@@ -125,23 +160,91 @@ def fresh_seed() -> int:
     return int(torch.randint(0, 2**62, (1,), generator=None).item())
 
 
+def current_row_start() -> int:
+    """Global index of the first example of the current pass (0 outside a chunked call)."""
+    return getattr(_local, "row_start", 0)
+
+
 @contextlib.contextmanager
-def draw_groups(groups: int, seeds: Sequence[int] | None = None) -> Iterator[None]:
+def draw_groups(groups: int, seeds: Sequence[int] | None = None, *,
+                row_start: int = 0) -> Iterator[None]:
     """Treat each batch as ``groups`` stacked copies that get independent randomness.
 
     ``seeds`` (one per group): each group's draw is made under its own seed, so a draw does
-    not depend on which other groups share the forward pass.
+    not depend on which other groups share the forward pass. ``row_start``: the global index
+    of the pass's first example (each copy holds the same examples), so per-row draws
+    (:func:`row_randn`) do not depend on how a batch is split into example chunks.
     """
     if groups < 1:
         raise ValueError(f"groups must be >= 1, got {groups}")
     if seeds is not None and len(seeds) != groups:
         raise ValueError(f"got {len(seeds)} seeds for {groups} draw groups")
-    previous = current_groups(), current_seeds(), getattr(_local, "calls", 0)
-    _local.groups, _local.seeds, _local.calls = groups, seeds, 0
+    previous = (current_groups(), current_seeds(), getattr(_local, "calls", 0),
+                current_row_start())
+    _local.groups, _local.seeds, _local.calls, _local.row_start = groups, seeds, 0, row_start
     try:
         yield
     finally:
-        _local.groups, _local.seeds, _local.calls = previous
+        _local.groups, _local.seeds, _local.calls, _local.row_start = previous
+
+
+#: Examples per block of per-row randomness: inside seeded draw groups the per-row draws of a
+#: block of this many consecutive global example indices come from one seed, so they are the
+#: same whichever example chunk (``max_batch``) the rows land in. Example chunks of
+#: :func:`replicated_forward` are aligned to it where they are at least this long.
+ROW_BLOCK = 32
+
+
+@contextlib.contextmanager
+def _row_context(seed: int | None, call: int, start: int) -> Iterator[None]:
+    previous = getattr(_local, "row_ctx", None)
+    _local.row_ctx = None if seed is None else (int(seed), int(call), int(start))
+    try:
+        yield
+    finally:
+        _local.row_ctx = previous
+
+
+def _row_blocks(rows: int, draw: Callable[[torch.Generator, int], torch.Tensor],
+                device: torch.device) -> torch.Tensor | None:
+    """Rows ``[start, start + rows)`` of the per-row draw of the current seeded group, made
+    block by block from (group seed, block index, layer call); ``None`` outside seeded
+    groups. ``draw(generator, n)`` makes ``n`` rows."""
+    ctx = getattr(_local, "row_ctx", None)
+    if ctx is None:
+        return None
+    seed, call, start = ctx
+    gen = torch.Generator(device=device)
+    parts = []
+    first, last = start // ROW_BLOCK, (start + rows - 1) // ROW_BLOCK
+    for b in range(first, last + 1):      # a loop over blocks of examples, not examples
+        gen.manual_seed(draw_seed(seed, b + 1, call))
+        block = draw(gen, ROW_BLOCK)
+        lo = max(start, b * ROW_BLOCK) - b * ROW_BLOCK
+        hi = min(start + rows, (b + 1) * ROW_BLOCK) - b * ROW_BLOCK
+        parts.append(block[lo:hi])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def row_randn(shape: Sequence[int], *, device: torch.device | str, dtype: torch.dtype
+              ) -> torch.Tensor:
+    """``torch.randn(shape)`` with rows first. Inside a seeded draw group (a layer's
+    :meth:`StochasticModule.sample_seeded`) row ``r`` is drawn by global example index (see
+    :data:`ROW_BLOCK`), so it does not repeat across example chunks and does not depend on
+    them; elsewhere it is a plain draw from the global RNG."""
+    shape = tuple(int(d) for d in shape)
+    dev = torch.device(device)
+    out = _row_blocks(shape[0], lambda g, n: torch.randn((n, *shape[1:]), generator=g,
+                                                         device=dev, dtype=dtype), dev)
+    return torch.randn(shape, device=dev, dtype=dtype) if out is None else out
+
+
+def row_randint(high: int, rows: int, *, device: torch.device | str) -> torch.Tensor:
+    """``torch.randint(high, (rows,))``, per row as :func:`row_randn`."""
+    dev = torch.device(device)
+    out = _row_blocks(rows, lambda g, n: torch.randint(high, (n,), generator=g, device=dev),
+                      dev)
+    return torch.randint(high, (rows,), device=dev) if out is None else out
 
 
 @contextlib.contextmanager
@@ -181,13 +284,16 @@ class StochasticModule(nn.Module):
     def sample_seeded(self, x: torch.Tensor, seeds: Sequence[int], call: int) -> Any:
         """The state of ``len(seeds)`` draw groups, group ``j`` drawn under its own seed
         (and ``call``, this layer's position in the forward pass): one ``sample_state(rows,
-        1)`` per group, joined by :meth:`merge_states`. Layers whose draws are shared between
-        layers override it."""
+        1)`` per group, joined by :meth:`merge_states`. Per-row parts of a state are drawn
+        with :func:`row_randn` / :func:`row_randint`, which then key them by global example
+        index. Layers whose draws are shared between layers override it."""
         rows = x.shape[0] // len(seeds)
+        start = current_row_start()
         states = []
         for j, s in enumerate(seeds):
-            seed_current(draw_seed(s, 0, call))
-            states.append(self.sample_state(x[j * rows : (j + 1) * rows], 1))
+            seed_current(draw_seed(s, 0, call), x.device)
+            with _row_context(s, call, start):
+                states.append(self.sample_state(x[j * rows : (j + 1) * rows], 1))
         return states[0] if len(states) == 1 else self.merge_states(states)
 
     def merge_states(self, states: list[Any]) -> Any:
@@ -242,9 +348,34 @@ def _merge(states: list[Any]) -> Any:
                     "merge_states")
 
 
+def controlled_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` whose randomness this mechanism controls, in module order.
+
+    Like ``model.modules()``, except below a module that owns the randomness of its subtree:
+    a module with a method ``controlled_children()`` contributes only the children it names
+    (a :class:`~advdefense.defenses.smoothing.SmoothedClassifier` names its Monte-Carlo draw
+    seeds, which replay every draw of its base, weight noise included), and a
+    :class:`SeededRandomness` none (its seed replays the wrapped model's draws)."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(m: nn.Module) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        out.append(m)
+        owned = getattr(m, "controlled_children", None)
+        for child in (owned() if callable(owned) else m.children()):
+            visit(child)
+
+    visit(model)
+    return out
+
+
 def stochastic_modules(model: nn.Module) -> list[StochasticModule]:
-    """All stochastic layers of ``model`` in module order."""
-    return [m for m in model.modules() if isinstance(m, StochasticModule)]
+    """The stochastic layers of ``model`` that :func:`freeze`, :func:`get_states` and the
+    seeded draws act on (module order; see :func:`controlled_modules`)."""
+    return [m for m in controlled_modules(model) if isinstance(m, StochasticModule)]
 
 
 def _declares_random(module: nn.Module) -> bool:
@@ -256,7 +387,7 @@ def is_stochastic(model: nn.Module) -> bool:
     """True if ``model`` holds, anywhere, a stochastic layer that is not frozen, or a module
     that declares itself random with an attribute ``stochastic = True`` (for wrappers that
     are random without holding a :class:`StochasticModule`)."""
-    for m in model.modules():
+    for m in controlled_modules(model):
         if isinstance(m, StochasticModule):
             if not m.frozen:
                 return True
@@ -268,10 +399,11 @@ def is_stochastic(model: nn.Module) -> bool:
 def batched_draws_supported(model: nn.Module) -> bool:
     """True if every random part of ``model`` honours :func:`draw_groups`: it is a
     :class:`StochasticModule`, or a module declaring ``stochastic = True`` also declares
-    ``batched_draws = True`` (it splits the groups itself). Otherwise independent draws need
-    separate forward calls (:func:`replicated_forward` makes them)."""
+    ``batched_draws = True`` (it splits the groups itself), or it sits inside a
+    :class:`SeededRandomness` (which makes one seeded call per group). Otherwise independent
+    draws need separate forward calls (:func:`replicated_forward` makes them)."""
     return not any(_declares_random(m) and not getattr(m, "batched_draws", False)
-                   for m in model.modules())
+                   for m in controlled_modules(model))
 
 
 def groups_batch_cheaply(model: nn.Module) -> bool:
@@ -323,6 +455,50 @@ def freeze(model: nn.Module, states: list[Any] | None = None) -> Iterator[nn.Mod
 CPU_ROWS: int | None = 128
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    """A device allocation failure: ``torch.OutOfMemoryError``, or a cuDNN/cuBLAS/CUDA error
+    raised when their workspace could not be allocated."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    if not isinstance(err, RuntimeError):
+        return False
+    text = str(err)
+    return ("ALLOC_FAILED" in text or "CUDA out of memory" in text
+            or "CUBLAS_STATUS_NOT_INITIALIZED" in text)
+
+
+# The largest pass (in rows) that ran out of memory, halved, per model (keyed by its first
+# module with parameters, which wrappers such as a noisy view share): later chunks and later
+# calls on the same model start there instead of running out of memory again.
+_row_limits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _limit_key(model: nn.Module) -> nn.Module:
+    return next((m for m in model.modules()
+                 if next(m.parameters(recurse=False), None) is not None), model)
+
+
+def learned_row_limit(model: nn.Module) -> int | None:
+    """Rows per pass that :func:`replicated_forward` learned to fit for ``model`` after an
+    out-of-memory error (``None``: none yet)."""
+    return _row_limits.get(_limit_key(model))
+
+
+def _plan(start: int, m: int, k0: int, kc: int, rows: int, batched: bool
+          ) -> list[tuple[int, int, int, int]]:
+    """Passes (start, examples, first draw, draws) covering ``m`` examples from ``start``
+    and draws ``k0..k0+kc``, at most ``rows`` rows each; example splits fall on multiples of
+    :data:`ROW_BLOCK` where a pass holds at least one block."""
+    if m > rows:
+        step = rows if rows < ROW_BLOCK else rows - rows % ROW_BLOCK
+        out = []
+        for s0 in range(start, start + m, step):
+            out += _plan(s0, min(step, start + m - s0), k0, kc, rows, batched)
+        return out
+    per_pass = max(1, rows // m) if batched else 1
+    return [(start, m, j, min(per_pass, k0 + kc - j)) for j in range(k0, k0 + kc, per_pass)]
+
+
 def replicated_forward(
     model: nn.Module,
     x: torch.Tensor,
@@ -336,36 +512,47 @@ def replicated_forward(
 
     For every chunk, ``body(x_rep, start, k0, kc)`` is called with ``x_rep`` = rows
     ``x[start:start+m]`` stacked ``kc`` times (copy ``j`` of the chunk is draw ``k0 + j``),
-    inside ``draw_groups(kc, seeds)``; ``body`` runs the model (and any backward pass) itself,
-    so memory is bounded by ``max_batch`` rows (and :data:`CPU_ROWS` on CPU). A chunk that runs
-    out of device memory (``torch.OutOfMemoryError``) is halved and retried, with the same
-    draws; ``body`` must therefore accumulate its results only after its last allocation.
+    inside ``draw_groups(kc, seeds, row_start=...)``; ``body`` runs the model (and any
+    backward pass) itself, so memory is bounded by ``max_batch`` rows (and :data:`CPU_ROWS`
+    on CPU). A chunk that runs out of device memory (:func:`_is_out_of_memory`) is halved and
+    retried with the same draws, and the halved size is kept for the rest of the call and for
+    later calls on the same model (:func:`learned_row_limit`). ``body`` must therefore
+    accumulate its results only after its last allocation, and by index (``start``, ``k0``):
+    chunks of one call need not have the same shape (:class:`DrawOutputs` collects them).
 
     Draw ``j`` is seeded from (``seed``, ``j``); ``seed=None`` takes one integer from the
-    global RNG, so consecutive calls get fresh draws and a seeded caller is reproducible. The
-    draws therefore do not depend on the chunking. A model whose randomness does not honour
-    ``draw_groups`` (:func:`batched_draws_supported` is False) gets one forward call per draw
-    inside ``body`` (``kc = 1`` chunks), seeded the same way. The global RNG is restored after
-    each chunk, so chunking never shifts the caller's random stream.
+    global RNG, so consecutive calls get fresh draws and a seeded caller is reproducible.
+    Per-row randomness is keyed by global example index (:func:`row_randn`; a call made
+    inside another pass continues that pass's index), so it repeats across no two examples and
+    the draws do not depend on the chunking: ``max_batch`` is only a memory setting. A model
+    whose randomness does not honour ``draw_groups`` (:func:`batched_draws_supported` is
+    False) gets one forward call per draw inside ``body`` (``kc = 1`` chunks), seeded the same
+    way. The generators of the CPU and of ``x``'s device are restored after each chunk, so
+    chunking never shifts the caller's random stream.
     """
     n = x.shape[0]
     k = max(1, int(copies))
     if n == 0:
         return
     base = fresh_seed() if seed is None else int(seed)
-    ex_chunk = max(1, min(n, int(max_batch)))
-    rows = int(max_batch)
+    offset = current_row_start()
+    rows = max(1, int(max_batch))
     if x.device.type == "cpu" and CPU_ROWS is not None:
-        rows = min(rows, CPU_ROWS)
+        rows = min(rows, max(CPU_ROWS, min(n, rows)))  # a pass holds all its examples once
+    key = _limit_key(model)
+    learned = _row_limits.get(key)
+    if learned is not None:
+        rows = min(rows, learned)
     batched = batched_draws_supported(model)
     if x.device.type == "cpu" and not groups_batch_cheaply(model):
         batched = False  # one draw per pass: the per-group kernels cost more than they save
-    devices = [x.device.index or 0] if x.device.type == "cuda" else []
-    work: list[tuple[int, int, int, int]] = []      # (start, rows, first draw, draws)
-    for start in range(0, n, ex_chunk):
-        m = min(ex_chunk, n - start)
-        per_pass = max(1, rows // m) if batched else 1
-        work += [(start, m, k0, min(per_pass, k - k0)) for k0 in range(0, k, per_pass)]
+    devices = rng_devices(x.device)
+    step = min(n, max(1, int(max_batch)), rows)
+    if step < n and step >= ROW_BLOCK:
+        step -= step % ROW_BLOCK   # example chunks on block boundaries
+    work = []
+    for start in range(0, n, step):
+        work += _plan(start, min(step, n - start), 0, k, rows, batched)
     work.reverse()
     while work:
         start, m, k0, kc = work.pop()
@@ -373,37 +560,65 @@ def replicated_forward(
         seeds = [draw_seed(base, k0 + j) for j in range(kc)]
         xr = xs.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xs
         try:
-            with torch.random.fork_rng(devices=devices), draw_groups(kc, seeds):
-                seed_current(seeds[0])
+            with (torch.random.fork_rng(devices=devices),
+                  draw_groups(kc, seeds, row_start=offset + start)):
+                seed_current(seeds[0], x.device)
                 body(xr, start, k0, kc)
-        except torch.OutOfMemoryError:
-            if kc == 1 and m == 1:
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_out_of_memory(err) or kc * m == 1:
                 raise
             del xr
             if x.device.type == "cuda":
                 torch.cuda.empty_cache()
-            _log.warning("out of memory at %d rows: halving the chunk and retrying", kc * m)
-            if kc > 1:  # the same draws, in two passes
-                h = kc // 2
-                work += [(start, m, k0 + h, kc - h), (start, m, k0, h)]
-            else:
-                h = m // 2
-                work += [(start + h, m - h, k0, kc), (start, h, k0, kc)]
+            rows = max(1, (kc * m) // 2)
+            _row_limits[key] = min(rows, _row_limits.get(key, rows))
+            _log.warning("out of memory at %d rows: passes of at most %d rows from now on",
+                         kc * m, rows)
+            # the same draws and examples, re-planned at the new size, in order
+            remaining = [item for w in reversed(work) for item in
+                         (_plan(*w, rows, batched) if w[1] * w[3] > rows else [w])]
+            work = list(reversed(_plan(start, m, k0, kc, rows, batched) + remaining))
+
+
+class DrawOutputs:
+    """Per-draw outputs of a :func:`replicated_forward` call, collected by index into one
+    ``(copies, n, ...)`` tensor, whatever the shapes of the chunks (out-of-memory halving can
+    change them in the middle of a call)."""
+
+    def __init__(self, copies: int, n: int) -> None:
+        self.copies, self.n = max(1, int(copies)), int(n)
+        self.value: torch.Tensor | None = None
+
+    def put(self, out: torch.Tensor, start: int, k0: int, kc: int) -> None:
+        """Store ``out`` (``kc * m`` rows, copy-major) as draws ``k0..k0+kc`` of examples
+        ``start..start+m``."""
+        m = out.shape[0] // kc
+        if self.value is None:
+            self.value = out.new_empty((self.copies, self.n, *out.shape[1:]))
+        self.value[k0 : k0 + kc, start : start + m] = out.reshape(kc, m, *out.shape[1:])
 
 
 class SeededRandomness(StochasticModule):
     """A model that is random without :class:`StochasticModule` layers, made controllable.
 
     The wrapped model draws from the global torch RNG on every call. A draw is a seed: draw
-    group ``j`` of a batch is run as its own forward call after seeding with ``seed_j``,
-    so ``draw_groups`` gives real independent draws (one forward call per group), ``freeze``
-    replays one draw, and ``seeded`` makes it reproducible. Randomness from other generators
-    (NumPy, Python's ``random``) is not controlled: :func:`probe_randomness` reports it.
+    group ``j`` of a batch is run as its own forward call after seeding with ``seed_j`` (and
+    the global index of the pass's first example), so ``draw_groups`` gives real independent
+    draws (one forward call per group), ``freeze`` replays one draw, and ``seeded`` makes it
+    reproducible. How the wrapped model maps its draws to rows is its own, so its draws are
+    keyed by example chunk rather than by example: the same whenever a batch is one chunk
+    (``max_batch`` at least the batch, the default), different (never repeated) otherwise.
+    Randomness from other generators (NumPy, Python's ``random``) is not controlled:
+    :func:`probe_randomness` reports it.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+    def controlled_children(self) -> list[nn.Module]:
+        """None: this wrapper's seed replays every draw of the wrapped model."""
+        return []
 
     def sample_state(self, x: torch.Tensor, groups: int) -> torch.Tensor:
         return torch.randint(0, 2**62, (groups,))
@@ -411,11 +626,14 @@ class SeededRandomness(StochasticModule):
     def forward_with_state(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         g = state.numel()
         parts = x.split(x.shape[0] // g) if g > 1 else (x,)
+        start = current_row_start()
         outs = []
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        devices = rng_devices(x.device)
         for part, s in zip(parts, state.tolist(), strict=True):
-            with torch.random.fork_rng(devices=devices), draw_groups(1):
-                seed_current(int(s))
+            with torch.random.fork_rng(devices=devices), draw_groups(1, row_start=start):
+                # keyed by the pass's first example too: two example chunks of one draw
+                # never replay the same per-row noise
+                seed_current(draw_seed(int(s), start) if start else int(s), x.device)
                 outs.append(self.model(part))
         return outs[0] if g == 1 else torch.cat(outs, dim=0)
 

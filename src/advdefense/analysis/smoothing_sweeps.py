@@ -219,17 +219,16 @@ def throughput(base: nn.Module, x: torch.Tensor, *, sigma: float, ms: list[int],
 def _robust(base: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sigma: float, m: int,
             votes: list[str], k: int, repeats: int, max_batch: int,
             batch: int) -> dict[str, torch.Tensor]:
-    """Per-example flags: correct on *all* ``repeats`` fresh m-sample votes (per vote)."""
-    ok = {v: torch.ones(x.shape[0], dtype=torch.bool) for v in votes}
+    """Per-example flags: correct on *all* ``repeats`` fresh m-sample votes (per vote).
+    The ``repeats * m`` draws are one replicated call (``batch`` is kept for the callers:
+    memory is bounded by ``max_batch`` rows)."""
     with torch.no_grad():
-        for _ in range(repeats):
-            for s in range(0, x.shape[0], batch):
-                logits = sample_logits(base, x[s : s + batch], sigma=sigma, m=m,
-                                       max_batch=max_batch)
-                for v in votes:
-                    pred = vote_scores(logits, v, k=k).argmax(1).cpu()
-                    ok[v][s : s + batch] &= pred == y[s : s + batch].cpu()
-    return ok
+        logits = sample_logits(base, x, sigma=sigma, m=m * repeats, max_batch=max_batch)
+    logits = logits.view(repeats, m, *logits.shape[1:])
+    yc = y.to(logits.device)
+    return {v: torch.stack([vote_scores(logits[r], v, k=k).argmax(1) == yc
+                            for r in range(repeats)]).all(0).cpu()
+            for v in votes}
 
 
 def attack_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sigma: float, m: int,

@@ -68,7 +68,7 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..layout import match_layout
-from ..randomness import StochasticModule
+from ..randomness import StochasticModule, row_randn
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +219,14 @@ class NoisyLayer(StochasticModule):
                 st.w2 = torch.randn(groups, self.rank, device=w.device, dtype=w.dtype)
         if self.input_noise:
             # per_batch: one row per draw group, shared by the group's examples
-            rows = groups if self.input_sample == "per_batch" else x.shape[0]
+            # per_example: one row per example, keyed by its global index (row_randn)
             like = {"device": x.device, "dtype": x.dtype}
-            st.i1 = torch.randn((rows, *x.shape[1:]), **like)
+            draw = torch.randn if self.input_sample == "per_batch" else row_randn
+            rows = groups if self.input_sample == "per_batch" else x.shape[0]
+            st.i1 = draw((rows, *x.shape[1:]), **like)
             if self.kind == "cni":
                 spatial = x.shape[2:] if x.dim() > 2 else ()
-                st.i2 = torch.randn((rows, *spatial, self.rank), **like)
+                st.i2 = draw((rows, *spatial, self.rank), **like)
         return st
 
     def weight_noise_tensor(self, state: NoiseState) -> torch.Tensor:
@@ -325,8 +327,9 @@ class GaussianInput(StochasticModule):
         return f"sigma={self.sigma}, train_only={self.train_only}"
 
     def sample_state(self, x: torch.Tensor, groups: int) -> torch.Tensor:
-        # in x's logical order whatever its memory layout: the same seed, the same noise
-        return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        # in x's logical order whatever its memory layout, one row per example keyed by its
+        # global index: the same seed, the same noise, whatever the layout or the chunking
+        return row_randn(x.shape, dtype=x.dtype, device=x.device)
 
     def forward_with_state(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         if self.sigma == 0 or (self.train_only and not self.training

@@ -111,7 +111,14 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import AdvDefenseError, ConfigError
-from ..randomness import StochasticModule, draw_seed, freeze, seed_current, stochastic_modules
+from ..randomness import (
+    StochasticModule,
+    draw_seed,
+    freeze,
+    row_randint,
+    seed_current,
+    stochastic_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +276,8 @@ class RandomNormalization(StochasticModule):
             raise AdvDefenseError(
                 f"the RNA path generator is on {gen.device} but the input is on {device}; "
                 "create the generator on the model's device")
+        if gen is None and self.granularity == "sample":
+            return row_randint(len(self.space), count, device=device)  # keyed by example
         return torch.randint(len(self.space), (count,), device=device, generator=gen)
 
     def sample_state(self, x: torch.Tensor, groups: int) -> RNAState:
@@ -291,7 +300,7 @@ class RandomNormalization(StochasticModule):
                 or ctl.draw.device != x.device):
             draws = []
             for s in seeds:
-                seed_current(draw_seed(s, 0, call))
+                seed_current(draw_seed(s, 0, call), x.device)
                 draws.append(self._randint(1, x.device))
             ctl.draw = torch.cat(draws)
         return RNAState(ctl.draw, False)

@@ -50,7 +50,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import AdvDefenseError
-from ..randomness import StochasticModule, current_groups, replicated_forward
+from ..randomness import (
+    DrawOutputs,
+    StochasticModule,
+    current_groups,
+    draw_seed,
+    replicated_forward,
+)
 from .noise import GaussianInput
 
 log = logging.getLogger(__name__)
@@ -98,17 +104,17 @@ def sample_logits(base: nn.Module, x: torch.Tensor, *, sigma: float, m: int,
     Gradients flow if enabled by the caller.
     """
     noisy = NoisyBase(base, sigma)
-    parts: dict[int, list[torch.Tensor]] = {}
+    outputs = DrawOutputs(m, x.shape[0])
 
     def body(xr, start, k0, kc):
         out = noisy(xr)
         if out.dim() != 2 or out.shape[0] != xr.shape[0]:
             raise AdvDefenseError(
                 f"base model must return logits (N, classes); got {tuple(out.shape)}")
-        parts.setdefault(start, []).append(out.view(kc, xr.shape[0] // kc, -1))
+        outputs.put(out, start, k0, kc)
 
     replicated_forward(noisy, x, m, body, max_batch=max_batch, seed=seed)
-    return torch.cat([torch.cat(parts[s], dim=0) for s in sorted(parts)], dim=1)
+    return outputs.value
 
 
 class _DrawSeeds(StochasticModule):
@@ -177,7 +183,13 @@ class SmoothedClassifier(nn.Module):
         self.draws = _DrawSeeds()
 
     def extra_repr(self) -> str:
-        return f"sigma={self.sigma}, m={self.m}, vote={self.vote}"
+        return f"sigma={self.sigma}, m={self.m}, vote={self.vote}, k={self.k}"
+
+    def controlled_children(self) -> list[nn.Module]:
+        """Only the draw seeds: freezing this classifier fixes its m seeds, and every sample
+        of the base (its weight noise included) is replayed from them, so a frozen smoothed
+        model keeps m distinct draws instead of one frozen base draw shared by all m."""
+        return [self.draws]
 
     def noisy_base(self) -> NoisyBase:
         """The base model with this classifier's input noise: what EOT attacks target."""
@@ -282,17 +294,24 @@ def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
 
 
 def _counts(base: nn.Module, x: torch.Tensor, sigma: float, num: int, max_batch: int,
-            batch_samples: int) -> torch.Tensor:
-    """(N, C) hard-vote counts from ``num`` samples, drawn in sample chunks."""
-    total = None
-    done = 0
-    while done < num:
-        kc = min(batch_samples, num - done)
-        logits = sample_logits(base, x, sigma=sigma, m=kc, max_batch=max_batch)
-        c = F.one_hot(logits.argmax(2), logits.shape[2]).sum(0)
-        total = c if total is None else total + c
-        done += kc
-    return total
+            batch_samples: int, seed: int | None) -> torch.Tensor:
+    """(N, C) hard-vote counts from ``num`` seeded samples (one replicated pass, at most
+    ``batch_samples`` samples of each example per forward)."""
+    noisy = NoisyBase(base, sigma)
+    counts: list[torch.Tensor] = []
+
+    def body(xr, start, k0, kc):
+        out = noisy(xr)
+        m = xr.shape[0] // kc
+        votes = F.one_hot(out.argmax(1), out.shape[1]).view(kc, m, -1).sum(0)
+        if not counts:
+            counts.append(torch.zeros(x.shape[0], out.shape[1], dtype=torch.long,
+                                      device=x.device))
+        counts[0][start : start + m] += votes
+
+    rows = min(int(max_batch), max(1, int(batch_samples)) * x.shape[0])
+    replicated_forward(noisy, x, num, body, max_batch=rows, seed=seed)
+    return counts[0]
 
 
 @dataclass
@@ -309,20 +328,24 @@ class CertifyResult:
 @torch.no_grad()
 def certify(base: nn.Module, x: torch.Tensor, *, sigma: float, n0: int = 100, n: int = 100000,
             alpha: float = 0.001, max_batch: int = 4096,
-            batch_samples: int = 1000) -> CertifyResult:
+            batch_samples: int = 1000, seed: int | None = None) -> CertifyResult:
     """Cohen et al. (2019) CERTIFY for every example of ``x`` (Gaussian, L2 radius).
 
     ``n0`` selection samples, ``n`` estimation samples, failure probability ``alpha``.
     Sampling is batched over examples and samples (``batch_samples`` samples per pass,
-    ``max_batch`` rows per forward). Run the base model in eval mode before calling.
+    ``max_batch`` rows per forward). Every sample is a distinct seeded draw (selection and
+    estimation draws are independent; ``seed=None`` takes one from the global RNG), so the
+    result does not depend on ``max_batch``. Run the base model in eval mode before calling.
     """
     sigma = _check_sigma(sigma)
     if sigma == 0:
         raise AdvDefenseError("certification needs sigma > 0")
     if n0 < 1 or n < 1 or not 0 < alpha < 1:
         raise AdvDefenseError(f"need n0 >= 1, n >= 1 and 0 < alpha < 1; got {n0}, {n}, {alpha}")
-    c0 = _counts(base, x, sigma, n0, max_batch, batch_samples)
-    c1 = _counts(base, x, sigma, n, max_batch, batch_samples)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    c0 = _counts(base, x, sigma, n0, max_batch, batch_samples, draw_seed(seed, 0))
+    c1 = _counts(base, x, sigma, n, max_batch, batch_samples, draw_seed(seed, 1))
     top = c0.argmax(1)
     na = c1.gather(1, top[:, None]).squeeze(1)
     p_lower = torch.tensor([clopper_pearson_lower(int(a), n, alpha) for a in na],
