@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--radii", type=_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
     parser.add_argument("--batch-samples", type=int, default=1000,
                         help="noise samples per pass (default 1000)")
-    parser.add_argument("--max-batch", type=int, default=4096)
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="rows per forward pass (default: 4096 on the CPU, sized from "
+                             "free device memory on a GPU)")
     parser.add_argument("--batch", type=int, default=20, help="examples per certify call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--state", default=None, metavar="FILE",
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..attacks.base import batch_seed
     from ..data import as_tensors, dataset_info, load_split
     from ..defenses.smoothing import certify
+    from ..evaluation.harness import default_max_batch
     from ..evaluation.resume import BatchStore, model_fingerprint, run_fingerprint
     from ..loading import check_logits
     from ..provenance import relative_path, relative_value
@@ -78,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     check_logits(model, x[:2].to(device), num_classes=dataset_info(dataset).num_classes,
                  what=f"{dataset} images")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise AdvDefenseError("--max-batch must be >= 1")
+    max_batch = args.max_batch or default_max_batch(model, x[:16].to(device))
     out = Path(args.output) if args.output else default_output(args, "certify", loaded)
     settings = {k: getattr(args, k) for k in ("sigma", "n0", "n", "alpha", "batch", "seed",
                                                "batch_samples")}
@@ -90,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                 with seeded(batch_seed(args.seed, s)):
                     r = certify(model, x[s : s + args.batch].to(device), sigma=args.sigma,
                                 n0=args.n0, n=args.n, alpha=args.alpha,
-                                max_batch=args.max_batch, batch_samples=args.batch_samples)
+                                max_batch=max_batch, batch_samples=args.batch_samples,
+                                seed=batch_seed(args.seed, s))
                 store.put(str(s), {"prediction": r.prediction.tolist(),
                                    "radius": r.radius.tolist(), "p_lower": r.p_lower.tolist()})
             done = store.get(str(s))
