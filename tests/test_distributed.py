@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import json
 import os
 import socket
 import subprocess
 import sys
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -221,8 +223,14 @@ def _rna_ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                                   trainer.model.state_dict().items() if "running" in k])
                 a, b = _gathered(bufs, world)
                 torch.testing.assert_close(a, b)
+            wrapper = weakref.ref(trainer.train_model)
             trainer.close()
+            gc.collect()
+            # close() releases the DDP wrapper (which keeps the gloo backend alive), so it is
+            # gone before the group is destroyed, not left for the interpreter's shutdown
+            assert wrapper() is None
     finally:
+        dist.barrier()
         dist.destroy_process_group()
 
 

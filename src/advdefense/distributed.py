@@ -13,6 +13,7 @@ DistributedDataParallel) and distributed evaluation (:mod:`advdefense.evaluation
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -111,8 +112,13 @@ def _set_local_device(local: int) -> None:
 
 
 def cleanup(ctx: DistContext) -> None:
-    """Destroy the process group if :func:`init_from_env` created it."""
+    """Destroy the process group if :func:`init_from_env` created it: after a barrier (no
+    rank tears its connections down while another still uses them) and a garbage collection
+    (wrappers that hold the group, such as DistributedDataParallel in a reference cycle,
+    are freed now, while the interpreter is alive, not at its shutdown)."""
+    gc.collect()
     if ctx.initialized_here and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
