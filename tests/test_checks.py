@@ -11,7 +11,12 @@ from advdefense.attacks import PGD, TransferAttack
 from advdefense.attacks.base import Attack
 from advdefense.errors import AdvDefenseError
 from advdefense.evaluation import AttackSpec, evaluate, format_checks, run_checks
-from advdefense.evaluation.checks import CHECK_NAMES, CheckSettings, MonotoneSettings
+from advdefense.evaluation.checks import (
+    CHECK_NAMES,
+    CheckSettings,
+    IterationsSettings,
+    MonotoneSettings,
+)
 from advdefense.evaluation.harness import EntryResult, EvalResult, RunRecord, TraceSummary
 from advdefense.evaluation.protocols import Verdict
 
@@ -178,35 +183,92 @@ def test_eps_monotone_from_given_accuracies():
     assert run({0.1: 0.6, 0.2: 0.6, 0.3: 0.6}) is False   # flat
 
 
-def test_more_iterations_fires_when_the_base_attack_is_too_short():
-    """sum(x) must rise by 12 eps to flip the label: PGD-2 from a random start gets about 7,
-    PGD-10 reaches the corner (16 eps)."""
-    from advdefense.evaluation.checks import IterationsSettings
+class FarIsRight(nn.Module):
+    """Right (class 0) only on inputs far from the grey image: mean |x - 0.5| above
+    ``t``. The rule has a zero gradient, so PGD stays at its random start, and the larger the
+    eps, the farther that start and the higher the accuracy."""
 
-    d, eps = 16, 0.05
-    model = nn.Linear(d, 2)
-    with torch.no_grad():
-        model.weight.copy_(torch.stack([torch.zeros(d), torch.ones(d)]))
+    def __init__(self, t: float):
+        super().__init__()
+        self.t = t
+
+    def forward(self, x):
+        far = ((x - 0.5).abs().flatten(1).mean(1) > self.t).float()
+        return 4 * torch.stack([far, 1 - far], 1) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_eps_monotone_fires_from_its_own_probe_sweep():
+    """No accuracies given: the check runs its PGD sweep (eps x 0.25, 0.5, 1, 2) and sees the
+    accuracy rise with eps (random starts of mean distance eps/2 against a threshold 0.07)."""
+    x, y = torch.full((16, 16), 0.5), torch.zeros(16, dtype=torch.long)
+    settings = only("eps_monotone", monotone=MonotoneSettings(steps=2)).with_(eps=0.2)
+    c = run_checks(FarIsRight(0.07).eval(), (x, y), None, settings)[0]
+    assert c.passed is False and "rises between 0.1->0.2" in c.detail, c.detail
+    model, x, y = linear_task()
+    assert run_checks(model, (x, y), None, settings.with_(eps=0.3))[0].passed is True
+
+
+class Threshold(nn.Module):
+    """Class 1 when sum(x) exceeds ``threshold``, class 0 below: the inputs of
+    :func:`threshold_task` all sum to d/2, so the label flips only when an attack raises the
+    sum by ``margin`` eps."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+
+    def forward(self, x):
+        s = x.flatten(1).sum(1)
+        return torch.stack([torch.full_like(s, self.threshold), s], dim=1)
+
+
+def threshold_task(n=32, d=16, eps=0.05, margin=12):
+    """Inputs around 0.5 with zero-sum noise, label 0, and a :class:`Threshold` model whose
+    label flips after a rise of ``margin`` eps in sum(x): PGD-2 of step eps/4 from a random
+    start gets about 7 eps, PGD-10 reaches the corner (16 eps)."""
     torch.manual_seed(0)
-    x = torch.rand(32, d) * 0.5 + 0.25
-    with torch.no_grad():
-        model.bias.copy_(torch.tensor([0.0, 0.0]))
-    shift = x.sum(1) + 12 * eps                    # per-example threshold via a wrapper
+    noise = torch.rand(n, d) * 0.4 - 0.2
+    x = 0.5 + noise - noise.mean(1, keepdim=True)
+    y = torch.zeros(n, dtype=torch.long)
+    return Threshold(0.5 * d + margin * eps).eval(), x, y, eps
 
-    class Threshold(nn.Module):
-        def forward(self, inp):
-            z = model(inp)
-            t = shift[: inp.shape[0]] if inp.shape[0] == shift.shape[0] else shift.repeat(
-                inp.shape[0] // shift.shape[0])
-            return torch.stack([t, z[:, 1]], dim=1)
 
-    y = torch.zeros(32, dtype=torch.long)
-    net = Threshold().eval()
+def test_more_iterations_fires_when_the_base_attack_is_too_short():
+    """Without an evaluation the base PGD is judged: PGD-2 is not converged, PGD-10 is."""
+    net, x, y, eps = threshold_task()
     s = only("more_iterations", iterations=IterationsSettings(steps=2, factor=5, restarts=1))
     c = run_checks(net, (x, y), None, s.with_(eps=eps, n_probe=32))[0]
-    assert c.passed is False and "not converged" in c.detail, c.detail
+    assert c.passed is False and "base attack not converged" in c.detail, c.detail
     s = only("more_iterations", iterations=IterationsSettings(steps=10, factor=2, restarts=1))
     assert run_checks(net, (x, y), None, s.with_(eps=eps, n_probe=32))[0].passed is True
+
+
+class Tiring(nn.Module):
+    """Fooled by a small rise of sum(x) for its first ``fresh_calls`` forward calls, then
+    right on everything (a moving target: the longer attack meets the other model)."""
+
+    def __init__(self, model: nn.Module, fresh_calls: int):
+        super().__init__()
+        self.model, self.fresh_calls, self.calls = model, fresh_calls, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.model(x)
+        if self.calls > self.fresh_calls:
+            out = 0 * out + torch.tensor([10.0, 0.0])
+        return out
+
+
+def test_more_iterations_fires_when_the_stronger_attack_does_worse():
+    """PGD-2 fools every example (a rise of 2 eps flips it); PGD-10's verdict meets a model
+    that no longer is fooled: the stronger attack reports a higher accuracy."""
+    net, x, y, eps = threshold_task(margin=2)
+    s = only("more_iterations", iterations=IterationsSettings(steps=2, factor=5, restarts=1))
+    c = run_checks(Tiring(net, fresh_calls=8).eval(), (x, y), None,
+                   s.with_(eps=eps, n_probe=32))[0]
+    assert c.passed is False and "stronger attack did worse" in c.detail, c.detail
+    assert "PGD-2: 0.0%, PGD-10 x 1 restarts: 100.0%" in c.detail
+    assert "unstable" in c.remedy
 
 
 # -- checks on the evaluation's own results --------------------------------------------------
@@ -315,11 +377,13 @@ def test_restarts_not_converging_fires_when_the_last_restart_still_finds_points(
         return run_checks(model, (x, y), r, settings)[0].passed
 
     assert judge(2) is False and judge(0) is True
-    # a real APGD with restarts reports how many points its last restart found
-    res = evaluate(model, (x, y), [AttackSpec("pgd", PGD(eps=0.05, steps=5, restarts=3))],
+    # a real PGD with restarts reports how many points its last restart found: at eps 0.5
+    # the first restart already fools every example, so the last one finds nothing new
+    res = evaluate(model, (x, y), [AttackSpec("pgd", PGD(eps=0.5, steps=5, restarts=3))],
                    checks=settings)
-    assert res.entries["pgd/fresh"].trace.new_in_last_run is not None
-    assert by_name(res.checks)["restarts_not_converging"].passed in (True, False)
+    assert res.accuracy("pgd/fresh").correct == 0
+    assert res.entries["pgd/fresh"].trace.new_in_last_run == 0
+    assert by_name(res.checks)["restarts_not_converging"].passed is True
 
 
 # -- settings --------------------------------------------------------------------------------

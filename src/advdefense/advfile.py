@@ -14,8 +14,9 @@ reads it::
 
 :func:`load_adversarial` validates such a file; :func:`check_matches` refuses a file made for
 other data (another dataset, image shape, labels, or examples farther than ``eps`` from the
-clean ones) with one line; :func:`recheck` classifies the examples again (repeated verdict for
-stochastic models) on the same model or another one: a transfer evaluation.
+clean ones) with one line; :func:`recheck` classifies the examples again on the same model or
+another one (a transfer evaluation), after the same randomness probe as every evaluation, so
+a stochastic model, declared or not, gets repeated predictions.
 
 The inputs come from the evaluation core (``evaluate(..., keep_adv=True)`` /
 ``run_suite(..., keep_adv=True)``: ``result.adv`` and ``result.adv_source``).
@@ -118,16 +119,25 @@ def check_matches(adv: Mapping[str, Any], *, dataset: str, x_clean: torch.Tensor
 def recheck(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, repeats: int = 10,
             batch_size: int = 250, max_batch: int = 4096, seed: int = 0):
     """Classify saved examples again: the :class:`~advdefense.evaluation.protocols.Verdict`
-    (all / majority / single draw; ``repeats`` predictions for a stochastic model)."""
-    from .attacks.base import eval_mode
-    from .evaluation.protocols import Verdict, verdict
-    from .randomness import seeded
+    (all / majority / single draw).
 
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    The model's randomness is probed first (:func:`~advdefense.evaluation.harness.
+    prepare_model`), as in every evaluation: a model random without declaring it is wrapped so
+    that its ``repeats`` predictions are separate seeded forward calls, and every stochastic
+    model gets ``repeats`` predictions per example. Each batch's verdict is seeded from
+    (``seed``, the position of its first example), whatever the caller's RNG."""
+    from .attacks.base import eval_mode
+    from .evaluation.harness import model_device, prepare_model
+    from .evaluation.protocols import Verdict, verdict, verdict_seed
+
+    if int(batch_size) < 1 or int(repeats) < 1:
+        raise AdvDefenseError("batch_size and repeats must be >= 1")
+    device = model_device(model)
+    model, _ = prepare_model(model, x[:8].to(device))
     parts = []
-    with eval_mode(model), seeded(seed):
-        for s in range(0, x.shape[0], batch_size):
+    with eval_mode(model):
+        for s in range(0, x.shape[0], int(batch_size)):
             parts.append(verdict(model, x[s:s + batch_size].to(device),
                                  y[s:s + batch_size].to(device), repeats=repeats,
-                                 max_batch=max_batch))
+                                 max_batch=max_batch, seed=verdict_seed(seed, "recheck", s)))
     return Verdict.cat(parts)

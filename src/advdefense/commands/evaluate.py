@@ -396,6 +396,7 @@ def _recheck(args, loaded, device) -> int:
     from ..atomic import atomic_write_json
     from ..data import as_tensors, load_split
     from ..errors import DataError
+    from ..evaluation.harness import prepare_model
     from ..evaluation.stats import accuracy
     from ..loading import check_logits
     from ..randomness import is_stochastic
@@ -405,6 +406,9 @@ def _recheck(args, loaded, device) -> int:
     check_matches(adv, dataset=dataset)
     x_adv, y = adv["x_adv"], adv["y"]
     n_classes = check_logits(loaded.model, x_adv[:2].to(device), what=f"the {dataset} file")
+    # the randomness probe of every evaluation: undeclared randomness is wrapped, so that the
+    # verdicts below repeat real draws (recheck probes again; a wrapped model stays as it is)
+    model, randomness = prepare_model(loaded.model, x_adv[:8].to(device))
     if int(y.max()) >= n_classes:
         raise AdvDefenseError(f"the file has label {int(y.max())} but the model returns "
                               f"{n_classes} classes; the file is for other data")
@@ -417,16 +421,16 @@ def _recheck(args, loaded, device) -> int:
                                   f"{adv['split']}, which has {len(ds)}; it is for other data")
         xs, ys = as_tensors(torch.utils.data.Subset(ds, idx.tolist()))
         distance = check_matches(adv, dataset=dataset, x_clean=xs, y_clean=ys)
-        clean = recheck(loaded.model, xs, ys, repeats=args.repeats,
+        clean = recheck(model, xs, ys, repeats=args.repeats,
                         batch_size=args.batch_size, seed=args.seed)
     except DataError as exc:
         distance = None
         print(f"note: clean {dataset} data not available ({exc}); the perturbation size and "
               "labels are not re-checked")
-    verdict = recheck(loaded.model, x_adv, y, repeats=args.repeats,
+    verdict = recheck(model, x_adv, y, repeats=args.repeats,
                       batch_size=args.batch_size, seed=args.seed)
     acc = accuracy(verdict.all)
-    stochastic = is_stochastic(loaded.model)
+    stochastic = is_stochastic(model)
     name = model_label(args)
     broke = sorted({s for s in adv["source"] if s != "clean"})
     print(f"{len(y)} adversarial examples from {args.adv_file} ({adv['dataset']}/"
@@ -442,7 +446,7 @@ def _recheck(args, loaded, device) -> int:
         payload = {"adv_file": str(args.adv_file), "model": name,
                    "model_source": loaded.source, "dataset": dataset, "split": adv["split"],
                    "eps": adv["eps"], "norm": adv["norm"], "made_on": adv["model"],
-                   "n": len(y), "stochastic": stochastic,
+                   "n": len(y), "stochastic": stochastic, "randomness": randomness,
                    "repeats": args.repeats if stochastic else 1, "max_perturbation": distance,
                    "accuracy": acc.as_dict(), "majority": accuracy(verdict.majority).as_dict(),
                    "clean": None if clean is None else accuracy(clean.all).as_dict(),

@@ -8,22 +8,10 @@ AutoAttack-style suites, attack-failure checks and reports.
 
 from .cas_specs import cas_attack_specs
 from .checks import CheckResult, format_checks, run_checks
-from .harness import (
-                      AttackSpec,
-                      EntryResult,
-                      EvalResult,
-                      TraceSummary,
-                      evaluate,
-                      load_data,
-                      standard_attack_specs,
-)
+from .harness import AttackSpec, evaluate, load_data, standard_attack_specs
 from .protocols import PROTOCOLS, Verdict, run_protocol, verdict
+from .results import EntryResult, EvalResult, TraceSummary
 from .stats import Accuracy, accuracy, clopper_pearson
-
-if not hasattr(EvalResult, "summary"):  # until the harness defines it as a method
-    from .report import summary as _summary
-
-    EvalResult.summary = _summary  # type: ignore[attr-defined]
 
 __all__ = ["PROTOCOLS", "Accuracy", "AttackSpec", "CheckResult", "EntryResult", "EvalResult",
            "TraceSummary", "Verdict", "accuracy", "cas_attack_specs", "clopper_pearson",

@@ -16,7 +16,9 @@ the evaluation unless ``checks=None``.
 Before attacking, the model's randomness is probed (:func:`prepare_model`): a model that is
 random without declaring it through :mod:`advdefense.randomness` is wrapped so that EOT draws
 and repeated predictions are separate seeded forward calls, never one draw standing in for
-many. The output of every attack is checked (inside [0, 1] and the eps-ball) before it counts.
+many. Every attack works on private copies of the batch; its output is checked against the
+evaluation's own copy (inside [0, 1] and the eps-ball) and judged against the evaluation's own
+labels before it counts. Verdicts are seeded on their own (:func:`~.protocols.verdict_seed`).
 
 For a deterministic model the three protocols coincide, so an attack object listed under
 several protocols is run once and its result shared.
@@ -34,7 +36,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,21 +45,22 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from ..attacks import ATTACKS, Attack, build_attack
-from ..attacks.base import AttackRecorder, batch_seed, check_eps, eval_mode
+from ..attacks.base import batch_seed, check_eps, eval_mode
 from ..data import as_tensors
 from ..errors import AdvDefenseError
 from ..layout import channels_last_weights
 from ..precision import check_precision
-from ..randomness import SeededRandomness, is_stochastic, probe_randomness, seeded
+from ..randomness import SeededRandomness, is_stochastic, probe_randomness
 from .checks import CheckSettings, run_checks
-from .protocols import Verdict, check_protocol, run_protocol, verdict
-from .resume import BatchStore, model_fingerprint, run_fingerprint
-from .stats import Accuracy, accuracy
+from .protocols import Verdict, check_protocol, run_protocol, verdict, verdict_seed
+from .results import EntryResult, EvalResult, RunRecord, TraceSummary
+from .resume import BatchStore, describe, model_fingerprint, run_fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AttackSpec", "EntryResult", "EvalResult", "RunRecord", "TraceSummary", "evaluate",
-           "load_data", "model_device", "prepare_model", "standard_attack_specs"]
+__all__ = ["AttackSpec", "EntryResult", "EvalResult", "RunRecord", "TraceSummary",
+           "attack_identity", "evaluate", "load_data", "model_device", "prepare_model",
+           "standard_attack_specs"]
 
 
 @dataclass
@@ -76,187 +79,6 @@ class AttackSpec:
     @property
     def label(self) -> str:
         return f"{self.name}/{self.protocol}"
-
-
-@dataclass
-class RunRecord:
-    """One run of an attack (a restart or target) in evaluation coordinates: ``idx`` the
-    evaluated examples it covered, ``losses`` (steps, len(idx))."""
-
-    idx: torch.Tensor
-    losses: torch.Tensor
-
-
-@dataclass
-class TraceSummary:
-    """What the attack-failure checks need of an attack's recorders, over all batches
-    (example indices are positions in the evaluation)."""
-
-    eot_samples: int
-    steps: int | None = None
-    restarts: int = 1
-    access: str = "white-box"
-    maximizes_loss: bool = True
-    runs: list[RunRecord] = field(default_factory=list)
-    grad_norms: torch.Tensor | None = None      # (n,) first-step gradient norm, NaN if none
-    nonfinite: int = 0
-    ever_adversarial: torch.Tensor | None = None
-    returned_adversarial: torch.Tensor | None = None
-    substitute_adversarial: torch.Tensor | None = None
-    forward_rows: int = 0
-    backward_rows: int = 0
-    new_in_last_run: int | None = None  # restarts > 1: new adversarial examples, last run
-
-    @property
-    def losses(self) -> torch.Tensor | None:
-        """(steps, n) losses when the attack made one full-length run per batch of the same
-        length (PGD, APGD-CE); ``None`` for ragged traces (use :attr:`runs`)."""
-        full = [r for r in self.runs]
-        if not full or len({r.losses.shape[0] for r in full}) != 1:
-            return None
-        idx = torch.cat([r.idx for r in full])
-        if len(idx) != len(torch.unique(idx)):
-            return None
-        order = idx.argsort()
-        return torch.cat([r.losses for r in full], dim=1)[:, order]
-
-    @staticmethod
-    def from_recorder(rec: AttackRecorder, attack: Any, positions: torch.Tensor,
-                      eot: int) -> TraceSummary:
-        """Summary of one batch; ``positions`` maps the batch's rows to evaluation indices."""
-        steps = getattr(attack, "steps", None) or getattr(attack, "n_iter", None)
-        runs = [RunRecord(positions[r.idx.cpu()], r.loss_matrix()) for r in rec.runs
-                if r.losses]
-        first = torch.full((len(positions),), float("nan"))
-        for r in reversed(rec.runs):
-            if r.grad_norms:
-                first[r.idx.cpu()] = r.grad_norms[0].cpu()
-
-        def flag(t):
-            return None if t is None else t.detach().bool().cpu()
-
-        return TraceSummary(
-            eot, steps, int(getattr(attack, "restarts", 1)),
-            getattr(attack, "access", "white-box"), getattr(attack, "maximizes_loss", True),
-            runs, first, rec.nonfinite, flag(rec.ever_adversarial),
-            flag(rec.returned_adversarial), flag(rec.substitute_adversarial),
-            rec.forward_rows, rec.backward_rows,
-            rec.runs[-1].new_adversarial if len(rec.runs) > 1 else None)
-
-    @staticmethod
-    def merge(parts: list[TraceSummary], n: int, positions: list[torch.Tensor]
-              ) -> TraceSummary | None:
-        """Join batch summaries into one over ``n`` evaluated examples."""
-        if not parts:
-            return None
-        first = parts[0]
-
-        def scatter(attr: str, fill):
-            values = [getattr(p, attr) for p in parts]
-            if any(v is None for v in values):
-                return None
-            out = torch.full((n,), fill, dtype=values[0].dtype)
-            for v, pos in zip(values, positions, strict=True):
-                out[pos] = v
-            return out
-
-        return TraceSummary(
-            first.eot_samples, first.steps, first.restarts, first.access, first.maximizes_loss,
-            [r for p in parts for r in p.runs], scatter("grad_norms", float("nan")),
-            sum(p.nonfinite for p in parts), scatter("ever_adversarial", False),
-            scatter("returned_adversarial", False), scatter("substitute_adversarial", False),
-            sum(p.forward_rows for p in parts), sum(p.backward_rows for p in parts),
-            None if all(p.new_in_last_run is None for p in parts)
-            else sum(p.new_in_last_run or 0 for p in parts))
-
-
-@dataclass
-class EntryResult:
-    """Per-example results of clean data or of one spec."""
-
-    label: str
-    name: str
-    protocol: str
-    verdict: Verdict
-    seconds: float = 0.0
-    attack: str = ""
-    trace: TraceSummary | None = None
-    ran: torch.Tensor | None = None   # suites: examples the attack actually ran on
-    cumulative: Verdict | None = None  # suites: robust after this stage of the cascade
-    states: list[Any] = field(default_factory=list)  # paper/fixed: frozen draw per batch
-
-    @property
-    def passes(self) -> dict[str, int]:
-        """Rows the attack pushed through the model: forward and backward passes."""
-        t = self.trace
-        return {"forward": 0 if t is None else t.forward_rows,
-                "backward": 0 if t is None else t.backward_rows}
-
-    def accuracy(self, kind: str = "all") -> Accuracy:
-        return accuracy(self.verdict.get(kind))
-
-
-@dataclass
-class EvalResult:
-    """Everything an evaluation measured, per example.
-
-    ``clean`` and each of ``entries`` (keyed by label ``name/protocol``) hold per-example
-    verdicts; ``worst`` is their per-example AND; ``checks`` the attack-failure checks.
-    """
-
-    n: int
-    stochastic: bool
-    repeats: int
-    clean: EntryResult
-    entries: dict[str, EntryResult]
-    worst: Verdict
-    labels: torch.Tensor
-    seconds: float = 0.0
-    config: dict[str, Any] = field(default_factory=dict)
-    checks: list = field(default_factory=list)
-    kind: str = "specs"
-    adv: torch.Tensor | None = None          # keep_adv: worst-case input per example
-    adv_source: list[str] | None = None      # keep_adv: label of the attack that gave it
-
-    def summary(self) -> dict[str, Any]:
-        """Headline numbers as a small dict (:func:`advdefense.evaluation.report.summary`)."""
-        from .report import summary
-
-        return summary(self)
-
-    def accuracy(self, label: str = "worst", kind: str = "all") -> Accuracy:
-        """Accuracy with CI of ``"clean"``, ``"worst"`` or an entry label."""
-        if label == "worst":
-            return accuracy(self.worst.get(kind))
-        if label == "clean":
-            return self.clean.accuracy(kind)
-        if label not in self.entries:
-            raise AdvDefenseError(
-                f"no result {label!r}; choose clean, worst or one of: {', '.join(self.entries)}")
-        return self.entries[label].accuracy(kind)
-
-    def worst_over(self, protocol: str) -> Verdict:
-        """Per-example AND of clean and the entries run under ``protocol``."""
-        out = self.clean.verdict
-        for e in self.entries.values():
-            if e.protocol == protocol:
-                out = out & e.verdict
-        return out
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per line of the report table (clean, entries, worst case)."""
-        rows = []
-        for e in [self.clean, *self.entries.values()]:
-            v = e.cumulative if e.cumulative is not None else e.verdict
-            rows.append({"label": e.label, "attack": e.name, "protocol": e.protocol,
-                         "all": accuracy(v.all), "majority": accuracy(v.majority),
-                         "single": accuracy(v.single), "seconds": e.seconds,
-                         "ran": None if e.ran is None else int(e.ran.sum())})
-        rows.append({"label": "worst", "attack": "worst case", "protocol": "all", "ran": None,
-                     "all": self.accuracy("worst", "all"),
-                     "majority": self.accuracy("worst", "majority"),
-                     "single": self.accuracy("worst", "single"), "seconds": self.seconds})
-        return rows
 
 
 def load_data(data, n_examples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,6 +199,16 @@ def spec_seed(attack: Any, seed: int, position: int) -> int:
     return int(own) if own is not None else int(seed) + 1000 * (position + 1)
 
 
+def attack_identity(attack: Any) -> str:
+    """What identifies an attack in fingerprints: its repr (every setting of an
+    :class:`~advdefense.attacks.Attack`) without memory addresses, with ``eps``/``norm`` and
+    the fingerprint of every model it holds (a transfer attack's substitute)."""
+    held = sorted(f"{k}={model_fingerprint(v)}" for k, v in vars(attack).items()
+                  if isinstance(v, nn.Module)) if hasattr(attack, "__dict__") else []
+    return (f"{describe(attack)} eps={getattr(attack, 'eps', None)!r} "
+            f"norm={getattr(attack, 'norm', None)!r} models=[{', '.join(held)}]")
+
+
 def evaluate(
     model: nn.Module,
     data,
@@ -401,12 +233,16 @@ def evaluate(
     (``None``: :func:`default_max_batch`; attacks keep their own). ``checks``:
     :class:`~.checks.CheckSettings` for the attack-failure checks afterwards (``None``: none).
     ``keep_adv`` keeps the worst-case adversarial input per example (``result.adv``,
-    ``result.adv_source``). Every batch is seeded from (the spec's seed, the position of its
-    first example + ``index_offset``), so batches and processes draw independently.
-    ``state_path``: a :class:`~.resume.BatchStore` file saved after every batch; rerun with it,
-    the finished batches are read back (a resumed run equals an uninterrupted one; traces and
-    kept inputs of those batches are not restored). ``attack_precision``: ``fp32`` or
-    ``bf16`` (attacks under bf16 autocast, verdicts in fp32; :mod:`advdefense.precision`).
+    ``result.adv_source``). Every batch's attack is seeded from (the spec's seed, the position
+    of its first example + ``index_offset``), and every verdict from (``seed``, the stage:
+    clean or the spec's label, that position) under a salt of its own
+    (:func:`~.protocols.verdict_seed`), so batches and processes draw independently, verdicts
+    never reuse an attack's draws and the caller's RNG changes nothing.
+    ``state_path``: a :class:`~.resume.BatchStore` file saved after every batch (verdicts and
+    attack traces); rerun with it, the finished batches are read back, so a resumed run
+    equals an uninterrupted one, checks included (kept inputs and frozen draws of those
+    batches are not restored). ``attack_precision``: ``fp32`` or ``bf16`` (attacks under bf16
+    autocast, verdicts in fp32; :mod:`advdefense.precision`).
     """
     check_precision(attack_precision)
     repeats = 10 if repeats is None else int(repeats)
@@ -429,7 +265,7 @@ def evaluate(
             label, i = f"{s.label}#{i}", i + 1
         labels.append(label)
     store = BatchStore(state_path, run_fingerprint(
-        x_all, y_all, {"specs": [(lab, s.protocol, repr(s.attack)) for s, lab in
+        x_all, y_all, {"specs": [(lab, s.protocol, attack_identity(s.attack)) for s, lab in
                                  zip(specs, labels, strict=True)], "repeats": repeats,
                        "seed": seed, "batch_size": int(batch_size),
                        "index_offset": index_offset, "attack_precision": attack_precision},
@@ -451,13 +287,13 @@ def evaluate(
     with eval_mode(model), channels_last_weights(model):
         for start, pos in batch_runner(n, batch_size, progress, "evaluate"):
             x, y = x_all[pos].to(device), y_all[pos].to(device)
+            first = index_offset + start
             t0 = time.perf_counter()
             if f"clean:{start}" in store:
                 clean_parts.append(Verdict.from_json(store.get(f"clean:{start}")))
             else:
-                with seeded(batch_seed(seed, index_offset + start)):
-                    clean_parts.append(verdict(model, x, y, repeats=repeats,
-                                               max_batch=max_batch))
+                clean_parts.append(verdict(model, x, y, repeats=repeats, max_batch=max_batch,
+                                           seed=verdict_seed(seed, "clean", first)))
                 store.put(f"clean:{start}", clean_parts[-1].to_json())
             if keeper is not None:
                 keeper.offer("clean", pos, x, ~clean_parts[-1].all)
@@ -466,16 +302,21 @@ def evaluate(
             for i, (spec, label) in enumerate(zip(specs, labels, strict=True)):
                 t0 = time.perf_counter()
                 key = id(spec.attack)
-                if f"{label}:{start}" in store:  # finished in an earlier run (no trace kept)
-                    parts[label].append(Verdict.from_json(store.get(f"{label}:{start}")))
+                saved = store.get(f"{label}:{start}")
+                if saved is not None:  # finished in an earlier run
+                    parts[label].append(Verdict.from_json(saved["verdict"]))
+                    traces[label].append(TraceSummary.from_json(saved["trace"]))
+                    positions[label].append(pos)
+                    seconds[label] += float(saved.get("seconds", 0.0))
                     continue
                 if not stochastic and key in shared:
                     v, tr, x_adv = shared[key]
                 else:
-                    bseed = batch_seed(spec_seed(spec.attack, seed, i), index_offset + start)
+                    bseed = batch_seed(spec_seed(spec.attack, seed, i), first)
                     out = run_protocol(model, spec.attack, x, y, spec.protocol,
                                        repeats=repeats, max_batch=max_batch, seed=bseed,
-                                       precision=attack_precision)
+                                       precision=attack_precision,
+                                       verdict_seed=verdict_seed(seed, label, first))
                     eot = 1 if spec.protocol != "fresh" or not stochastic else int(
                         getattr(spec.attack, "eot_samples", 1))
                     v, x_adv = out.verdict, out.x_adv
@@ -486,10 +327,12 @@ def evaluate(
                 parts[label].append(v)
                 traces[label].append(tr)
                 positions[label].append(pos)
-                store.put(f"{label}:{start}", v.to_json())
+                spent = time.perf_counter() - t0
+                seconds[label] += spent
+                store.put(f"{label}:{start}", {"verdict": v.to_json(), "trace": tr.to_json(),
+                                               "seconds": spent})
                 if keeper is not None:
                     keeper.offer(label, pos, x_adv, ~v.all)
-                seconds[label] += time.perf_counter() - t0
     total = time.perf_counter() - t_start
     clean = EntryResult("clean", "clean", "-", Verdict.cat(clean_parts), clean_seconds)
     entries = {}

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .harness import EvalResult  # noqa: E402
+from .results import EvalResult  # noqa: E402
 
 __all__ = ["plot_accuracy_vs_eps", "plot_curves"]
 

@@ -26,10 +26,18 @@ correct; the majority-vote figure (the true class strictly outvotes every other 
 counts as wrong) and the single-draw figure (the first draw) are kept beside it, so
 ``all <= majority`` and ``all <= single`` hold per example. A deterministic model is predicted
 once and the three coincide.
+
+Verdict draws are seeded on their own (:func:`verdict_seed`): from the evaluation's seed, the
+stage (clean or an attack's label) and the batch's first example, under a salt of their own,
+so they never reuse an attack's draws and never depend on the caller's RNG. The attack gets
+private copies of ``x`` and ``y``; its output is checked against, and judged with, the
+evaluation's own copies, so an attack that writes into its inputs cannot move the
+reference.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +47,41 @@ from torch import nn
 from ..attacks.base import Attack, AttackRecorder, check_adversarial_output
 from ..errors import AdvDefenseError
 from ..precision import attack_autocast
-from ..randomness import freeze, get_states, is_stochastic, replicated_forward, seeded
+from ..randomness import (
+    draw_seed,
+    freeze,
+    get_states,
+    is_stochastic,
+    replicated_forward,
+    seeded,
+)
 
-__all__ = ["PROTOCOLS", "ProtocolOutcome", "Verdict", "check_protocol", "predictions",
-           "run_protocol", "verdict", "verdict_from_predictions"]
+__all__ = ["PROTOCOLS", "VERDICT_SALT", "ProtocolOutcome", "Verdict", "check_protocol",
+           "predictions", "run_protocol", "verdict", "verdict_from_predictions",
+           "verdict_seed"]
 
 PROTOCOLS = ("fresh", "paper", "fixed")
+
+#: salt of every verdict seed: verdict draws never coincide with an attack's draws, which
+#: are derived from the attack's seed without it
+VERDICT_SALT = 0x5E4D1C7
+
+
+def _stage_key(stage: str | int) -> int:
+    if isinstance(stage, int):
+        return stage
+    return int.from_bytes(hashlib.sha256(str(stage).encode()).digest()[:8], "little")
+
+
+def verdict_seed(seed: int | None, stage: str | int, first: int) -> int | None:
+    """Seed of the verdict on the batch that starts at example ``first`` (process offset
+    included) of ``stage`` (``"clean"``, an attack's label, a check's probe) in an evaluation
+    seeded with ``seed``; ``None`` when ``seed`` is ``None``. Salted with
+    :data:`VERDICT_SALT`, so independent of every draw the attacks make."""
+    if seed is None:
+        return None
+    return draw_seed(draw_seed(int(seed), _stage_key(stage), VERDICT_SALT), int(first),
+                     VERDICT_SALT)
 
 
 def check_protocol(protocol: str) -> str:
@@ -90,8 +127,9 @@ class Verdict:
 
 
 def predictions(model: nn.Module, x: torch.Tensor, *, repeats: int = 1,
-                max_batch: int = 4096) -> torch.Tensor:
-    """Predicted classes ``(repeats, n)``, each row an independent draw of the randomness.
+                max_batch: int = 4096, seed: int | None = None) -> torch.Tensor:
+    """Predicted classes ``(repeats, n)``, each row an independent draw of the randomness;
+    draw ``j`` is seeded from (``seed``, ``j``) (``None``: from the global RNG).
 
     Runs under ``torch.inference_mode``; the caller sets eval mode.
     """
@@ -108,7 +146,7 @@ def predictions(model: nn.Module, x: torch.Tensor, *, repeats: int = 1,
         out[k0 : k0 + kc, start : start + m] = logits.argmax(1).view(kc, m)
 
     with torch.inference_mode():
-        replicated_forward(model, x, r, body, max_batch=max_batch)
+        replicated_forward(model, x, r, body, max_batch=max_batch, seed=seed)
     return out
 
 
@@ -125,10 +163,12 @@ def verdict_from_predictions(pred: torch.Tensor, y: torch.Tensor) -> Verdict:
 
 
 def verdict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, repeats: int = 10,
-            max_batch: int = 4096) -> Verdict:
-    """Repeated-prediction verdict for a stochastic model, one prediction otherwise."""
+            max_batch: int = 4096, seed: int | None = None) -> Verdict:
+    """Repeated-prediction verdict for a stochastic model, one prediction otherwise; the
+    draws are seeded from ``seed`` (see :func:`predictions`)."""
     r = int(repeats) if is_stochastic(model) else 1
-    return verdict_from_predictions(predictions(model, x, repeats=r, max_batch=max_batch), y)
+    return verdict_from_predictions(
+        predictions(model, x, repeats=r, max_batch=max_batch, seed=seed), y)
 
 
 @dataclass
@@ -148,28 +188,34 @@ class ProtocolOutcome:
 
 def run_protocol(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, protocol: str, *,
                  repeats: int = 10, max_batch: int = 4096, seed: int | None = None,
-                 precision: str = "fp32") -> ProtocolOutcome:
+                 precision: str = "fp32", verdict_seed: int | None = None) -> ProtocolOutcome:
     """Run ``attack`` on ``(x, y)`` under ``protocol``; see the module docstring.
 
     The caller puts the model in eval mode. ``seed`` seeds this batch: the frozen draw of
-    ``paper``/``fixed`` and the attack's own randomness (default: the attack's seed). The
-    output of any attack (also a user's callable) is checked to lie in [0, 1] and the eps-ball
-    before it is counted. ``attack`` may be an :class:`~advdefense.attacks.Attack` or any
-    callable ``attack(model, x, y) -> x_adv`` with ``eps`` and ``norm`` attributes.
-    ``precision="bf16"`` crafts under bf16 autocast (:mod:`advdefense.precision`); the verdict
-    is always fp32.
+    ``paper``/``fixed`` and the attack's own randomness (default: the attack's seed).
+    ``verdict_seed`` seeds the verdict's draws (default: derived from ``seed`` under
+    :data:`VERDICT_SALT`, never the attack's own draws). The attack works on copies of ``x``
+    and ``y``; its output (also a user's callable's) is checked against the caller's ``x``
+    to lie in [0, 1] and the eps-ball, and judged against the caller's ``y``. ``attack``
+    may be an :class:`~advdefense.attacks.Attack` or any callable ``attack(model, x, y) ->
+    x_adv`` with ``eps`` and ``norm`` attributes. ``precision="bf16"`` crafts under bf16
+    autocast (:mod:`advdefense.precision`); the verdict is always fp32.
     """
     check_protocol(protocol)
     recorder = AttackRecorder(x.shape[0], x.device)
     states = None
+    if verdict_seed is None and seed is not None:
+        verdict_seed = draw_seed(int(seed), 0, VERDICT_SALT)
+    x_ref, y_ref = x.detach().clone(), y.detach().clone()
 
     def craft() -> torch.Tensor:
+        x_own, y_own = x_ref.clone(), y_ref.clone()  # the attack's private copies
         with attack_autocast(precision, x.device):
             if isinstance(attack, Attack):
-                out = attack(model, x, y, seed=seed, recorder=recorder)
+                out = attack(model, x_own, y_own, seed=seed, recorder=recorder)
             else:
                 with seeded(seed):
-                    out = attack(model, x, y)
+                    out = attack(model, x_own, y_own)
         out = out.float() if isinstance(out, torch.Tensor) else out
         eps = getattr(attack, "eps", None)
         norm = getattr(attack, "norm", "linf")
@@ -177,18 +223,19 @@ def run_protocol(model: nn.Module, attack, x: torch.Tensor, y: torch.Tensor, pro
         if eps is None:
             raise AdvDefenseError(f"attack {name!r} has no eps attribute; the evaluation "
                                   "cannot check its output")
-        return check_adversarial_output(out, x, float(eps), norm, name).detach()
+        return check_adversarial_output(out, x_ref, float(eps), norm, name).detach()
 
     if protocol in ("fixed", "paper"):
         with freeze(model):
             with seeded(seed), torch.no_grad():  # draw the batch's frozen state
-                model(x[:1])
+                model(x_ref[:1])
             states = get_states(model)
             x_adv = craft()
             if protocol == "fixed":
-                v = verdict(model, x_adv, y, repeats=repeats, max_batch=max_batch)
+                v = verdict(model, x_adv, y_ref, repeats=repeats, max_batch=max_batch,
+                            seed=verdict_seed)
                 return ProtocolOutcome(x_adv, v, recorder, states)
     else:
         x_adv = craft()
-    v = verdict(model, x_adv, y, repeats=repeats, max_batch=max_batch)
+    v = verdict(model, x_adv, y_ref, repeats=repeats, max_batch=max_batch, seed=verdict_seed)
     return ProtocolOutcome(x_adv, v, recorder, states)

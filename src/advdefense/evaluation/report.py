@@ -13,14 +13,13 @@ is the block in RobustBench's field names (``clean_acc``, ``autoattack_acc``, ``
 
 from __future__ import annotations
 
-import math
 import platform
 from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json, atomic_write_text
-from .harness import EvalResult
 from .protocols import Verdict
+from .results import EvalResult, clean_float, main_eps, summary
 from .stats import accuracy
 
 __all__ = ["AUTOATTACK_SOURCE", "STANDARD_STAGES", "robustbench_fields", "summary", "to_json",
@@ -46,10 +45,8 @@ def _verdict_lists(v: Verdict) -> dict[str, list[bool]]:
     return {k: v.get(k).tolist() for k in Verdict.KINDS}
 
 
-def _clean_float(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+_clean_float = clean_float
+_main_eps = main_eps
 
 
 def _acc(a) -> dict[str, Any]:
@@ -179,14 +176,6 @@ def write_report(result: EvalResult, out_dir: str | Path, *,
     return paths
 
 
-def _main_eps(result: EvalResult) -> float:
-    eps = result.config.get("eps")
-    if eps is None:
-        values = [s.get("eps") for s in result.config.get("specs", []) if s.get("eps") is not None]
-        eps = max(values) if values else 0.0
-    return float(eps)
-
-
 def _pct(a) -> float | None:
     return None if not a.n else round(100 * a.value, 2)
 
@@ -230,24 +219,3 @@ def robustbench_fields(result: EvalResult, *, dataset: str, eps: float, norm: st
     if model is not None:
         out["model"] = model
     return out
-
-
-def summary(result: EvalResult) -> dict[str, Any]:
-    """Headline numbers as a small dict: clean and robust (worst-case) accuracy with their 95%
-    Clopper–Pearson intervals, the accuracy after every attack, and the setting."""
-
-    def pair(a) -> dict[str, Any]:
-        return {"accuracy": _clean_float(a.value), "ci95": [_clean_float(a.low),
-                                                           _clean_float(a.high)]}
-
-    per_attack = {label: _clean_float(accuracy(
-        (e.cumulative if e.cumulative is not None else e.verdict).all).value)
-        for label, e in result.entries.items()}
-    cfg = result.config
-    return {"n": result.n, "clean": pair(result.accuracy("clean")),
-            "robust": pair(result.accuracy("worst")), "per_attack": per_attack,
-            "eps": cfg.get("eps", _main_eps(result) if cfg.get("specs") else None),
-            "norm": cfg.get("norm") or next((s.get("norm") for s in cfg.get("specs", [])
-                                              if s.get("norm")), None),
-            "suite": cfg.get("suite"), "stochastic": result.stochastic,
-            "repeats": result.repeats}

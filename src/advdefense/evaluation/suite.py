@@ -27,14 +27,19 @@ its own per-example verdict (``True`` where it did not run) and the cascade's cu
 verdict after it (the AutoAttack-style "robust accuracy after X" row of the report).
 
 ``state_path``: a JSON file (:class:`SuiteState`) saved atomically after the clean pass, after
-every batch of an attack and after every attack (per-example masks + finished attacks and
-batches). Rerunning with the same arguments resumes: finished attacks and the finished batches
-of the attack in progress are skipped. Its fingerprint covers the data, the settings and the
-model (a hash of the weights and buffers and of the architecture), so a state written for
-another model is refused. Each attack runs under its own seed (``seed + 1000 * (position +
-1)``), and every batch under a seed derived from that and the position of its first example, so
-a resumed run gives the same result as an uninterrupted one and batches draw independently.
-Traces (for the failure checks) of attacks finished in an earlier process are not restored.
+every batch of an attack and after every attack (per-example masks, attack traces, finished
+attacks and batches). Rerunning with the same arguments resumes: finished attacks and the
+finished batches of the attack in progress are read back, traces included, so the failure
+checks judge a resumed suite as they judge an uninterrupted one. Its fingerprint covers the
+data, every setting that shapes the result (suite, eps, norm, EOT, repeats, seed, batch size,
+process offset, precision, protocol, the attacks' settings) and the model (weights, buffers,
+architecture and every module's configuration: :func:`~.resume.model_fingerprint`), so a
+state written for another model or another run is refused with one line. Each attack runs
+under its own seed (``seed + 1000 * (position + 1)``), every batch under a seed derived from
+that and the position of its first example, and every verdict under a seed derived from
+(``seed``, the attack's label, that position) with a salt of its own
+(:func:`~.protocols.verdict_seed`), so a resumed run gives the same result as an
+uninterrupted one, batches draw independently, and verdicts never reuse an attack's draws.
 
 ``protocol`` runs every attack of the suite under that protocol (default ``fresh``; ``paper``
 gives the transfer-from-a-frozen-draw figure beside it).
@@ -42,7 +47,6 @@ gives the transfer-from-a-frozen-draw figure beside it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -56,6 +60,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_json
 from ..attacks import ATTACKS, Attack
 from ..attacks.base import NORMS, batch_seed, check_eps, eval_mode
 from ..errors import AdvDefenseError
@@ -66,9 +71,7 @@ from ..randomness import is_stochastic, seeded
 from .checks import CheckSettings, run_checks
 from .harness import (
     AdvKeeper,
-    EntryResult,
-    EvalResult,
-    TraceSummary,
+    attack_identity,
     batch_runner,
     default_max_batch,
     load_data,
@@ -77,15 +80,16 @@ from .harness import (
     resolve_checks,
     spec_seed,
 )
-from .protocols import Verdict, check_protocol, run_protocol, verdict
-from .resume import model_fingerprint
+from .protocols import Verdict, check_protocol, run_protocol, verdict, verdict_seed
+from .results import EntryResult, EvalResult, TraceSummary
+from .resume import model_fingerprint, run_fingerprint
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SUITES", "SuiteState", "model_fingerprint", "run_suite", "suite_plan"]
 
 SUITES = ("standard", "rand", "full")
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def suite_plan(suite: str, *, eps: float, norm: str = "linf", eot_samples: int = 20,
@@ -140,27 +144,11 @@ def _build(name: str, label: str, kwargs: dict) -> Attack:
             f"attack {name!r} does not accept the suite settings: {exc}") from None
 
 
-def _fingerprint(x: torch.Tensor, y: torch.Tensor, settings: dict[str, Any], model: str) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    h.update(model.encode())
-    h.update(y.cpu().numpy().tobytes())
-    h.update(x.cpu().float().numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
-def _verdict_to_json(v: Verdict) -> dict[str, list[bool]]:
-    return v.to_json()
-
-
-def _verdict_from_json(d: dict[str, list[bool]]) -> Verdict:
-    return Verdict.from_json(d)
-
-
 @dataclass
 class SuiteState:
     """What a suite has finished: the clean verdict and every finished attack's per-example
-    verdict and ``ran`` mask, under a fingerprint of (data, settings, model)."""
+    verdict, ``ran`` mask and trace (what the failure checks read), under a fingerprint of
+    (data, settings, model); for the attack in progress, its finished batches."""
 
     fingerprint: str
     model: str
@@ -168,37 +156,41 @@ class SuiteState:
     clean: Verdict | None = None
     clean_seconds: float = 0.0
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: the attack in progress: its finished batches (first example -> verdict of the batch)
-    partial: dict[str, dict[str, Verdict]] = field(default_factory=dict)
+    #: the attack in progress: its finished batches (first example -> verdict, trace and
+    #: positions of the batch)
+    partial: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def finished(self) -> list[str]:
         return list(self.entries)
 
     def finish(self, label: str, own: Verdict, ran: torch.Tensor, seconds: float,
-               attack: str, protocol: str = "fresh") -> None:
+               attack: str, protocol: str = "fresh", trace: TraceSummary | None = None
+               ) -> None:
         self.entries[label] = {"verdict": own, "ran": ran, "seconds": seconds,
-                               "attack": attack, "protocol": protocol}
+                               "attack": attack, "protocol": protocol, "trace": trace}
         self.partial.pop(label, None)
 
     def save(self, path: Path | None) -> None:
         if path is None:
             return
+
+        def entry(v: dict[str, Any]) -> dict[str, Any]:
+            return {**v, "verdict": v["verdict"].to_json(), "ran": v["ran"].tolist(),
+                    "trace": None if v["trace"] is None else v["trace"].to_json()}
+
+        def batch(b: dict[str, Any]) -> dict[str, Any]:
+            return {"verdict": b["verdict"].to_json(), "positions": b["positions"].tolist(),
+                    "trace": None if b["trace"] is None else b["trace"].to_json()}
+
         data = {"version": STATE_VERSION, "fingerprint": self.fingerprint, "model": self.model,
                 "settings": self.settings,
-                "clean": None if self.clean is None else _verdict_to_json(self.clean),
+                "clean": None if self.clean is None else self.clean.to_json(),
                 "clean_seconds": self.clean_seconds,
-                "entries": {k: {**v, "verdict": _verdict_to_json(v["verdict"]),
-                                "ran": v["ran"].tolist()} for k, v in self.entries.items()},
-                "partial": {k: {b: _verdict_to_json(v) for b, v in parts.items()}
+                "entries": {k: entry(v) for k, v in self.entries.items()},
+                "partial": {k: {b: batch(v) for b, v in parts.items()}
                             for k, parts in self.partial.items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(json.dumps(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write_json(path, data, indent=None)
 
     @classmethod
     def load_or_new(cls, path: Path | None, fingerprint: str, model: str,
@@ -211,24 +203,32 @@ class SuiteState:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise AdvDefenseError(f"state file {path} is unreadable ({exc}); delete it") from None
-        if data.get("version") != STATE_VERSION:
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
             raise AdvDefenseError(f"state file {path} has another format version; delete it")
         if data.get("model") != model:
             raise AdvDefenseError(
-                f"state file {path} was written for another model (weights or architecture "
-                "differ); delete it or pass another state path")
+                f"state file {path} was written for another model (weights, architecture or "
+                "configuration differ); delete it or pass another state path")
         if data.get("fingerprint") != fingerprint:
             raise AdvDefenseError(
                 f"state file {path} belongs to a different run (data, suite or settings "
                 "differ); delete it or pass another state path")
+
+        def trace(d):
+            return None if d is None else TraceSummary.from_json(d)
+
         state = cls(fingerprint, model, settings,
-                    None if data["clean"] is None else _verdict_from_json(data["clean"]),
+                    None if data["clean"] is None else Verdict.from_json(data["clean"]),
                     data.get("clean_seconds", 0.0))
         for k, v in data["entries"].items():
-            state.entries[k] = {**v, "verdict": _verdict_from_json(v["verdict"]),
-                                "ran": torch.tensor(v["ran"], dtype=torch.bool)}
+            state.entries[k] = {**v, "verdict": Verdict.from_json(v["verdict"]),
+                                "ran": torch.tensor(v["ran"], dtype=torch.bool),
+                                "trace": trace(v.get("trace"))}
         for k, parts in data.get("partial", {}).items():
-            state.partial[k] = {b: _verdict_from_json(v) for b, v in parts.items()}
+            state.partial[k] = {
+                b: {"verdict": Verdict.from_json(v["verdict"]), "trace": trace(v["trace"]),
+                    "positions": torch.tensor(v["positions"], dtype=torch.long)}
+                for b, v in parts.items()}
         return state
 
 
@@ -297,13 +297,16 @@ def run_suite(
             if name not in ATTACKS:
                 _build(name, label, {})
         suite_name = suite
+    if int(batch_size) < 1:
+        raise AdvDefenseError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = int(batch_size)
     settings = {"suite": suite_name, "norm": norm, "eps": eps, "eot_samples": eot_samples,
                 "repeats": reps, "seed": seed, "n": n, "protocol": protocol,
-                "attack_precision": attack_precision,
-                "index_offset": index_offset,
+                "attack_precision": attack_precision, "batch_size": batch_size,
+                "index_offset": index_offset, "randomness": randomness,
                 "plan": [(lab, name, kw) for lab, name, kw in plan] if attacks is None
-                else [(lab, repr(given[lab]), kw) for lab, _, kw in plan]}
-    fingerprint = _fingerprint(x_all, y_all, settings, model_hash)
+                else [(lab, attack_identity(given[lab]), kw) for lab, _, kw in plan]}
+    fingerprint = run_fingerprint(x_all, y_all, settings, model_hash)
     path = Path(state_path) if state_path is not None else None
     state = SuiteState.load_or_new(path, fingerprint, model_hash, settings)
     if state.finished:
@@ -311,25 +314,35 @@ def run_suite(
     t_start = time.perf_counter()
     keeper = AdvKeeper(x_all) if keep_adv else None
 
-    def batched(fn, idx: torch.Tensor, attack_seed: int | None, label: str | None = None
-                ) -> Verdict:
-        """Run ``fn`` batch by batch; with ``label`` every finished batch is saved in the
-        state, and a resumed run skips the batches already there (their seeds depend only
-        on the batch's first example, so the result is the uninterrupted one)."""
+    def batched(fn, idx: torch.Tensor, label: str | None = None,
+                traces: list[TraceSummary] | None = None,
+                positions: list[torch.Tensor] | None = None) -> Verdict:
+        """Run ``fn(x, y, sel, first)`` batch by batch (``first``: the position of the
+        batch's first example, process offset included); with ``label`` every finished batch
+        is saved in the state with its trace, and a resumed run reads back the batches
+        already there (their seeds depend only on ``first``, so the result, traces included,
+        is the uninterrupted one)."""
         parts = []
         done = state.partial.get(label, {}) if label is not None else {}
         for _, pos in batch_runner(len(idx), batch_size, False, ""):
             sel = idx[pos]
             first = index_offset + int(sel[0]) if len(sel) else 0
-            if str(first) in done:
-                parts.append(done[str(first)])
+            saved = done.get(str(first))
+            if saved is not None:
+                parts.append(saved["verdict"])
+                if traces is not None and saved["trace"] is not None:
+                    traces.append(saved["trace"])
+                    positions.append(saved["positions"])
                 continue
-            with seeded(batch_seed(attack_seed, first)):
-                v = fn(x_all[sel].to(device), y_all[sel].to(device), sel,
-                       batch_seed(attack_seed, first))
+            out = fn(x_all[sel].to(device), y_all[sel].to(device), sel, first)
+            v, tr = out if isinstance(out, tuple) else (out, None)
             parts.append(v)
+            if traces is not None and tr is not None:
+                traces.append(tr)
+                positions.append(sel)
             if label is not None:
-                state.partial.setdefault(label, {})[str(first)] = v
+                state.partial.setdefault(label, {})[str(first)] = {
+                    "verdict": v, "trace": tr, "positions": sel}
                 state.save(path)
         return Verdict.cat(parts) if parts else Verdict.full(0)
 
@@ -337,8 +350,9 @@ def run_suite(
         if state.clean is None:
             t0 = time.perf_counter()
             state.clean = batched(
-                lambda x, y, sel, s: verdict(model, x, y, repeats=reps, max_batch=max_batch),
-                torch.arange(n), seed)
+                lambda x, y, sel, first: verdict(model, x, y, repeats=reps, max_batch=max_batch,
+                                                 seed=verdict_seed(seed, "clean", first)),
+                torch.arange(n))
             state.clean_seconds = time.perf_counter() - t0
             state.save(path)
         clean = EntryResult("clean", "clean", "-", state.clean, state.clean_seconds)
@@ -353,9 +367,8 @@ def run_suite(
                 rec = state.entries[label]
                 robust = robust & rec["verdict"]
                 entries[label] = EntryResult(label, name, rec.get("protocol", protocol),
-                                             rec["verdict"],
-                                             rec["seconds"], rec["attack"], None, rec["ran"],
-                                             robust)
+                                             rec["verdict"], rec["seconds"], rec["attack"],
+                                             rec.get("trace"), rec["ran"], robust)
                 continue
             stage_seed = seed + 1000 * (i + 1)
             options = dict(kw or {})
@@ -374,22 +387,21 @@ def run_suite(
             positions: list[torch.Tensor] = []
             frozen: list[Any] = []
 
-            def step(x, y, sel, bseed, attack=attack, traces=traces, positions=positions,
-                     label=label, frozen=frozen, stage_protocol=stage_protocol):
+            def step(x, y, sel, first, attack=attack, label=label, frozen=frozen,
+                     stage_protocol=stage_protocol, stage_seed=stage_seed):
                 out = run_protocol(model, attack, x, y, stage_protocol, repeats=reps,
-                                   max_batch=max_batch, seed=bseed,
-                                   precision=attack_precision)
+                                   max_batch=max_batch, seed=batch_seed(stage_seed, first),
+                                   precision=attack_precision,
+                                   verdict_seed=verdict_seed(seed, label, first))
                 eot = int(getattr(attack, "eot_samples", 1)) if (
                     stochastic and stage_protocol == "fresh") else 1
-                traces.append(TraceSummary.from_recorder(out.recorder, attack, sel, eot))
-                positions.append(sel)
                 if out.states is not None:
                     frozen.append(out.states)
                 if keeper is not None:
                     keeper.offer(label, sel, out.x_adv, ~out.verdict.all)
-                return out.verdict
+                return out.verdict, TraceSummary.from_recorder(out.recorder, attack, sel, eot)
 
-            part = batched(step, idx, stage_seed, label)
+            part = batched(step, idx, label, traces, positions)
             own = Verdict.full(n)
             for k in Verdict.KINDS:
                 own.get(k)[idx] = part.get(k)
@@ -397,10 +409,10 @@ def run_suite(
             ran[idx] = True
             robust = robust & own
             seconds = time.perf_counter() - t0
+            trace = TraceSummary.merge(traces, n, positions)
             entries[label] = EntryResult(label, name, stage_protocol, own, seconds,
-                                         repr(attack), TraceSummary.merge(traces, n, positions),
-                                         ran, robust, states=frozen)
-            state.finish(label, own, ran, seconds, repr(attack), stage_protocol)
+                                         repr(attack), trace, ran, robust, states=frozen)
+            state.finish(label, own, ran, seconds, repr(attack), stage_protocol, trace)
             state.save(path)
     config = {"kind": "suite", "suite": suite_name, "eps": eps, "norm": norm,
               "eot_samples": eot_samples, "repeats": reps, "seed": seed, "n": n,
