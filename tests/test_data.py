@@ -130,3 +130,18 @@ def test_svhn_loader_reads_mat_file(tmp_path, monkeypatch):
     xs, ys = as_tensors(load_split("svhn", "test", root=tmp_path))
     assert xs.shape == (5, 3, 32, 32)
     assert ys.tolist() == [1, 2, 0, 4, 5]
+
+
+def test_registry_names_the_image_datasets():
+    from advdefense.config import DataConfig
+    from advdefense.data import INFO, dataset_names
+
+    assert "cifar10-jpeg" in INFO and "imagefolder:some/folder" in INFO
+    assert "imagefolder:" not in INFO and "bogus" not in INFO
+    assert "imagefolder:PATH" in dataset_names()
+    with pytest.raises(AdvDefenseError, match="imagefolder:PATH") as info:
+        dataset_info("bogus")
+    assert "\n" not in str(info.value)
+    DataConfig(name="imagefolder:some/folder").validate("data")  # checked when loaded
+    with pytest.raises(AdvDefenseError):
+        DataConfig(name="bogus").validate("data")

@@ -56,3 +56,64 @@ def test_unknown_model_and_norm():
         _build("vgg99")
     with pytest.raises(ValueError):
         norm_factory("xn")(8)
+
+
+# --- resnet10_narrow: the CPU-sized RGB ResNet (cifar10-jpeg) ------------------------------
+
+def test_resnet10_narrow_forward_backward_and_size():
+    torch.manual_seed(0)
+    model = _build("resnet10_narrow", "cifar10-jpeg").train()
+    assert isinstance(model.normalize, InputNormalization)
+    assert torch.allclose(model.normalize.mean.flatten(),
+                          torch.tensor(dataset_info("cifar10-jpeg").mean))
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    logits = model(x)
+    assert logits.shape == (4, 10)
+    logits.sum().backward()
+    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == 152_026
+    half = _build("resnet10_narrow", "cifar10-jpeg", width=8)
+    assert half.linear.in_features == 32 and half(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet10_narrow_rna_path_space():
+    from advdefense.defenses import rna
+
+    model = _build("resnet10_narrow", "cifar10-jpeg")
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 11
+    rna.convert(model, space=("bn", "in"))
+    assert len(rna.rna_layers(model)) == 11
+    assert rna.num_paths(model) == 2**11 == len(rna.enumerate_paths(model, limit=None))
+    assert model.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resnet10_narrow_cas_after_the_last_stage_blocks():
+    from advdefense.defenses import cas
+
+    info = dataset_info("cifar10-jpeg")
+    model = cas.apply(_build("resnet10_narrow", "cifar10-jpeg"), {}, info)
+    assert model.placements == ["stages.2.0", "stages.2.1"]  # both blocks of the last stage
+    assert [m.channels for m in model.cas_modules()] == [64, 64]
+    y = torch.tensor([1, 2, 3])
+    logits, aux = model.train().forward_with_aux(torch.rand(3, 3, 32, 32), y)
+    assert logits.shape == (3, 10) and [a.shape for a in aux] == [(3, 10), (3, 10)]
+
+
+def test_resnet10_narrow_takes_pni_on_every_conv_and_the_linear_layer():
+    from advdefense.defenses import noise
+
+    model = _build("resnet10_narrow", "cifar10-jpeg")
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    noise.inject(model, kind="pni", where="weights")
+    layers = noise.noisy_layers(model)
+    assert convs == 11 and len(layers) == 12
+    assert isinstance(layers["linear"].layer, nn.Linear)
+    model.eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(0)
+    a = model(x)
+    b = model(x)
+    assert a.shape == (2, 10) and not torch.equal(a, b)  # fresh noise on every forward
+    a.sum().backward()
+    assert all(m.alpha_w.grad is not None for m in layers.values())

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import unknown_name
 from .layers import InputNormalization, NormFactory, batchnorm, norm_factory
-from .resnet import ResNet, resnet18, resnet20, resnet_mini
+from .resnet import ResNet, resnet10_narrow, resnet18, resnet20, resnet_mini
 from .smallcnn import SmallCNN
 from .wrn import WideResNet, wrn, wrn34_10
 
@@ -21,6 +21,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
     "resnet20": resnet20,
     "resnet_mini": resnet_mini,
+    "resnet10_narrow": resnet10_narrow,
     "wrn34_10": wrn34_10,
     "wrn": wrn,
 }
@@ -64,6 +65,7 @@ __all__ = [
     "batchnorm",
     "norm_factory",
     "ResNet",
+    "resnet10_narrow",
     "resnet18",
     "resnet20",
     "resnet_mini",

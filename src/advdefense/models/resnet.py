@@ -1,5 +1,6 @@
 """CIFAR ResNets: ResNet-18 (He et al. 2016, 3x3 stem as in the RNA/CAS code) and ResNet-20,
-and ``resnet_mini``, a CPU-sized ResNet for 28x28 digits with ResNet-18's last-stage layout.
+``resnet_mini``, a CPU-sized ResNet for 28x28 digits with ResNet-18's last-stage layout, and
+``resnet10_narrow``, its CPU-sized counterpart for 32x32 RGB images (``cifar10-jpeg``).
 
 Both take a norm factory so another normalization (RNA, GN, ...) can replace BatchNorm.
 ResNet-20 uses 1x1-conv projection shortcuts with a norm layer (option B) rather than the
@@ -97,3 +98,26 @@ def resnet_mini(**kw) -> ResNet:
     About 150k parameters; a training step costs about as much as ``smallcnn``'s on CPU.
     """
     return ResNet([1, 1, 2], [16, 32, 64], **kw)
+
+
+def resnet10_narrow(*, width: int = 16, **kw) -> ResNet:
+    """A narrow ResNet-10 for 32x32 RGB images, sized for CPU adversarial training.
+
+    A 3x3 stem, stages of 1, 1 and 2 BasicBlocks with widths ``width``-``2*width``-``4*width``
+    (default 16-32-64; at 32x32, 16x16 and 8x8), 1x1-conv projection shortcuts with a norm
+    layer where the shape changes, global average pooling and one linear layer: 10 weighted
+    layers on the main path; 152,026 parameters for 10 classes (width 16) and about 0.4 of
+    ResNet-20's multiply-adds (17M per 32x32 image).
+
+    * RNA: 11 norm layers (stem 1, blocks 2 + 3 + 3 + 2, shortcuts included), so RNA with two
+      types (``bn``, ``in``) has ``2**11 = 2048`` paths (:func:`advdefense.defenses.rna.num_paths`).
+    * CAS: the last stage has two blocks followed by GAP + linear, as ResNet-18's ``layer4``;
+      the default placement puts CAS after both (``stages.2.0``, ``stages.2.1``: 4*width
+      channels at 8x8), the CAS paper's ResNet-18 placement.
+    * PNI/CNI: :func:`advdefense.defenses.noise.inject` wraps its 11 convolutions (the two
+      shortcut projections included) and the linear layer, as the PNI code does for ResNet-20.
+    """
+    if int(width) < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    w = int(width)
+    return ResNet([1, 1, 2], [w, 2 * w, 4 * w], **kw)
