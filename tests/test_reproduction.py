@@ -140,10 +140,13 @@ def test_smoothing_entry_chooses_sigma_and_m_on_val_only(monkeypatch):
     monkeypatch.setattr(data_module, "load_split", spy)
     plan = next(p for p in mnist5k_plans() if p.key == "pni_at")
     sm = {"sigmas": [0.0, 0.1], "ms": [1, 2], "n_val": 8}
-    sigma, m, how = _choose_smoothing_on_val(inject(make_smallcnn(), kind="pni").eval(), plan,
-                                             sm, eps=0.3, seed=0, samples=2)
+    sigma, m, how, records = _choose_smoothing_on_val(inject(make_smallcnn(), kind="pni").eval(),
+                                                      plan, sm, eps=0.3, seed=0, samples=2)
     assert loaded == ["val"]
     assert sigma in sm["sigmas"] and m in sm["ms"] and "8 val images" in how
+    # the whole grid is reported, for the prediction vote the verdicts use
+    assert {(r["sigma"], r["m"]) for r in records} == {(s, k) for s in sm["sigmas"]
+                                                       for k in sm["ms"]}
     assert _choose_smoothing_on_val(None, plan, {"sigma": 0.2, "m": 8}, eps=0.3, seed=0,
                                     samples=2)[:2] == (0.2, 8)
 

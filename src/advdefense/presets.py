@@ -10,23 +10,34 @@ network. Budgets are sized from measurements on 2 CPU cores.
 
 ``mnist5k``
     the converged, faithful run: every entry trains on ``fit`` (train minus val) until its
-    robust accuracy on the whole ``val`` split (PGD-10) stops rising (early stopping, patience
-    2 epochs, min_delta 0.5 points, cap 20 epochs; the best val epoch is evaluated), PGD-AT
-    and the seed defenses (CAS, RNA, PNI/smoothing) with two training seeds, CNI-W +
-    smoothing with one; 200 test images. 16 entries; measured at 322 compute-minutes on
-    2 CPU cores, so about 2 h 40 min of wall time from scratch with ``--jobs 2`` (the report
-    records both; a run resumes from every finished epoch and evaluation).
+    robust accuracy on the whole ``val`` split stops rising (early stopping, patience 2
+    epochs, min_delta 0.5 points, cap 20 epochs; the best val epoch is evaluated; the monitor
+    is PGD-10 with EOT and repeated predictions for random models and main + beta·aux for CAS
+    models), every entry with two training seeds (a third where two differ by more than 5
+    points); 200 test images. Every model that gets a figure faces an adaptive cascade over
+    all of its randomness (the smoothed classifiers included), CAS models also APGD on
+    main + beta·aux, RNA also the exact expectation over its paths; the rules of the verdicts
+    are in docs/verdicts.md. 22 entries plus the added third seeds: estimated from the
+    measured cost of each part at 650-700 compute-minutes on 2 CPU cores from scratch, so
+    5.5-6 h of wall time with ``--jobs 2``. The report records both times; a run resumes from
+    every finished epoch and evaluation and reuses every entry whose training and evaluation
+    did not change.
 ``mnist5k-quick``
-    the same entries for trying things: seed 0 only, at most 2 epochs on 1,500 training
-    images, 100 test images, small attack budgets; estimated at about 20 minutes with
-    ``--jobs 2``.
+    the same entries for trying things: seed 0 only (so the report marks every verdict as
+    short of seeds), at most 2 epochs on 1,500 training images, 100 test images, small attack
+    budgets; estimated at about 30 minutes with ``--jobs 2``.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from .attacks.base import Objective
 from .evaluation.checks import CheckSettings
 from .reproduction import Plan, checks_from_result, table_from_result
 
@@ -102,11 +113,46 @@ def demo_plans(seed: int = 0) -> list[Plan]:
 
 # CPU budgets of the adaptive suites (the reference settings are in ``suite_plan``; on 2 CPU
 # cores 8 models x reference AutoAttack would take hours). Every reduction is named in the
-# report's attack labels.
+# report's attack labels. ``path_pairs``: draws of RNA's paper protocol (a path pair per batch
+# of 128); ``exact_iters``: APGD iterations of the attack on the expectation over every RNA
+# path; ``smooth_eot`` / ``smooth_iters``: EOT draws of the smoothed classifier itself (each
+# draw is its whole m-sample vote) and APGD iterations of the attacks on it.
 CPU_BUDGET = {"n_targets": 3, "square_queries": 500, "eot": 4, "repeats": 10,
-              "rand_square_queries": 200}
+              "rand_square_queries": 200, "path_pairs": 5, "exact_iters": 100,
+              "smooth_eot": 2, "smooth_iters": 20}
 FULL_BUDGET = {"n_targets": 9, "square_queries": 5000, "eot": 20, "repeats": 10,
-               "rand_square_queries": 5000}
+               "rand_square_queries": 5000, "path_pairs": 10, "exact_iters": 100,
+               "smooth_eot": 4, "smooth_iters": 100}
+# what a budget without the newer keys (e.g. one given on the command line) uses
+BUDGET_DEFAULTS = {"path_pairs": 5, "exact_iters": 100, "smooth_eot": 2, "smooth_iters": 20}
+
+# RNA's paper protocol (reference ``evaluate.py``): one path pair per test batch of 128
+RNA_PAPER_BATCH = 128
+# the exact attack on RNA (expectation over every path) runs where the path space is this small
+EXACT_PATHS_MAX = 256
+
+# The smoothing paper's noise levels (Nemcovsky et al., Sec. 5.2 and its ablation table: no
+# noise, CNI-W 0.11 and 0.24, CNI-I+W 0.37), in the units of its code: the normalised input.
+# Our smoothing adds noise in pixel space, so the preset multiplies them by the dataset's std.
+PAPER_SIGMAS = (0.0, 0.11, 0.24, 0.37)
+# Monte-Carlo samples per vote chosen from on val. The paper votes over 256-512 samples; the
+# adaptive attack on the smoothed classifier costs m x EOT forward-backward passes per step,
+# so 2 CPU cores afford 16-32 (the chosen m is in the report).
+SMOOTHING_MS = (16, 32)
+
+
+def budget_value(budget: dict, key: str) -> int:
+    """``budget[key]``, or :data:`BUDGET_DEFAULTS` for the keys a budget may lack."""
+    return int(budget.get(key, BUDGET_DEFAULTS.get(key, 0)))
+
+
+def paper_sigmas(dataset: str = "mnist5k") -> list[float]:
+    """:data:`PAPER_SIGMAS` in pixel units of ``dataset`` (times its mean channel std)."""
+    from .data import dataset_info
+
+    std = dataset_info(dataset).std
+    s = sum(std) / len(std) if isinstance(std, (list, tuple)) else float(std)
+    return [round(v * s, 3) for v in PAPER_SIGMAS]
 
 
 def standard_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
@@ -137,6 +183,30 @@ def rand_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
     ]
 
 
+def smoothed_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
+    """The cascade of the smoothed classifier itself (:class:`SmoothedLogits`), every attack
+    with EOT over all of its randomness (each EOT draw is a whole m-sample vote over fresh
+    input and weight noise): PGD-20 (step eps/4), then APGD-CE and APGD-DLR.
+
+    PGD comes first because a hard vote's loss is piecewise constant in the input: APGD's
+    step-size rule and best-iterate choice read loss values and stall on it (on an untrained
+    width-4 smallcnn smoothed with m = 4, 32 images: APGD-CE left 19% and APGD-DLR 100% where
+    PGD-20 with the same gradients left 0%), while PGD's fixed signed steps follow the
+    smoothed classifier's gradient.
+    """
+    from .attacks import PGD, build_attack
+
+    k = max(2, budget_value(budget, "smooth_eot"))
+    it = budget_value(budget, "smooth_iters")
+    return [
+        (f"pgd-20+eot{k}", PGD(eps=eps, steps=20, step_size=eps / 4, eot_samples=k, seed=seed)),
+        (f"apgd-ce+eot{k} ({it} it)",
+         build_attack("apgd-ce", eps=eps, eot_samples=k, n_iter=it, seed=seed)),
+        (f"apgd-dlr+eot{k} ({it} it)",
+         build_attack("apgd-dlr", eps=eps, eot_samples=k, n_iter=it, seed=seed)),
+    ]
+
+
 def paper_attack_specs(eps: float, seed: int) -> list:
     """What the AT, TRADES, MART, CAS and PNI papers ran: FGSM, PGD-20 and CW-L-inf.
 
@@ -151,15 +221,65 @@ def paper_attack_specs(eps: float, seed: int) -> list:
 PAPER_ATTACKS = ("fgsm", "pgd", "cw")
 
 
+class SmoothedLogits(nn.Module):
+    """A smoothed classifier (:class:`~advdefense.defenses.smoothing.SmoothedClassifier`) as a
+    model that returns logits: ``log((1 - mix) g(x) + mix / C)``, the log of its vote scores
+    mixed with ``mix`` (0.1%) of the uniform distribution.
+
+    The mixing is monotone, so the predictions are the smoothed classifier's. It keeps every
+    class finite: cross-entropy on these logits is then ``-log`` of the (mixed) vote of the
+    true class, whose gradient is ``-(1 - mix) / v_y`` times the smoothed classifier's
+    gradient of that vote (straight-through for the hard votes: the SmoothAdv direction,
+    Salman et al. 2019), and DLR reaches the runner-up classes. On the raw vote fractions a
+    unanimous vote would give both losses an exactly zero gradient.
+    """
+
+    def __init__(self, smoothed: nn.Module, *, mix: float = 1e-3) -> None:
+        super().__init__()
+        self.smoothed = smoothed
+        self.mix = float(mix)
+
+    def forward(self, x):
+        scores = self.smoothed(x)
+        return torch.log((1 - self.mix) * scores + self.mix / scores.shape[1])
+
+
+class ExactPaths(Objective):
+    """The exact expectation over every RNA path (Dong et al. 2022 draw one path uniformly
+    per inference): ``mean_p loss(model_p(x))`` over ``paths``, each pass on one frozen path
+    (:func:`~advdefense.defenses.rna.path_states`). The returned logits are ``log`` of the
+    mean softmax over paths (the expected prediction), which decides success."""
+
+    def __init__(self, paths, loss: str = "ce") -> None:
+        super().__init__(loss)
+        self.paths = [tuple(p) for p in paths]
+        self.name = f"{self.name} over all {len(self.paths)} paths"
+
+    def __call__(self, model, x, y, target):
+        from .defenses.rna import path_states
+        from .randomness import freeze
+
+        total, probs = None, None
+        for p in self.paths:
+            with freeze(model, states=path_states(model, p)):
+                logits = model(x)
+            loss = self.loss_fn(logits, y, target)
+            total = loss if total is None else total + loss
+            soft = logits.softmax(1)
+            probs = soft if probs is None else probs + soft
+        k = len(self.paths)
+        return total / k, (probs / k).clamp_min(1e-12).log()
+
+
 def _suite_table(model, x, y, attacks, *, title: str, budget: dict, seed: int,
-                 eps: float, probes: bool = False):
+                 eps: float, probes: bool = False, batch_size: int = 250):
     from .evaluation.suite import run_suite
 
     # the probing checks (unbounded eps, eps sweep, more iterations) already ran with the
     # paper-protocol evaluation of the same model; the suite adds the cheap trace checks
     result = run_suite(model, (x, y), suite="custom", eps=eps, attacks=attacks,
                        repeats=budget["repeats"], eot_samples=budget["eot"], seed=seed,
-                       checks=CheckSettings(probes=probes))
+                       checks=CheckSettings(probes=probes), batch_size=batch_size)
     return table_from_result(result, title=title), checks_from_result(result), result
 
 
@@ -167,192 +287,375 @@ def _flags(mask) -> list[bool]:
     return [bool(v) for v in mask.flatten().tolist()]
 
 
-def verdict_record(name: str, paper, worst, *, paper_label: str) -> dict[str, Any]:
-    """A JSON-able per-example verdict of one defense: its paper-protocol worst case and its
-    worst case over everything run (both per example, for paired McNemar tests)."""
-    return {"name": name, "paper_label": paper_label, "paper": _flags(paper),
-            "worst": _flags(worst)}
+def failed_checks(checks: list[dict[str, Any]]) -> list[str]:
+    """Names of the attack-failure checks that failed (sorted, without repeats)."""
+    return sorted({str(c["name"]) for c in checks if c.get("passed") is False})
 
 
-def make_evaluator(kind: str, budget: dict):
-    """The evaluation of one preset entry: ``kind`` in deterministic | cas | rna | smoothing.
+def verdict_record(name: str, paper, worst, *, paper_label: str,
+                   checks: list[str] | None = None, adaptive: list[str] | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """A JSON-able per-example verdict of one model: its paper-protocol worst case and its
+    worst case over everything run (both per example, for paired tests), the attack-failure
+    checks that failed on this model (``checks``: its figure is then an upper bound), the
+    adaptive attacks run on this very model (``adaptive``) and optional ``clusters`` (examples
+    that shared a random draw) and ``paper_draws`` (the paper protocol redrawn)."""
+    out = {"name": name, "paper_label": paper_label, "paper": _flags(paper),
+           "worst": _flags(worst)}
+    if checks is not None:
+        out["checks"] = list(checks)
+    if adaptive is not None:
+        out["adaptive"] = list(adaptive)
+    out.update(extra)
+    return out
 
-    Every section also holds ``verdicts`` (per-example paper-protocol and overall worst cases,
-    see :func:`verdict_record`) for the paired statistics of the report. ``plan.extra``
-    options: ``eps``; ``light_checks`` (skip the probing attack-failure checks, e.g. for a
-    second training seed whose first seed ran them).
+
+def _labels(attacks) -> list[str]:
+    return [str(a[0]) for a in attacks]
+
+
+class Evaluator:
+    """The evaluation of one kind of preset entry: ``deterministic`` | ``cas`` | ``rna`` |
+    ``smoothing``; called as ``evaluator(model, x, y, plan) -> section``.
+
+    Every section holds ``verdicts`` (:func:`verdict_record`) for the paired statistics of the
+    report; every model that gets a verdict faces an adaptive cascade over all of its
+    randomness beside its paper protocol. ``plan.extra`` options: ``eps``; ``light_checks``
+    (skip the probing attack-failure checks). :meth:`describe` is what a cached evaluation
+    depends on (the reproduction pipeline re-evaluates an entry when it changes).
     """
 
-    def run(model, x, y, plan: Plan) -> dict[str, Any]:
+    KINDS = ("deterministic", "cas", "rna", "smoothing")
+    # the budget keys each kind's evaluation reads
+    BUDGET_KEYS = {"deterministic": ("n_targets", "square_queries"),
+                   "cas": ("n_targets", "square_queries"),
+                   "rna": ("eot", "repeats", "rand_square_queries", "path_pairs", "exact_iters"),
+                   "smoothing": ("eot", "repeats", "rand_square_queries", "smooth_eot",
+                                 "smooth_iters")}
+    # bumped when a kind's evaluation changes; version 1 = unchanged since sections recorded
+    # no description (such cached sections stay valid, see ``describe``)
+    VERSIONS = {"deterministic": 1, "cas": 2, "rna": 2, "smoothing": 2}
+
+    def __init__(self, kind: str, budget: dict) -> None:
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown evaluator kind {kind!r}; choose one of: "
+                             f"{', '.join(self.KINDS)}")
+        self.kind, self.budget = kind, dict(budget)
+
+    def __repr__(self) -> str:
+        return f"Evaluator({self.kind!r})"
+
+    def __call__(self, model, x, y, plan: Plan) -> dict[str, Any]:
+        return getattr(self, f"_{self.kind}")(model, x, y, plan)
+
+    # -- what the evaluation depends on ---------------------------------------------------
+    def _attack_lists(self, plan: Plan) -> dict[str, list[str]]:
+        seed, eps = plan.config["seed"], plan.extra.get("eps", EPS)
+        b = self.budget
+        out = {"paper": [repr(s.attack) for s in paper_attack_specs(eps, seed)]}
+        if self.kind == "deterministic":
+            out["adaptive"] = [repr(a[1]) for a in standard_suite_attacks(b, seed, eps)]
+        elif self.kind == "cas":
+            from .evaluation.cas_specs import cas_adaptive_attacks
+
+            beta = _aux_weight(plan)
+            out["adaptive"] = [repr(a[1]) for a in standard_suite_attacks(b, seed, eps)
+                               + cas_adaptive_attacks(eps, aux_weight=beta, seed=seed)]
+        elif self.kind == "rna":
+            out["adaptive"] = [repr(a[1]) for a in rand_suite_attacks(b, seed, eps)]
+            out["rna"] = [f"paper batch {RNA_PAPER_BATCH}",
+                          f"path pairs {budget_value(b, 'path_pairs')}",
+                          f"exact apgd-ce {budget_value(b, 'exact_iters')} it, "
+                          f"<= {EXACT_PATHS_MAX} paths"]
+        else:
+            out["adaptive"] = [repr(a[1]) for a in rand_suite_attacks(b, seed, eps)]
+            out["smoothed"] = [repr(a[1]) for a in smoothed_suite_attacks(b, seed, eps)]
+        return out
+
+    def describe(self, plan: Plan) -> dict[str, Any]:
+        """The kind, its version, the budget it reads and every attack (``repr`` lists each
+        setting).
+
+        ``legacy``: a section cached before sections recorded this description may be reused
+        (the deterministic evaluation, unchanged since, at a preset's own budget: the legacy
+        digest did not cover the budget, so only the budget the preset runs by default is
+        trusted).
+        """
+        used = {k: (budget_value(self.budget, k) if k in BUDGET_DEFAULTS else self.budget[k])
+                for k in self.BUDGET_KEYS[self.kind]}
+        legacy = self.kind == "deterministic" and any(
+            all(self.budget.get(k) == ref.get(k) for k in ("n_targets", "square_queries"))
+            for ref in (CPU_BUDGET, TRIAL_BUDGET))
+        return {"kind": self.kind, "version": self.VERSIONS[self.kind], "budget": used,
+                "attacks": self._attack_lists(plan), "legacy": legacy}
+
+    # -- the kinds ------------------------------------------------------------------------
+    def _common(self, plan: Plan):
+        return (plan.config["seed"], plan.extra.get("eps", EPS),
+                CheckSettings(probes=not plan.extra.get("light_checks")),
+                plan.extra.get("verdict_name", plan.title))
+
+    def _deterministic(self, model, x, y, plan: Plan) -> dict[str, Any]:
+        from .evaluation.harness import evaluate
+
+        seed, eps, checks_set, name = self._common(plan)
+        paper = evaluate(model, (x, y), paper_attack_specs(eps, seed), seed=seed,
+                         checks=checks_set)
+        checks = checks_from_result(paper)
+        attacks = standard_suite_attacks(self.budget, seed, eps)
+        t, c, suite = _suite_table(model, x, y, attacks,
+                                   title="Adaptive: AutoAttack-style cascade",
+                                   budget=self.budget, seed=seed, eps=eps)
+        checks += c
+        verdict = verdict_record(name, paper.worst.all, paper.worst.all & suite.worst.all,
+                                 paper_label="FGSM / PGD-20 / CW-L-inf",
+                                 checks=failed_checks(checks), adaptive=_labels(attacks))
+        return {"tables": [table_from_result(paper, title="Paper protocol: FGSM, PGD-20, "
+                                             "CW-L-inf (white-box)"), t],
+                "checks": checks, "markdown": [], "verdicts": [verdict]}
+
+    def _cas(self, model, x, y, plan: Plan) -> dict[str, Any]:
+        from .analysis.channels import cas_site_markdown, cas_site_stats
         from .attacks import PGD, HeadsObjective, build_attack
+        from .evaluation.cas_specs import cas_adaptive_attacks
         from .evaluation.harness import AttackSpec, evaluate
 
-        seed = plan.config["seed"]
-        eps = plan.extra.get("eps", EPS)
-        checks_set = CheckSettings(probes=not plan.extra.get("light_checks"))
-        tables, checks, markdown, verdicts = [], [], [], []
-        name = plan.extra.get("verdict_name", plan.title)
-        extra: dict[str, Any] = {}
-        if kind == "deterministic":
-            paper = evaluate(model, (x, y), paper_attack_specs(eps, seed), seed=seed,
-                             checks=checks_set)
-            tables.append(table_from_result(paper, title="Paper protocol: FGSM, PGD-20, "
-                                            "CW-L-inf (white-box)"))
-            checks += checks_from_result(paper)
-            t, c, suite = _suite_table(model, x, y, standard_suite_attacks(budget, seed, eps),
-                                       title="Adaptive: AutoAttack-style cascade",
-                                       budget=budget, seed=seed, eps=eps)
-            tables.append(t)
-            checks += c
-            verdicts.append(verdict_record(name, paper.worst.all, paper.worst.all
-                                           & suite.worst.all,
-                                           paper_label="FGSM / PGD-20 / CW-L-inf"))
-        elif kind == "cas":
-            from .analysis.channels import cas_site_markdown, cas_site_stats
-
-            beta = plan.config["train"]["recipe_args"].get("aux_weight", 2.0)
-            adaptive_pgd = PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
-                               loss=HeadsObjective("ce", aux_weight=beta))
-            specs = [
-                AttackSpec("fgsm", build_attack("fgsm", eps=eps, seed=seed)),
-                AttackSpec("pgd-20 main+β·aux (reference)", adaptive_pgd),
-                AttackSpec("cw main+β·aux (reference)",
-                           PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
-                               loss=HeadsObjective("margin", aux_weight=beta))),
-                AttackSpec("pgd-20 main only",
-                           PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed)),
-            ]
-            res = evaluate(model, (x, y), specs, seed=seed, checks=checks_set)
-            tables.append(table_from_result(
-                res, title=f"Paper protocol (the CAS code's adaptive loss main + {beta:g}·aux) "
-                           "beside PGD-20 on the main logits only"))
-            checks += checks_from_result(res)
-            t, c, suite = _suite_table(model, x, y, standard_suite_attacks(budget, seed, eps),
-                                       title="Adaptive: AutoAttack-style cascade",
-                                       budget=budget, seed=seed, eps=eps)
-            tables.append(t)
-            checks += c
-            paper_mask = res.clean.verdict.all
-            for e in res.entries.values():
-                if e.name != "pgd-20 main only":  # not in the paper's protocol
-                    paper_mask = paper_mask & e.verdict.all
-            verdicts.append(verdict_record(name, paper_mask, res.worst.all & suite.worst.all,
-                                           paper_label="FGSM / PGD-20 / CW, main + β·aux loss"))
-            sites = cas_site_stats(model, x, y, attack=PGD(
-                eps=eps, steps=20, step_size=eps / 4, seed=seed,
-                loss=HeadsObjective("ce", aux_weight=beta)))
-            extra["cas_sites"] = sites
-            if sites["sites"]:
-                markdown.append(
-                    "CAS sites at test time (predicted-class masks; adversarial = PGD-20 on "
-                    f"main + {beta:g}·aux): each auxiliary head's accuracy and how often the "
-                    "main prediction equals that head's argmax (for the first site: how "
-                    "often the main prediction follows the first head's mask), %:\n\n"
-                    + cas_site_markdown(sites))
-        elif kind == "rna":
-            from .analysis.rna_report import rna_report
-
-            # the three-way table keeps FGSM / PGD-20 / CW; APGD (the RNA paper also ran
-            # AutoAttack, without EOT) runs with EOT in the cascade below
-            rep = rna_report(model, x, y, eps=eps, eot_samples=budget["eot"],
-                             repeats=budget["repeats"], seed=seed, attacks=PAPER_ATTACKS)
-            markdown.append("Paper protocol (attack on path A, a new frozen path per batch; "
-                            "classified once on a fresh path B, as the authors did, and on all "
-                            f"{budget['repeats']} fresh paths) beside fixed-path white-box and "
-                            "EOT over paths (correct on all "
-                            f"{budget['repeats']} fresh predictions):\n\n" + rep.to_markdown())
-            checks += checks_from_result(rep.result)
-            t, c, suite = _suite_table(model, x, y, rand_suite_attacks(budget, seed, eps),
-                                       title="Adaptive: rand cascade (batched EOT over paths)",
-                                       budget=budget, seed=seed, eps=eps,
-                                       probes=not plan.extra.get("light_checks"))
-            tables.append(t)
-            checks += c
-            verdicts.append(verdict_record(
-                name, rep.result.worst_over("paper").single, rep.result.worst.all
-                & suite.worst.all,
-                paper_label="attack on path A, classify once on a fresh path B"))
-        elif kind == "smoothing":
-            from .analysis.smoothing_sweeps import attack_table, table_markdown
-
-            sm = plan.extra["smoothing"]
-            sigma, m, how = _choose_smoothing_on_val(model, plan, sm, eps=eps, seed=seed,
-                                                     samples=budget["eot"])
-            table = attack_table(model, x, y, sigma=sigma, m=m, eps=eps,
-                                 attack_samples=budget["eot"], repeats=3, seed=seed,
-                                 nattack=sm.get("nattack"))
-            flags = table.pop("flags")
+        seed, eps, checks_set, name = self._common(plan)
+        beta = _aux_weight(plan)
+        specs = [
+            AttackSpec("fgsm", build_attack("fgsm", eps=eps, seed=seed)),
+            AttackSpec("pgd-20 main+β·aux (reference)",
+                       PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
+                           loss=HeadsObjective("ce", aux_weight=beta))),
+            AttackSpec("cw main+β·aux (reference)",
+                       PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed,
+                           loss=HeadsObjective("margin", aux_weight=beta))),
+            AttackSpec("pgd-20 main only", PGD(eps=eps, steps=20, step_size=eps / 4, seed=seed)),
+        ]
+        res = evaluate(model, (x, y), specs, seed=seed, checks=checks_set)
+        checks = checks_from_result(res)
+        # the adaptive loss of the CAS code joins the cascade: it counts in the worst case
+        attacks = (standard_suite_attacks(self.budget, seed, eps)
+                   + cas_adaptive_attacks(eps, aux_weight=beta, seed=seed))
+        t, c, suite = _suite_table(
+            model, x, y, attacks, title="Adaptive: AutoAttack-style cascade, then APGD-CE and "
+            f"APGD-DLR on main + {beta:g}·aux", budget=self.budget, seed=seed, eps=eps)
+        checks += c
+        paper_mask = res.clean.verdict.all
+        for e in res.entries.values():
+            if e.name != "pgd-20 main only":  # not in the paper's protocol
+                paper_mask = paper_mask & e.verdict.all
+        verdict = verdict_record(name, paper_mask, res.worst.all & suite.worst.all,
+                                 paper_label="FGSM / PGD-20 / CW, main + β·aux loss",
+                                 checks=failed_checks(checks), adaptive=_labels(attacks))
+        markdown = []
+        sites = cas_site_stats(model, x, y, attack=PGD(
+            eps=eps, steps=20, step_size=eps / 4, seed=seed,
+            loss=HeadsObjective("ce", aux_weight=beta)))
+        if sites["sites"]:
             markdown.append(
-                f"Smoothed inference over the noisy model (σ = {sigma:g}, m = {m}, {how}). "
-                "Columns: PGD with one noise draw per step (the SIAM paper's protocol), EPGD "
-                f"and SmoothAdv with {budget['eot']} draws (adaptive)"
-                + (", NAttack (black-box)" if sm.get("nattack") else "") + "; robust = correct "
-                "on all 3 fresh m-sample votes:\n\n"
-                + table_markdown(table))
-            paper = evaluate(model, (x, y), paper_attack_specs(eps, seed),
-                             repeats=budget["repeats"], seed=seed, checks=checks_set)
-            tables.append(table_from_result(paper, title="Base PNI model, no smoothing: "
-                                            "attacks with one noise draw per step (PNI paper)"))
-            checks += checks_from_result(paper)
-            t, c, suite = _suite_table(model, x, y, rand_suite_attacks(budget, seed, eps),
-                                       title="Base PNI model: rand cascade (batched EOT over "
-                                             "noise)", budget=budget, seed=seed, eps=eps)
-            tables.append(t)
-            checks += c
-            import torch
+                "CAS sites at test time (predicted-class masks; adversarial = PGD-20 on "
+                f"main + {beta:g}·aux): each auxiliary head's accuracy and how often the "
+                "main prediction equals that head's argmax (for the first site: how "
+                "often the main prediction follows the first head's mask), %:\n\n"
+                + cas_site_markdown(sites))
+        return {"tables": [table_from_result(
+                    res, title=f"Paper protocol (the CAS code's adaptive loss main + "
+                               f"{beta:g}·aux) beside PGD-20 on the main logits only"), t],
+                "checks": checks, "markdown": markdown, "verdicts": [verdict],
+                "cas_sites": sites}
 
-            base_rows = flags["base"]
-            verdicts.append(verdict_record(
-                plan.extra.get("base_verdict_name", name + ": base model"), paper.worst.all,
-                paper.worst.all.cpu() & suite.worst.all.cpu()
-                & torch.tensor(base_rows["worst"], dtype=torch.bool),
-                paper_label="FGSM / PGD-20 / CW, one noise draw per step"))
-            vote = "smoothed/prediction"
-            if vote in flags:
-                smoothed = flags[vote]
-                paper_mask = (torch.tensor(smoothed["clean"], dtype=torch.bool)
-                              & torch.tensor(smoothed["pgd"], dtype=torch.bool))
-                verdicts.append(verdict_record(
-                    plan.extra.get("smoothed_verdict_name", name + ": smoothed"), paper_mask,
-                    torch.tensor(smoothed["worst"], dtype=torch.bool),
-                    paper_label="PGD, one noise draw per step, prediction vote"))
-            extra["smoothing_choice"] = {"sigma": sigma, "m": m, "how": how}
+    def _rna(self, model, x, y, plan: Plan) -> dict[str, Any]:
+        from .analysis.rna_report import rna_report
+        from .attacks import build_attack
+        from .defenses import rna
+        from .evaluation.harness import AttackSpec, evaluate
+
+        seed, eps, checks_set, name = self._common(plan)
+        b = self.budget
+        # the three-way table keeps FGSM / PGD-20 / CW; APGD (the RNA paper also ran
+        # AutoAttack, without EOT) runs with EOT in the cascade below. The paper protocol
+        # draws one path pair per batch of 128, as the reference's test loader.
+        rep = rna_report(model, x, y, eps=eps, eot_samples=b["eot"], repeats=b["repeats"],
+                         seed=seed, attacks=PAPER_ATTACKS, batch_size=RNA_PAPER_BATCH)
+        draws = [rep.result.worst_over("paper").single]
+        worst = rep.result.worst.all
+        for r in range(1, budget_value(b, "path_pairs")):
+            again = rna_report(model, x, y, eps=eps, repeats=b["repeats"],
+                               seed=seed + 7919 * r, attacks=PAPER_ATTACKS,
+                               protocols=("paper",), batch_size=RNA_PAPER_BATCH)
+            draws.append(again.result.worst_over("paper").single)
+            worst = worst & again.result.worst.all
+        figures = [100 * float(d.float().mean()) for d in draws]
+        markdown = [
+            f"Paper protocol (attack on path A, a new frozen path per batch of "
+            f"{RNA_PAPER_BATCH}; classified once on a fresh path B, as the authors did, and on "
+            f"all {b['repeats']} fresh paths) beside fixed-path white-box and EOT over paths "
+            f"(correct on all {b['repeats']} fresh predictions):\n\n" + rep.to_markdown(),
+            f"The paper protocol over {len(draws)} draws of its path pairs (one pair per batch "
+            f"of {RNA_PAPER_BATCH}): " + ", ".join(f"{f:.1f}" for f in figures)
+            + f" % (range {min(figures):.1f}-{max(figures):.1f}); every draw counts in the "
+            "worst case."]
+        tables = []
+        checks = checks_from_result(rep.result)
+        attacks = rand_suite_attacks(b, seed, eps)
+        adaptive = _labels(attacks)
+        paths = rna.num_paths(model)
+        if paths <= EXACT_PATHS_MAX:
+            it = budget_value(b, "exact_iters")
+            label = f"apgd-ce over all {paths} paths ({it} it)"
+            exact = evaluate(model, (x, y), [AttackSpec(label, build_attack(
+                "apgd-ce", eps=eps, n_iter=it, seed=seed,
+                loss=ExactPaths(rna.enumerate_paths(model, limit=None))))],
+                repeats=b["repeats"], seed=seed, checks=False)
+            tables.append(table_from_result(exact, title="Exact: APGD-CE on the expectation "
+                                            f"over every one of the {paths} paths"))
+            worst = worst & exact.worst.all
+            adaptive.append(label)
+        t, c, suite = _suite_table(model, x, y, attacks,
+                                   title="Adaptive: rand cascade (batched EOT over paths)",
+                                   budget=b, seed=seed, eps=eps,
+                                   probes=not plan.extra.get("light_checks"))
+        tables.insert(0, t)
+        checks += c
+        n = len(y)
+        verdict = verdict_record(
+            name, draws[0], worst & suite.worst.all,
+            paper_label=f"attack on path A, classify once on a fresh path B (a pair per batch "
+                        f"of {RNA_PAPER_BATCH})",
+            checks=failed_checks(checks), adaptive=adaptive,
+            clusters=[i // RNA_PAPER_BATCH for i in range(n)],
+            paper_draws=[_flags(d) for d in draws])
         return {"tables": tables, "checks": checks, "markdown": markdown,
-                "verdicts": verdicts, **extra}
+                "verdicts": [verdict]}
 
-    return run
+    def _smoothing(self, model, x, y, plan: Plan) -> dict[str, Any]:
+
+        from .analysis.smoothing_sweeps import attack_table, table_markdown
+        from .defenses.smoothing import SmoothedClassifier
+        from .evaluation.harness import evaluate
+
+        seed, eps, checks_set, name = self._common(plan)
+        b = self.budget
+        sm = plan.extra["smoothing"]
+        sigma, m, how, records = _choose_smoothing_on_val(model, plan, sm, eps=eps, seed=seed,
+                                                          samples=b["eot"])
+        table = attack_table(model, x, y, sigma=sigma, m=m, eps=eps, attack_samples=b["eot"],
+                             repeats=3, seed=seed, nattack=sm.get("nattack"))
+        flags = table.pop("flags")
+        markdown = [_smoothing_choice_markdown(sigma, m, how, records),
+                    f"Smoothed inference over the noisy model (σ = {sigma:g}, m = {m}). "
+                    "Columns: PGD with one noise draw per step (the SIAM paper's protocol), "
+                    f"EPGD and SmoothAdv with {b['eot']} draws (adaptive)"
+                    + (", NAttack (black-box)" if sm.get("nattack") else "") + "; robust = "
+                    "correct on all 3 fresh m-sample votes:\n\n" + table_markdown(table)]
+        paper = evaluate(model, (x, y), paper_attack_specs(eps, seed), repeats=b["repeats"],
+                         seed=seed, checks=checks_set)
+        base_checks = checks_from_result(paper)
+        attacks = rand_suite_attacks(b, seed, eps)
+        t, c, suite = _suite_table(model, x, y, attacks,
+                                   title="Base PNI model: rand cascade (batched EOT over "
+                                         "noise)", budget=b, seed=seed, eps=eps)
+        base_checks += c
+        tables = [table_from_result(paper, title="Base PNI model, no smoothing: attacks with "
+                                    "one noise draw per step (PNI paper)"), t]
+        verdicts = [verdict_record(
+            plan.extra.get("base_verdict_name", name + ": base model"), paper.worst.all,
+            paper.worst.all.cpu() & suite.worst.all.cpu()
+            & torch.tensor(flags["base"]["worst"], dtype=torch.bool),
+            paper_label="FGSM / PGD-20 / CW, one noise draw per step",
+            checks=failed_checks(base_checks), adaptive=_labels(attacks))]
+        # the deployed smoothed classifier itself faces PGD and APGD with EOT over all of its
+        # randomness (each EOT draw is a whole m-sample vote over fresh noise)
+        smoothed = SmoothedLogits(SmoothedClassifier(model, sigma=sigma, m=m,
+                                                     vote="prediction"))
+        s_attacks = smoothed_suite_attacks(b, seed, eps)
+        t, s_checks, s_suite = _suite_table(
+            smoothed, x, y, s_attacks, title=f"Smoothed classifier (σ = {sigma:g}, m = {m}, "
+            "prediction vote): PGD and APGD with EOT over its votes and noise", budget=b,
+            seed=seed, eps=eps)
+        tables.append(t)
+        vote = "smoothed/prediction"
+        if vote in flags:
+            smoothed_flags = flags[vote]
+            paper_mask = (torch.tensor(smoothed_flags["clean"], dtype=torch.bool)
+                          & torch.tensor(smoothed_flags["pgd"], dtype=torch.bool))
+            verdicts.append(verdict_record(
+                plan.extra.get("smoothed_verdict_name", name + ": smoothed"), paper_mask,
+                torch.tensor(smoothed_flags["worst"], dtype=torch.bool)
+                & s_suite.worst.all.cpu(),
+                paper_label="PGD, one noise draw per step, prediction vote",
+                # the smoothed model's white-box points come from its base, whose checks count
+                checks=failed_checks(base_checks + s_checks), adaptive=_labels(s_attacks)))
+        return {"tables": tables, "checks": base_checks + s_checks, "markdown": markdown,
+                "verdicts": verdicts,
+                "smoothing_choice": {"sigma": sigma, "m": m, "how": how, "val": records,
+                                     "paper_noise_lost": sigma == 0}}
+
+
+def make_evaluator(kind: str, budget: dict) -> Evaluator:
+    """The evaluation of one preset entry (:class:`Evaluator`)."""
+    return Evaluator(kind, budget)
+
+
+def _aux_weight(plan: Plan) -> float:
+    return float(plan.config["train"]["recipe_args"].get("aux_weight", 2.0))
+
+
+def _smoothing_choice_markdown(sigma: float, m: int, how: str,
+                               records: list[dict[str, Any]]) -> str:
+    """The choice of (sigma, m) on val, its grid, and whether the paper's noise lost."""
+    lines = [f"Smoothing settings: σ = {sigma:g}, m = {m}, {how}."]
+    if records:
+        lines += ["", "| σ (pixels) | m | val clean % | val EPGD-10 % |", "|---|---|---|---|"]
+        for r in records:
+            mark = " **(chosen)**" if (r["sigma"], r["m"]) == (sigma, m) else ""
+            lines.append(f"| {r['sigma']:g}{mark} | {r['m']} | {100 * r['clean']:.1f} | "
+                         f"{100 * r['attacked']:.1f} |")
+    if sigma == 0:
+        lines += ["", "σ = 0 won on val: **the paper's headline configuration (Gaussian "
+                  "noise on top of the noisy model, σ > 0) lost here**; the smoothed figures "
+                  "below vote over the model's own weight noise only."]
+    return "\n".join(lines)
 
 
 def _choose_smoothing_on_val(model, plan: Plan, sm: dict, *, eps: float, seed: int,
-                             samples: int) -> tuple[float, int, str]:
-    """(sigma, m, description): fixed by the preset, or chosen on the ``val`` split (never on
-    test) as the best EPGD-10 accuracy over ``sm["sigmas"] x sm["ms"]`` (any vote)."""
+                             samples: int) -> tuple[float, int, str, list[dict[str, Any]]]:
+    """``(sigma, m, description, val records)``: fixed by the preset, or chosen on the ``val``
+    split (never on test) as the best EPGD-10 accuracy of the prediction vote (the vote the
+    report's verdicts use) over ``sm["sigmas"] x sm["ms"]``."""
     if "sigmas" not in sm:
-        return sm["sigma"], sm["m"], "fixed before looking at the test set"
+        return sm["sigma"], sm["m"], "fixed before looking at the test set", []
     from .analysis.smoothing_sweeps import choose, sweep
     from .data import as_tensors, load_split
 
     data = plan.config["data"]
     xv, yv = as_tensors(load_split(data["name"], "val", root=data.get("root", "data"),
                                    limit=sm["n_val"]))
-    best = choose(sweep(model, xv, yv, sigmas=sm["sigmas"], ms=sm["ms"], attack="epgd",
-                        eps=eps, steps=10, attack_samples=samples, seed=seed))
+    records = sweep(model, xv, yv, sigmas=sm["sigmas"], ms=sm["ms"], votes=["prediction"],
+                    attack="epgd", eps=eps, steps=10, attack_samples=samples, seed=seed)
+    best = choose(records)
+    table = [{"sigma": r.sigma, "m": r.m, "clean": r.clean, "attacked": r.attacked}
+             for r in records]
     return best.sigma, best.m, (
         f"chosen on {sm['n_val']} val images from σ ∈ {{{', '.join(map(str, sm['sigmas']))}}}, "
-        f"m ∈ {{{', '.join(map(str, sm['ms']))}}} by EPGD-10 accuracy ({samples} draws): "
-        f"{100 * best.clean:.1f}% clean, {100 * best.attacked:.1f}% attacked, "
-        f"{best.vote} vote")
+        f"m ∈ {{{', '.join(map(str, sm['ms']))}}} by EPGD-10 accuracy ({samples} draws) of "
+        f"the prediction vote: {100 * best.clean:.1f}% clean, {100 * best.attacked:.1f}% "
+        "attacked"), table
 
 
 # The early-stopping rule of every reproduction entry (train.early_stopping): stop once the
-# PGD-10 accuracy on val has not risen by more than 0.5 points for 2 epochs; evaluate the best
-# val epoch. The standard model's robust accuracy is 0 by construction, so it stops on clean
-# val accuracy with the same patience and min_delta.
+# monitored robust accuracy on val has not risen by more than 0.5 points for 2 epochs; evaluate
+# the best val epoch. The monitor is PGD-10, with EOT and repeated predictions for a stochastic
+# model and the CAS loss for a CAS model (advdefense.training.early_stopping.monitor_plan).
+# The standard model's robust accuracy is 0 by construction, so it stops on clean val
+# accuracy with the same patience and min_delta.
 EARLY_STOPPING = {"metric": "monitor_pgd_acc", "patience": 2, "min_delta": 0.005}
 
-# Entries trained with every seed of ``seeds`` (the others with the first seed only): PGD-AT
-# on both networks and the three seed papers' defenses.
-MULTI_SEED = ("pgd_at", "pgd_at_rn", "at_cas", "rna_at", "pni_at")
+# Every entry is trained with every seed of ``seeds``: a verdict needs at least two training
+# seeds (and the pipeline adds a third where two of them differ by more than 5 points).
+MULTI_SEED = ("standard", "pgd_at", "rna_at", "pni_at", "cni_at", "pgd_at_rn", "trades_rn",
+              "mart_rn", "at_cas", "trades_cas", "mart_cas")
 
 
 def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 20,
@@ -365,16 +668,18 @@ def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 20
 
     Every entry trains on ``fit`` with :data:`EARLY_STOPPING` on the ``val`` split
     (``monitor_size`` images), ``epochs`` being the cap. ``seeds`` (default: ``[seed]``):
-    the entries in :data:`MULTI_SEED` are trained once per seed (keys ``<entry>_s<seed>``
-    after the first), the others with the first seed. ``plan.extra`` records the entry's
-    ``group`` (key without the seed), ``seed``, ``arch`` and ``baselines`` (the groups its
-    verdict is compared with, per example, in the report).
+    every entry of :data:`MULTI_SEED` is trained once per seed (keys ``<entry>_s<seed>``
+    after the first). ``plan.extra`` records the entry's ``group`` (key without the seed),
+    ``seed``, ``arch`` and ``baselines`` (the groups its verdict is compared with, per
+    example, in the report). The smoothing entries choose σ from the paper's range
+    (:func:`paper_sigmas`) and m from :data:`SMOOTHING_MS` on val.
     """
     budget = budget or CPU_BUDGET
     seeds = list(seeds) if seeds else [seed]
     first = seeds[0]
     det, cas = make_evaluator("deterministic", budget), make_evaluator("cas", budget)
     cas_def = {"cas": {"placement": "default"}}
+    sigmas = paper_sigmas("mnist5k")
     plans: list[Plan] = []
 
     def add(group: str, title: str, arch: str, evaluator, *, cost: float = 1.0,
@@ -390,38 +695,37 @@ def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 20
                                     **cfg)
             info = {**(extra or {}), "group": group, "seed": s, "arch": arch,
                     "baselines": list(baselines), "verdict_name": title}
-            if s != first:
-                # the first seed's entry plots the eps curve and runs the probing checks
-                info.update(light_checks=True, skip_curve=True)
+            if s != first:  # the first seed's entry plots the eps curve
+                info["skip_curve"] = True
             plans.append(Plan(key, title + ("" if s == first else f" (seed {s})"), config,
                               evaluator, notes=notes, cost=cost, extra=info))
 
+    smoothing = {"sigmas": sigmas, "ms": list(SMOOTHING_MS), "n_val": n_val_smoothing}
     at = {"recipe": "pgd_at"}
     add("standard", "Standard training (smallcnn)", "smallcnn", det, cost=0.3,
         notes="Stops on clean val accuracy (its robust accuracy is 0 by construction).")
     add("pgd_at", "PGD-AT (Madry et al. 2018), smallcnn", "smallcnn", det, cost=1.5, **at)
     add("rna_at", "RNA (BN+IN, PGD-AT with black-box paths as the reference), smallcnn",
-        "smallcnn", make_evaluator("rna", budget), cost=3.0, baselines=("pgd_at",),
+        "smallcnn", make_evaluator("rna", budget), cost=3.5, baselines=("pgd_at",),
         defense={"rna": {"space": ["bn", "in"], "granularity": "call"}},
         recipe_args={"draw": "independent"},
         extra={"curve": {"eot_samples": budget["eot"], "repeats": budget["repeats"]}}, **at)
     add("pni_at", "PNI-W (layer-wise, PGD-AT 0.5 clean + 0.5 adv) + smoothing, smallcnn",
-        "smallcnn", make_evaluator("smoothing", budget), cost=2.5, baselines=("pgd_at",),
+        "smallcnn", make_evaluator("smoothing", budget), cost=4.0, baselines=("pgd_at",),
         defense={"noise": {"kind": "pni", "where": "weights", "mode": "layerwise"}},
         recipe_args={"clean_weight": 0.5, "attack_label": "predicted"},
-        extra={"smoothing": {"sigmas": [0.0, 0.1], "ms": [4, 16], "n_val": n_val_smoothing},
+        extra={"smoothing": dict(smoothing),
                "curve": {"eot_samples": budget["eot"], "repeats": budget["repeats"]},
                "base_verdict_name": "PNI-W (no smoothing), smallcnn",
                "smoothed_verdict_name": "PNI-W + smoothing (prediction vote), smallcnn"},
         **at)
     add("cni_at", "CNI-W (rank 5, PGD-AT 0.5 clean + 0.5 adv) + smoothing, smallcnn",
-        "smallcnn", make_evaluator("smoothing", budget), cost=2.5, baselines=("pgd_at",),
+        "smallcnn", make_evaluator("smoothing", budget), cost=4.0, baselines=("pgd_at",),
         defense={"noise": {"kind": "cni", "where": "weights", "rank": 5, "alpha_init": 0.035,
                            "factor_init": 0.001}},
         recipe_args={"clean_weight": 0.5, "attack_label": "predicted"},
         optimizer={"noise_lr_scale": 0.01},
-        extra={"smoothing": {"sigmas": [0.0, 0.1], "ms": [4, 16], "n_val": n_val_smoothing},
-               "skip_curve": True,
+        extra={"smoothing": dict(smoothing), "skip_curve": True,
                "base_verdict_name": "CNI-W (no smoothing), smallcnn",
                "smoothed_verdict_name": "CNI-W + smoothing (prediction vote), smallcnn"},
         notes="The smoothing paper's base model (SIAM): CNI-W noise init and noise-parameter "
@@ -444,10 +748,12 @@ def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 20
 
 
 QUICK_BUDGET = {"n_targets": 1, "square_queries": 20, "eot": 2, "repeats": 2,
-                "rand_square_queries": 10}
+                "rand_square_queries": 10, "path_pairs": 2, "exact_iters": 5,
+                "smooth_eot": 2, "smooth_iters": 5}
 # mnist5k-quick: small, but every attack still does something
 TRIAL_BUDGET = {"n_targets": 1, "square_queries": 100, "eot": 2, "repeats": 4,
-                "rand_square_queries": 50}
+                "rand_square_queries": 50, "path_pairs": 2, "exact_iters": 20,
+                "smooth_eot": 2, "smooth_iters": 10}
 
 # ``advdefense reproduce --preset NAME`` defaults (the CLI's --n, --seeds, budget flags and
 # --no-curve override them). ``seeds: 2`` = the base seed and the next one.
@@ -496,6 +802,54 @@ def build_plans(preset: str, *, seed: int = 0, budget: dict | None = None,
             p.config["data"]["limit"] = 300
             p.config["data"]["monitor_size"] = 50
     return plans
+
+
+def preset_configs(preset: str, *, seed: int = 0,
+                   seeds: list[int] | tuple[int, ...] | None = None) -> dict[str, dict]:
+    """Every entry's resolved config (what ``advdefense train --config`` reads), by entry key.
+
+    ``output_dir`` is the entry's folder under ``runs/reproduce_<preset>`` (the default output
+    of ``advdefense reproduce``), so training an entry from its file trains exactly the model
+    the pipeline trains and reuses.
+    """
+    from .config import config_from_dict, to_dict
+
+    out = {}
+    for plan in build_plans(preset, seed=seed, seeds=seeds):
+        cfg = copy.deepcopy(plan.config)
+        cfg["output_dir"] = f"runs/reproduce_{preset}/{plan.key}"
+        out[plan.key] = to_dict(config_from_dict(cfg))
+    return out
+
+
+def write_preset_configs(preset: str, folder: str | Path) -> list[Path]:
+    """Write every entry's resolved config to ``folder/<entry>.yaml`` (see
+    :func:`preset_configs`) and remove YAML files there that are no entry of the preset.
+
+    The committed ``configs/<preset>/`` files are generated by ``advdefense reproduce --preset
+    <preset> --write-configs configs/<preset>``; a test keeps them equal to the preset.
+    """
+    import yaml
+
+    from .atomic import atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    titles = {p.key: p.title for p in build_plans(preset)}
+    written = []
+    for key, cfg in preset_configs(preset).items():
+        header = (f"# {titles[key]}: entry {key!r} of `advdefense reproduce --preset {preset}`."
+                  f"\n# Generated by `advdefense reproduce --preset {preset} --write-configs "
+                  f"{folder.as_posix()}`;\n# do not edit: the preset (advdefense.presets) is "
+                  "the source, and a test keeps this file equal to it.\n")
+        path = folder / f"{key}.yaml"
+        atomic_write_text(path, header + yaml.safe_dump(cfg, sort_keys=False,
+                                                        allow_unicode=True))
+        written.append(path)
+    for stale in folder.glob("*.yaml"):
+        if stale not in written:
+            stale.unlink()
+    return written
 
 
 REPRODUCE_INTRO = (

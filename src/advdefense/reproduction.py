@@ -6,10 +6,19 @@ checkpoint already holds all epochs (or whose early stopping has stopped) is not
 and a half-trained one resumes from its last epoch; evaluations are cached as JSON next to
 the checkpoint. With ``train.early_stopping`` the best val epoch (``best.pt``) is evaluated.
 
-The report opens with the verdicts: per defense, its paper-protocol and worst-case accuracy,
+The report opens with the verdicts (:func:`paired_summary`, rules in docs/verdicts.md): per
+defense and training seed, its paper-protocol and worst-case accuracy beside its val monitor,
 the exact McNemar test of its worst case against its baselines (PGD-AT on the same network,
-the recipe without CAS) and against its own paper-protocol figure, the epochs each entry
-trained, and the spread over training seeds (:func:`paired_summary`).
+the recipe without CAS) and against its own paper-protocol figure, every p-value adjusted
+with Holm's method over the report; a worst case whose model failed an attack-failure check
+(or faced no adaptive attack) is an upper bound, and no verdict is drawn in a direction it
+could flip; a defense's verdict is decided only if it holds at every training seed, with at
+least two seeds and three where two differ by more than 5 points (:func:`run_plans` adds the
+third). Then the spread over seeds and the epochs each entry trained.
+
+A cached evaluation is reused only while the entry's training, examples and evaluation (the
+evaluator's ``describe(plan)``: kind, version, budget, every attack) are unchanged; a model
+trained under another early-stopping monitor is trained again.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ def recorded_train_seconds(run_dir: Path) -> float | None:
 def training_summary(checkpoint: dict[str, Any], cfg) -> dict[str, Any]:
     """Epochs trained, the cap, and (with early stopping) the best epoch and whether the rule
     stopped the run, from a checkpoint's logged history."""
-    from .training.early_stopping import stopping_state
+    from .training.early_stopping import legacy_monitor, stopping_state
 
     history = list((checkpoint.get("metrics") or {}).get("history", []))
     out: dict[str, Any] = {"epochs": int(checkpoint.get("epoch", len(history))),
@@ -75,7 +84,22 @@ def training_summary(checkpoint: dict[str, Any], cfg) -> dict[str, Any]:
                                    "min_delta": rule.min_delta},
                    best_epoch=state.best_epoch, best_value=state.best_value,
                    stopped_early=state.stop, checkpoint="best.pt")
+    chosen = history[(out.get("best_epoch") or len(history)) - 1] if history else {}
+    if "monitor_clean_acc" in chosen:
+        out["monitor"] = chosen.get("monitor", legacy_monitor(cfg))
+        out["monitor_clean"] = chosen.get("monitor_clean_acc")
+        out["monitor_robust"] = chosen.get("monitor_pgd_acc")
     return out
+
+
+def _logged_monitor(checkpoint: dict[str, Any], cfg) -> str | None:
+    """The monitor that logged a checkpoint's history (``None``: no monitor ran)."""
+    from .training.early_stopping import legacy_monitor
+
+    history = list((checkpoint.get("metrics") or {}).get("history", []))
+    if not history or "monitor_clean_acc" not in history[0]:
+        return None
+    return history[0].get("monitor", legacy_monitor(cfg))
 
 
 def _finished(checkpoint: dict[str, Any], cfg) -> bool:
@@ -103,6 +127,14 @@ def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _expected_monitor(cfg) -> str:
+    from .randomness import seeded
+    from .training.early_stopping import expected_monitor
+
+    with seeded(int(cfg.seed)):  # building the model must not move the caller's RNG
+        return expected_monitor(cfg)
+
+
 def train_plan(plan: Plan, root: Path, *, progress: bool = False, device: str | None = None):
     """Train (or resume, or reuse) the plan's model; returns ``(model, cfg, seconds, training)``
     where ``seconds`` is the training time recorded over all epochs (not just this call's) and
@@ -121,17 +153,25 @@ def train_plan(plan: Plan, root: Path, *, progress: bool = False, device: str | 
     t0 = time.perf_counter()
     done, resume = False, ckpt.exists()
     if ckpt.exists():
+        expected = _expected_monitor(cfg)
         try:
             saved = load_checkpoint(ckpt)
+            logged = _logged_monitor(saved, cfg)
             if _comparable(saved.get("config")) != _comparable(to_dict(cfg)):
                 # another experiment in this folder (e.g. an older version of the preset)
                 log.warning("%s was trained with another config; training %s from scratch",
                             ckpt, plan.key)
                 resume = False
-                for stale in ("best.pt", "evaluation.json"):
-                    (out / stale).unlink(missing_ok=True)
+            elif logged is not None and logged != expected:
+                # epochs chosen by another monitor (e.g. a single-draw one on a random model)
+                log.warning("%s was monitored by %r; training %s from scratch with %r", ckpt,
+                            logged, plan.key, expected)
+                resume = False
             else:
                 done = _finished(saved, cfg)
+            if not resume:
+                for stale in ("best.pt", "evaluation.json"):
+                    (out / stale).unlink(missing_ok=True)
         except Exception:  # a broken checkpoint is retrained from scratch below
             done, resume = False, False
     if not done:
@@ -287,6 +327,13 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
             lines += [markdown_table(table), ""]
         if sec.get("checks"):
             lines += ["Attack-failure checks:", "", markdown_checks(sec["checks"]), ""]
+        for i, v in enumerate(sec.get("verdicts") or []):
+            reasons = upper_bound_reasons(sec, v, i)
+            if reasons:
+                lines += [f"**Upper bound:** the worst case of {v['name']} "
+                          f"({100 * sum(v['worst']) / max(1, len(v['worst'])):.1f}%) is only an "
+                          f"upper bound ({', '.join(reasons)}); no verdict leans on it in a "
+                          "direction it could flip.", ""]
     if plot is not None:
         lines += ["## Robust accuracy against eps", "", f"![accuracy vs eps]({plot.name})", ""]
     report = root / "report.md"
@@ -320,16 +367,104 @@ def _acc_dict(flags: list[bool]) -> dict[str, Any]:
     return {"accuracy": acc.value, "ci": [acc.low, acc.high], "n": acc.n}
 
 
+def _failed_names(checks: list[dict[str, Any]] | None) -> list[str]:
+    return sorted({str(c["name"]) for c in checks or [] if c.get("passed") is False})
+
+
+def _adaptive_of(sec: dict[str, Any], v: dict[str, Any], index: int) -> list[str]:
+    """The adaptive attacks run on a verdict's model: recorded in the verdict, or (sections
+    cached before verdicts recorded them) the rows of the section's cascade tables, which
+    attacked the section's first model only."""
+    if "adaptive" in v:
+        return list(v["adaptive"] or [])
+    if index > 0:
+        return []
+    return [r["attack"] for t in sec.get("tables") or []
+            if "cascade" in str(t.get("title", "")).lower()
+            for r in t.get("rows") or [] if r.get("attack") not in ("clean", "worst case")]
+
+
+def upper_bound_reasons(sec: dict[str, Any], v: dict[str, Any], index: int = 0) -> list[str]:
+    """Why a verdict's worst-case figure is only an upper bound (empty: it is not): the
+    attack-failure checks that failed on its model (recorded per verdict, else the section's),
+    and a model that faced no adaptive attack (DESIGN.md contract 4)."""
+    reasons = list(v["checks"]) if "checks" in v else _failed_names(sec.get("checks"))
+    if not _adaptive_of(sec, v, index):
+        reasons.append("no adaptive attack on this model")
+    return reasons
+
+
+def _paired(a: list[bool], b: list[bool], clusters: list[Any] | None) -> dict[str, Any]:
+    """Exact McNemar of ``a`` against ``b``; with ``clusters`` also the sign-flip test over
+    the clusters (:func:`~advdefense.evaluation.stats.cluster_sign_flip`)."""
+    from .evaluation.stats import cluster_sign_flip, mcnemar_exact
+
+    out: dict[str, Any] = {**mcnemar_exact(a, b).as_dict(), "method": "McNemar"}
+    if clusters is not None:
+        out["cluster"] = cluster_sign_flip(a, b, clusters).as_dict()
+    return out
+
+
+def _join_clusters(*ids: list[Any] | None) -> list[Any] | None:
+    given = [c for c in ids if c is not None]
+    if not given:
+        return None
+    return [str(tuple(parts)) for parts in zip(*given, strict=True)]
+
+
+def _vs_paper(v: dict[str, Any]) -> dict[str, Any]:
+    """The worst case against the model's own paper-protocol figure. With ``paper_draws``
+    (the paper protocol redrawn, e.g. RNA's path pairs) the test must hold at every draw:
+    ``p`` is the largest of the per-draw McNemar p-values (an intersection-union test)."""
+    clusters = v.get("clusters")
+    test = _paired(v["worst"], v["paper"], clusters)
+    draws = v.get("paper_draws") or []
+    if len(draws) > 1:
+        per = [_paired(v["worst"], d, None) for d in draws]
+        accs = [sum(d) / len(d) for d in draws]
+        test.update(p_value=max(t["p_value"] for t in per), method=(
+            f"McNemar at each of {len(draws)} draws of the paper protocol (largest p)"),
+                    draws=[{"accuracy": a, "p_value": t["p_value"]}
+                           for a, t in zip(accs, per, strict=True)],
+                    paper_range=[min(accs), max(accs)])
+    return test
+
+
+def _status(diff: float, p_holm: float, alpha: float, a_upper: list[str],
+            b_upper: list[str]) -> tuple[str, str]:
+    """``(status, why)`` of a comparison of figure ``a`` against figure ``b``: ``decided``
+    (Holm-adjusted p < alpha, and no upper-bound figure could flip its direction),
+    ``withheld`` (significant, but ``a`` is an upper bound and the result says ``a`` is
+    higher, or ``b`` is and it says ``b`` is higher) or ``not decided``."""
+    if not p_holm < alpha:
+        return "not decided", ""
+    if diff > 0 and a_upper:
+        return "withheld", "its figure is an upper bound (" + ", ".join(a_upper) + ")"
+    if diff < 0 and b_upper:
+        return "withheld", ("the other figure is an upper bound (" + ", ".join(b_upper)
+                            + ")")
+    return "decided", ""
+
+
 def paired_summary(sections: list[dict[str, Any]], *, alpha: float = 0.05) -> dict[str, Any]:
     """Paired statistics over the report's sections (those that carry ``verdicts``).
 
-    For every verdict: paper-protocol and worst-case accuracy; the exact McNemar test of the
-    worst case against the paper-protocol figure of the same model (what the adaptive attacks
-    took away) and against the first verdict of each baseline group (its worst case, same
-    examples; the baseline of the same training seed if present, else its first seed). For
-    groups with several seeds, the worst-case accuracy per seed, its mean and its range.
+    For every verdict (one model at one training seed): paper-protocol and worst-case
+    accuracy, whether the worst case is an upper bound (:func:`upper_bound_reasons`), and
+    the exact McNemar test of the worst case against the paper-protocol figure of the same
+    model (what the adaptive attacks took away; over every redraw of the paper protocol where
+    there are several) and against the first verdict of each baseline group (its worst case,
+    same examples; the baseline of the same training seed if present, else its first seed).
+    Verdicts with ``clusters`` also get the sign-flip test over clusters. Every p-value of the
+    report is adjusted with Holm's method (``p_holm``) and a comparison is ``decided`` only
+    if its adjusted p is below ``alpha`` and no upper-bound figure could flip it.
+
+    ``groups`` (:func:`seed_spread`): the seeds of every defense and the seeds it needs;
+    ``verdicts``: per defense and comparison, the verdict over all its seeds (decided only if
+    decided, in the same direction, at every seed, with enough seeds); ``spread``: the
+    worst-case accuracy per seed of groups with several.
     """
-    from .evaluation.stats import mcnemar_exact
+    from .evaluation.stats import holm
 
     by_group: dict[str, list[dict[str, Any]]] = {}
     for sec in sections:
@@ -344,13 +479,17 @@ def paired_summary(sections: list[dict[str, Any]], *, alpha: float = 0.05) -> di
     rows = []
     for sec in sections:
         for i, v in enumerate(sec.get("verdicts") or []):
-            test = mcnemar_exact(v["worst"], v["paper"])
+            upper = upper_bound_reasons(sec, v, i)
+            training = sec.get("training") or {}
             row = {"key": sec.get("key"), "group": sec.get("group"), "seed": sec.get("seed"),
                    "arch": sec.get("arch"), "name": v["name"], "index": i,
                    "paper_label": v.get("paper_label", ""), "paper": _acc_dict(v["paper"]),
                    "worst": _acc_dict(v["worst"]), "training": sec.get("training"),
-                   "vs_paper": {**test.as_dict(), "decided": test.decided(alpha)},
-                   "vs_baselines": []}
+                   "monitor": {"label": training.get("monitor"),
+                               "robust": training.get("monitor_robust"),
+                               "clean": training.get("monitor_clean")},
+                   "upper_bound": upper, "adaptive": _adaptive_of(sec, v, i),
+                   "vs_paper": _vs_paper(v), "vs_baselines": []}
             for group in sec.get("baselines") or []:
                 base = baseline_of(group, sec.get("seed"))
                 if base is None:
@@ -362,12 +501,28 @@ def paired_summary(sections: list[dict[str, Any]], *, alpha: float = 0.05) -> di
                                                 "name": bv["name"], "missing": True,
                                                 "why": "evaluated on different examples"})
                     continue
-                t = mcnemar_exact(v["worst"], bv["worst"])
+                test = _paired(v["worst"], bv["worst"],
+                               _join_clusters(v.get("clusters"), bv.get("clusters")))
                 row["vs_baselines"].append({
                     "group": group, "key": base.get("key"), "name": bv["name"],
                     "seed": base.get("seed"), "baseline_worst": _acc_dict(bv["worst"]),
-                    **t.as_dict(), "decided": t.decided(alpha)})
+                    "baseline_upper_bound": upper_bound_reasons(base, bv, 0), **test})
             rows.append(row)
+    # Holm over every test of the report, then each comparison's status
+    tests = [r["vs_paper"] for r in rows] + [b for r in rows for b in r["vs_baselines"]
+                                             if not b.get("missing")]
+    for t, adjusted in zip(tests, holm([t["p_value"] for t in tests]), strict=True):
+        t["p_holm"] = adjusted
+        t["decided"] = adjusted < alpha
+    for r in rows:
+        vp = r["vs_paper"]
+        vp["status"], vp["why"] = _status(vp["difference"], vp["p_holm"], alpha,
+                                          r["upper_bound"], [])
+        for b in r["vs_baselines"]:
+            if not b.get("missing"):
+                b["status"], b["why"] = _status(b["difference"], b["p_holm"], alpha,
+                                                r["upper_bound"], b["baseline_upper_bound"])
+    groups = seed_spread(sections)
     spread = []
     for group, secs in by_group.items():
         if len(secs) < 2:
@@ -381,16 +536,99 @@ def paired_summary(sections: list[dict[str, Any]], *, alpha: float = 0.05) -> di
                            "seeds": [s.get("seed") for s in secs], "worst": worst,
                            "paper": paper, "worst_mean": sum(worst) / len(worst),
                            "worst_range": max(worst) - min(worst)})
-    return {"alpha": alpha, "rows": rows, "spread": spread}
+    return {"alpha": alpha, "rows": rows, "spread": spread, "groups": groups,
+            "tests": len(tests), "verdicts": _over_seeds(rows, groups)}
+
+
+def _over_seeds(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """One verdict per defense (group and verdict index) and comparison, over its seeds."""
+    out: list[dict[str, Any]] = []
+    index: dict[tuple, dict[str, Any]] = {}
+
+    def entry(r: dict[str, Any], against: str, name: str) -> dict[str, Any]:
+        k = (r["group"], r["index"], against)
+        if k not in index:
+            index[k] = {"group": r["group"], "index": r["index"], "name": r["name"],
+                        "against": against, "against_name": name, "seeds": []}
+            out.append(index[k])
+        return index[k]
+
+    for r in rows:
+        if r["group"] is None:
+            continue
+        vp = r["vs_paper"]
+        entry(r, "paper", "its own paper-protocol figure")["seeds"].append(
+            {"seed": r["seed"], "difference": vp["difference"], "p_value": vp["p_value"],
+             "p_holm": vp["p_holm"], "status": vp["status"], "why": vp["why"]})
+        for b in r["vs_baselines"]:
+            e = entry(r, b["group"], b.get("name", b["group"]))
+            e["seeds"].append({"seed": r["seed"], "missing": True} if b.get("missing") else
+                              {"seed": r["seed"], "difference": b["difference"],
+                               "p_value": b["p_value"], "p_holm": b["p_holm"],
+                               "status": b["status"], "why": b["why"]})
+    for e in out:
+        needs = [(e["group"], groups.get(e["group"]))]
+        if e["against"] != "paper":
+            needs.append((e["against"], groups.get(e["against"])))
+        short = [f"{g}: {len(info['seeds']) if info else 0} of {info['required'] if info else 2}"
+                 " training seeds" for g, info in needs if not (info and info["sufficient"])]
+        seeds = e["seeds"]
+        signs = {(s["difference"] > 0) - (s["difference"] < 0) for s in seeds
+                 if not s.get("missing")}
+        if short:
+            e["verdict"], e["why"] = "insufficient seeds", "; ".join(short)
+        elif any(s.get("missing") for s in seeds):
+            e["verdict"], e["why"] = "undecided", "a baseline is missing at some seed"
+        elif all(s["status"] == "decided" for s in seeds) and len(signs) == 1:
+            sign = signs.pop()
+            e["verdict"] = "decided"
+            e["direction"] = "higher" if sign > 0 else "lower"
+            e["why"] = f"at every one of {len(seeds)} seeds"
+        else:
+            e["verdict"] = "undecided"
+            e["why"] = "; ".join(
+                f"seed {s['seed']}: {s['status']}" + (f" ({s['why']})" if s["why"] else "")
+                for s in seeds if s["status"] != "decided") or "the seeds disagree in direction"
+    return out
 
 
 def _p(p: float) -> str:
     return f"= {p:.2g}" if p >= 1e-4 else "< 1e-4"
 
 
+def _figure(acc: dict[str, Any], upper: list[str]) -> str:
+    text = (f"{100 * acc['accuracy']:.1f} [{100 * acc['ci'][0]:.1f}, "
+            f"{100 * acc['ci'][1]:.1f}]")
+    return f"≤ {text} (upper bound: {', '.join(upper)})" if upper else text
+
+
+def _monitor_text(r: dict[str, Any]) -> str:
+    m = r.get("monitor") or {}
+    if m.get("robust") is None and m.get("clean") is None:
+        return "–"
+    value = m["robust"] if m.get("robust") is not None else m["clean"]
+    return f"{100 * value:.1f} ({m.get('label') or 'monitor'})"
+
+
+def _cluster_text(t: dict[str, Any]) -> str:
+    c = t.get("cluster")
+    if not c:
+        return ""
+    return (f"; sign-flip over {c['clusters']} clusters p {_p(c['p_value'])} (smallest "
+            f"attainable {c['min_p']:.2g})")
+
+
+def _verdict_word(status: str, alpha: float) -> str:
+    return {"decided": f"decided at the {100 * alpha:g}% level (Holm)",
+            "withheld": "withheld",
+            "not decided": f"**not** decided at the {100 * alpha:g}% level (Holm)"}[status]
+
+
 def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> list[str]:
-    """The report's opening section: verdict table, one sentence per comparison, seed spread
-    and the epochs of every entry."""
+    """The report's opening section: the verdict per defense over its seeds, the per-seed
+    table with raw and Holm-adjusted p-values, one sentence per comparison, the seeds per
+    defense and the epochs (and val monitor) of every entry."""
     lines: list[str] = []
     rows = summary.get("rows") or []
     alpha = summary.get("alpha", 0.05)
@@ -398,73 +636,132 @@ def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> 
         lines += [
             "## Verdicts (paired, per example)", "",
             "Worst case = per example, correct under every attack run on the model (paper "
-            "protocol and adaptive). p = exact two-sided McNemar test on the same test images "
-            f"(decided: p < {alpha:g}). Δ in accuracy points.", "",
-            "| defense | seed | network | paper protocol % | worst case % [95% CI] | worst vs "
-            "own paper figure: Δ, p | vs baseline (same network): Δ, p |",
-            "|---|---|---|---|---|---|---|"]
+            "protocol and adaptive). p = exact two-sided McNemar test on the same test images; "
+            f"p_Holm = Holm's adjustment over all {summary.get('tests', 0)} tests of this "
+            f"report (decided: p_Holm < {alpha:g}). Δ in accuracy points. A worst case marked "
+            "≤ is an upper bound (an attack-failure check failed on that model, or it faced no "
+            "adaptive attack): no verdict is drawn in a direction it could flip. A defense's "
+            f"verdict is decided only if it is decided at every training seed, with at least "
+            f"{MIN_SEEDS} seeds ({MAX_SEEDS} where two seeds differ by more than "
+            f"{100 * SEED_SPREAD:g} points). Rules: docs/verdicts.md.", ""]
+        verdicts = summary.get("verdicts") or []
+        if verdicts:
+            lines += ["### Verdict per defense, over its training seeds", "",
+                      "| defense | compared with | seeds | Δ per seed | p → p_Holm per seed | "
+                      "verdict |", "|---|---|---|---|---|---|"]
+            for e in verdicts:
+                done = [s for s in e["seeds"] if not s.get("missing")]
+                deltas = ", ".join(f"{100 * s['difference']:+.1f}" for s in done) or "–"
+                ps = ", ".join(f"{s['p_value']:.2g} → {s['p_holm']:.2g}" for s in done) or "–"
+                if e["verdict"] == "decided":
+                    if e["against"] == "paper":
+                        claim = ("the paper protocol over-states it" if e["direction"] == "lower"
+                                 else "the worst case is higher")
+                    else:
+                        claim = f"{e['direction']} than the baseline"
+                    word = f"**decided: {claim}** ({e['why']})"
+                else:
+                    word = f"{e['verdict']}: {e['why']}"
+                lines.append(f"| {e['name']} | {e['against_name']} | "
+                             f"{', '.join(str(s['seed']) for s in e['seeds'])} | {deltas} | "
+                             f"{ps} | {word} |")
+            lines.append("")
+        lines += [
+            "### Per training seed", "",
+            "| defense | seed | network | val monitor % (best epoch) | paper protocol % | "
+            "worst case % [95% CI] | worst vs own paper figure: Δ, p, p_Holm | vs baseline "
+            "(same network): Δ, p, p_Holm |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            w = r["worst"]
+            vp = r["vs_paper"]
+            own = (f"{100 * vp['difference']:+.1f}, p {_p(vp['p_value'])}, p_Holm "
+                   f"{_p(vp['p_holm'])}")
+            if vp.get("paper_range"):
+                lo, hi = vp["paper_range"]
+                own += (f" (largest p over {len(vp['draws'])} paper draws, paper "
+                        f"{100 * lo:.1f}-{100 * hi:.1f})")
+            own += _cluster_text(vp)
             vs = "; ".join(
                 f"{b.get('name', b['group'])}: n/a ({b.get('why', 'not in this run')})"
                 if b.get("missing")
-                else f"{b['name']} ({100 * b['baseline_worst']['accuracy']:.1f}): "
-                     f"{100 * b['difference']:+.1f}, p {_p(b['p_value'])}"
+                else f"{b['name']} ({_figure(b['baseline_worst'], b['baseline_upper_bound'])})"
+                     f": {100 * b['difference']:+.1f}, p {_p(b['p_value'])}, p_Holm "
+                     f"{_p(b['p_holm'])}{_cluster_text(b)}"
                 for b in r["vs_baselines"]) or "–"
             lines.append(
-                f"| {r['name']} | {r['seed']} | {r['arch'] or '–'} | "
-                f"{100 * r['paper']['accuracy']:.1f} | {100 * w['accuracy']:.1f} "
-                f"[{100 * w['ci'][0]:.1f}, {100 * w['ci'][1]:.1f}] | "
-                f"{100 * r['vs_paper']['difference']:+.1f}, p {_p(r['vs_paper']['p_value'])} "
-                f"| {vs} |")
+                f"| {r['name']} | {r['seed']} | {r['arch'] or '–'} | {_monitor_text(r)} | "
+                f"{100 * r['paper']['accuracy']:.1f} | {_figure(r['worst'], r['upper_bound'])} "
+                f"| {own} | {vs} |")
         lines.append("")
         sentences = []
         for r in rows:
             for b in r["vs_baselines"]:
                 if b.get("missing"):
                     continue
-                verdict = (f"decided at the {100 * alpha:g}% level" if b["decided"] else
-                           f"**not** decided at the {100 * alpha:g}% level: these test images "
-                           "do not tell the two apart")
+                verdict = _verdict_word(b["status"], alpha)
+                if b["status"] == "withheld":
+                    verdict += f": {b['why']}, so this direction cannot be claimed"
+                elif b["status"] == "not decided":
+                    verdict += ": these test images do not tell the two apart"
                 sentences.append(
                     f"- {r['name']} (seed {r['seed']}) vs {b['name']} (seed {b['seed']}): "
                     f"worst case {100 * r['worst']['accuracy']:.1f}% vs "
                     f"{100 * b['baseline_worst']['accuracy']:.1f}% "
                     f"({100 * b['difference']:+.1f} points; {_examples(b['only_a'])} only the "
                     f"defense survives, {b['only_b']} only the baseline), p "
-                    f"{_p(b['p_value'])}: {verdict}.")
+                    f"{_p(b['p_value'])}, p_Holm {_p(b['p_holm'])}: {verdict}.")
             vp = r["vs_paper"]
+            if vp["status"] == "decided":
+                what = ("the paper protocol over-states it (decided, Holm)"
+                        if vp["difference"] < 0 else "the worst case is higher (decided)")
+            elif vp["status"] == "withheld":
+                what = f"withheld: {vp['why']}"
+            else:
+                what = "no decided difference"
             sentences.append(
                 f"- {r['name']} (seed {r['seed']}), its paper-protocol figure "
                 f"{100 * r['paper']['accuracy']:.1f}% against its worst case "
                 f"{100 * r['worst']['accuracy']:.1f}% ({_examples(vp['only_b'])} broken only by "
-                f"attacks outside the paper's protocol), p {_p(vp['p_value'])}: "
-                + ("the paper protocol over-states it (decided)." if vp["decided"] else
-                   "no decided difference."))
+                f"attacks outside the paper's protocol), p {_p(vp['p_value'])}, p_Holm "
+                f"{_p(vp['p_holm'])}: {what}.")
         lines += sentences + [""]
+    groups = summary.get("groups") or {}
     spread = summary.get("spread") or []
-    if spread:
+    if groups:
         lines += ["### Spread over training seeds", "",
                   "| defense | seeds | worst case % per seed | mean | range (points) | "
-                  "paper protocol % per seed |", "|---|---|---|---|---|---|"]
-        for sp in spread:
+                  "paper protocol % per seed | seeds needed |", "|---|---|---|---|---|---|---|"]
+        names = {(sp["group"], sp["name"]): sp for sp in spread}
+        for r in rows:
+            if r["group"] not in groups or r["seed"] != groups[r["group"]]["seeds"][0]:
+                continue
+            g = groups[r["group"]]
+            need = (f"{g['required']}" + ("" if g["sufficient"] else
+                                          f" (**insufficient: {len(g['seeds'])}**)"))
+            sp = names.get((r["group"], r["name"]))
+            if sp is None:
+                lines.append(f"| {r['name']} | {r['seed']} | "
+                             f"{100 * r['worst']['accuracy']:.1f} | – | – | "
+                             f"{100 * r['paper']['accuracy']:.1f} | {need} |")
+                continue
             lines.append(
                 f"| {sp['name']} | {', '.join(map(str, sp['seeds']))} | "
                 f"{', '.join(f'{100 * w:.1f}' for w in sp['worst'])} | "
                 f"{100 * sp['worst_mean']:.1f} | {100 * sp['worst_range']:.1f} | "
-                f"{', '.join(f'{100 * w:.1f}' for w in sp['paper'])} |")
+                f"{', '.join(f'{100 * w:.1f}' for w in sp['paper'])} | {need} |")
         lines.append("")
     trained = [s for s in sections if s.get("training")]
     if trained:
         lines += ["### Training: epochs per entry", "",
                   "| entry | epochs trained | cap | stopped early | evaluated epoch | "
-                  "val metric at that epoch | training s |", "|---|---|---|---|---|---|---|"]
+                  "val monitor at that epoch | training s |", "|---|---|---|---|---|---|---|"]
         for s in trained:
             t = s["training"]
             es = t.get("early_stopping")
             value = t.get("best_value")
             metric = (f"{es['metric']} {100 * value:.1f}%" if es and value is not None
                       else "–")
+            if t.get("monitor"):
+                metric += f" ({t['monitor']})"
             lines.append(
                 f"| {s['title']} | {t['epochs']} | {t['cap']} | "
                 f"{('yes' if t.get('stopped_early') else 'no') if es else '–'} | "
@@ -475,7 +772,10 @@ def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> 
                   + "; ".join(sorted({_rule_text(s['training']['early_stopping'])
                                       for s in trained
                                       if s['training'].get('early_stopping')}))
-                  + ". The checkpoint of the best val epoch is the one evaluated.", ""]
+                  + ". The checkpoint of the best val epoch is the one evaluated. The monitor "
+                  "of a random model attacks with EOT and counts an example only if all its "
+                  "repeated predictions are correct; a CAS model's monitor attacks main + "
+                  "β·aux.", ""]
     return lines
 
 
@@ -500,16 +800,30 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
     if train_only:
         return None
     cache = root / plan.key / "evaluation.json"
-    # what the cached evaluation depends on: the experiment, the evaluated epoch, the examples
-    # and the evaluation options (a changed one re-evaluates); a raised epoch cap alone does
-    # not, when the evaluated (best) epoch stays the same
-    digest = _digest({"config": _comparable(plan.config), "n": n_eval, "curve": curve_eps,
-                      "epoch": training.get("best_epoch") or training.get("epochs"),
-                      "extra": {k: v for k, v in plan.extra.items() if not callable(v)}})
+    # what the cached evaluation depends on: the experiment, the evaluated epoch, the examples,
+    # the evaluation options and the evaluation itself (its description: kind, version,
+    # budget, every attack); a changed one re-evaluates; a raised epoch cap alone does not,
+    # when the evaluated (best) epoch stays the same
+    base = {"config": _comparable(plan.config), "n": n_eval, "curve": curve_eps,
+            "epoch": training.get("best_epoch") or training.get("epochs"),
+            "extra": {k: v for k, v in plan.extra.items() if not callable(v)}}
+    describe = getattr(plan.evaluate, "describe", None)
+    evaluation = describe(plan) if callable(describe) else None
+    legacy_digest = _digest(base)
+    digest = legacy_digest if evaluation is None else _digest({**base,
+                                                                "evaluation": evaluation})
     section = None
     if cache.exists():
         section = json.loads(cache.read_text())
-        if section.get("digest") != digest:
+        if section.get("digest") == digest:
+            pass
+        elif ("evaluation" not in section and evaluation is not None
+              and evaluation.get("legacy") and section.get("digest") == legacy_digest):
+            # cached before sections recorded their evaluation, by an evaluation that has not
+            # changed since (Evaluator.describe): kept, and recorded from now on
+            section.update(digest=digest, evaluation=evaluation)
+            atomic_write_text(cache, json.dumps(section, default=str))
+        else:
             log.info("%s: evaluation options or model changed; evaluating again", plan.key)
             section = None
     if section is None:
@@ -523,6 +837,7 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
         section["eval_seconds"] = time.perf_counter() - t0
         section["code"] = code_version()
         section["digest"] = digest
+        section["evaluation"] = evaluation
         atomic_write_text(cache, json.dumps(section, default=str))
     section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds,
                    training=training, key=plan.key,
@@ -539,9 +854,74 @@ def _entry_worker(rebuild: Callable[[], list[Plan]], key: str, root: Path, threa
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{key}] %(message)s",
                         datefmt="%H:%M:%S", force=True)
     torch.set_num_threads(threads)
-    plan = next(p for p in rebuild() if p.key == key)
+    plan = find_plan(rebuild(), key)
     evaluate_entry(plan, root, **options)
     return key
+
+
+# Training seeds of every verdict: at least MIN_SEEDS, and MAX_SEEDS where two of them differ
+# by more than SEED_SPREAD in worst-case accuracy (run_plans adds the seed).
+MIN_SEEDS, MAX_SEEDS, SEED_SPREAD = 2, 3, 0.05
+
+
+def seed_variant(plan: Plan, seed: int) -> Plan:
+    """``plan``'s experiment with another training seed: key ``<group>_s<seed>``, no eps curve
+    (the first seed plots it)."""
+    group = plan.extra.get("group", plan.key)
+    key = f"{group}_s{seed}"
+    config = copy.deepcopy(plan.config)
+    config.update(seed=int(seed), name=key)
+    extra = {**copy.deepcopy(plan.extra), "group": group, "seed": int(seed),
+             "skip_curve": True}
+    title = f"{plan.extra.get('verdict_name', plan.title)} (seed {seed})"
+    return Plan(key, title, config, plan.evaluate, notes=plan.notes, extra=extra,
+                cost=plan.cost)
+
+
+def find_plan(plans: list[Plan], key: str) -> Plan:
+    """The plan called ``key``, or the seed variant ``<group>_s<seed>`` of a group's first
+    plan (an extra seed :func:`extra_seed_plans` added)."""
+    for p in plans:
+        if p.key == key:
+            return p
+    group, _, seed = key.rpartition("_s")
+    first = next((p for p in plans if p.extra.get("group", p.key) == group), None)
+    if first is None or not seed.isdigit():
+        raise KeyError(f"no entry {key!r} in the plans")
+    return seed_variant(first, int(seed))
+
+
+def seed_spread(sections: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per group with verdicts: its training seeds, worst-case accuracy per seed (per verdict
+    of the section), the largest range over seeds and the seeds a verdict needs."""
+    out: dict[str, dict[str, Any]] = {}
+    for sec in sections:
+        if sec.get("verdicts") and sec.get("group"):
+            g = out.setdefault(sec["group"], {"seeds": [], "worst": []})
+            g["seeds"].append(sec.get("seed"))
+            g["worst"].append([sum(v["worst"]) / max(1, len(v["worst"]))
+                               for v in sec["verdicts"]])
+    for g in out.values():
+        ranges = [max(col) - min(col) for col in zip(*g["worst"], strict=False)] or [0.0]
+        g["range"] = max(ranges) if len(g["worst"]) > 1 else 0.0
+        g["required"] = MAX_SEEDS if g["range"] > SEED_SPREAD + 1e-12 else MIN_SEEDS
+        g["sufficient"] = len(g["seeds"]) >= g["required"]
+    return out
+
+
+def extra_seed_plans(plans: list[Plan], sections: list[dict[str, Any]]) -> list[Plan]:
+    """A further training seed for every group whose seeds differ by more than
+    :data:`SEED_SPREAD` in worst-case accuracy and that has fewer than :data:`MAX_SEEDS`
+    (and at least :data:`MIN_SEEDS`: a single-seed run stays one, marked insufficient)."""
+    more = []
+    for group, g in seed_spread(sections).items():
+        seeds = [s for s in g["seeds"] if isinstance(s, int)]
+        if g["sufficient"] or not (MIN_SEEDS <= len(seeds) < MAX_SEEDS):
+            continue
+        first = next((p for p in plans if p.extra.get("group", p.key) == group), None)
+        if first is not None:
+            more.append(seed_variant(first, max(seeds) + 1))
+    return more
 
 
 def _run_parallel(plans: list[Plan], root: Path, *, jobs: int,
@@ -569,31 +949,42 @@ def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: 
               intro: str = "", curve_eps: list[float] | None = None, n_eval: int = 500,
               progress: bool = False, train_only: bool = False, jobs: int = 1,
               rebuild: Callable[[], list[Plan]] | None = None,
-              device: str | None = None) -> Path | None:
+              device: str | None = None, add_seeds: bool = True) -> Path | None:
     """Train and evaluate every plan, then write one report into ``root``.
 
     ``train_only`` trains (or resumes) every model and stops before evaluating (returns None).
     ``jobs > 1`` runs the entries in that many processes first (``rebuild`` must then be a
     picklable callable returning the same plans); the report is assembled from their caches.
+    ``add_seeds``: where two training seeds of an entry differ by more than
+    :data:`SEED_SPREAD` in worst-case accuracy, a third seed is trained and evaluated
+    (:func:`extra_seed_plans`) before the report is written.
     """
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     options = dict(seed=seed, n_eval=n_eval, curve_eps=curve_eps, train_only=train_only,
                    device=device)
-    if jobs > 1 and len(plans) > 1:
-        if rebuild is None:
-            raise ValueError("run_plans(jobs > 1) needs rebuild= to recreate the plans")
-        _run_parallel(plans, root, jobs=jobs, rebuild=rebuild, options=options)
-    sections, curves = [], {}
-    for plan in plans:
-        section = evaluate_entry(plan, root, progress=progress, **options)
-        if section is None:
-            continue
-        if section.get("curve"):
-            curves[plan.title] = section["curve"]
-        sections.append(section)
+
+    def run(batch: list[Plan]) -> list[dict[str, Any]]:
+        if jobs > 1 and len(batch) > 1:
+            if rebuild is None:
+                raise ValueError("run_plans(jobs > 1) needs rebuild= to recreate the plans")
+            _run_parallel(batch, root, jobs=jobs, rebuild=rebuild, options=options)
+        out = []
+        for plan in batch:
+            section = evaluate_entry(plan, root, progress=progress, **options)
+            if section is not None:
+                out.append(section)
+        return out
+
+    sections = run(plans)
     if train_only:
         return None
+    if add_seeds:
+        for section in run(extra_seed_plans(plans, sections)):
+            # after the last section of its group, so the report keeps groups together
+            last = max(i for i, s in enumerate(sections) if s.get("group") == section["group"])
+            sections.insert(last + 1, section)
+    curves = {s["title"]: s["curve"] for s in sections if s.get("curve")}
     return write_report(root, title=title, command=command, seed=seed, sections=sections,
                         curves=curves, intro=intro,
                         total_seconds=time.perf_counter() - t_start)

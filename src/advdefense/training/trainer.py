@@ -5,9 +5,10 @@ every epoch,
 
 * appends one JSON line to ``<output_dir>/metrics.jsonl``: ``epoch``, ``lr``, ``train_loss``,
   ``train_acc``, the recipe's other logs (``train_adv_acc``, ``train_kl``, ...),
-  ``monitor_clean_acc`` and ``monitor_pgd_acc`` (single-draw accuracies on the first
-  ``data.monitor_size`` examples of ``data.monitor_split``, PGD per ``train.monitor_attack``)
-  and ``seconds``;
+  ``monitor_clean_acc`` and ``monitor_pgd_acc`` (accuracies on the first
+  ``data.monitor_size`` examples of ``data.monitor_split``, PGD per ``train.monitor_attack``,
+  with EOT and repeated predictions for a stochastic model and the CAS loss for a model with
+  heads: :func:`.early_stopping.monitor_plan`, named in ``monitor``) and ``seconds``;
 * atomically writes ``<output_dir>/last.pt`` (model, optimizer, schedule, every RNG state,
   config, epoch, metrics history); ``config.yaml`` is written next to it at the start.
 
@@ -76,7 +77,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from ..attacks import PGD, eval_mode
+from ..attacks import eval_mode
 from ..config import ExperimentConfig, build_from_config, save_config, to_dict
 from ..data import as_tensors, load_split, loader_options
 from ..defenses import rna
@@ -87,7 +88,7 @@ from ..precision import warn_if_bf16_emulated
 from ..randomness import seeded, stochastic_modules
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
-from .early_stopping import stopping_state
+from .early_stopping import monitor_plan, stopping_state
 from .optim import build_optimizer, build_schedule
 from .recipes import Recipe, StandardRecipe, build_recipe, recipe_defaults
 
@@ -459,24 +460,30 @@ class Trainer:
     def _predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).argmax(1)
 
-    def monitor(self, epoch: int) -> dict[str, float]:
+    def monitor(self, epoch: int) -> dict[str, Any]:
         """Clean and PGD accuracy on the monitor examples (sharded over processes).
 
         Runs under a forked RNG (seeded by seed, epoch and rank), so it never changes the
-        training stream. For a stochastic model these are single-draw accuracies.
+        training stream. What it runs is :func:`.early_stopping.monitor_plan`: EOT and
+        repeated predictions for a stochastic model, the CAS loss for a model with heads;
+        the record's ``monitor`` names it.
         """
         if self.monitor_x is None:
             return {}
+        from ..evaluation.protocols import verdict
+
         cfg, tc = self.cfg, self.cfg.train
         idx = D.shard_indices(len(self.monitor_y))
         xs, ys = self.monitor_x[idx], self.monitor_y[idx]
         eps = tc.attack.eps if tc.monitor_attack.eps is None else tc.monitor_attack.eps
-        do_pgd = tc.monitor_attack.steps > 0
-        attack = None
-        if do_pgd:
-            step = tc.monitor_attack.step_size
-            attack = PGD(eps=eps, steps=tc.monitor_attack.steps,
-                         step_size=eps / 4 if step is None else step)
+        plan = monitor_plan(self.model, tc.monitor_attack, eps=eps,
+                            aux_weight=self.recipe.aux_weight)
+
+        def correct(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if plan.repeats == 1:
+                return (self._predict(x) == y).sum()
+            return verdict(self.model, x, y, repeats=plan.repeats).all.to(self.device).sum()
+
         bs = self.cfg.data.batch_size
         clean = torch.zeros((), dtype=torch.float64, device=self.device)
         robust = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -485,17 +492,18 @@ class Trainer:
             for i in range(0, len(ys), bs):
                 xb = xs[i:i + bs].to(self.device)
                 yb = ys[i:i + bs].to(self.device)
-                clean += (self._predict(xb) == yb).sum()
-                if attack is not None:
+                clean += correct(xb, yb)
+                if plan.attack is not None:
                     with torch.enable_grad():
-                        xa = attack(self.model, xb, yb)
-                    robust += (self._predict(xa) == yb).sum()
+                        xa = plan.attack(self.model, xb, yb)
+                    robust += correct(xa, yb)
         totals = D.all_reduce_sum(torch.stack([clean, robust]))
         n = len(self.monitor_y)
-        out = {"monitor_clean_acc": float(totals[0]) / n}
-        if do_pgd:
+        out: dict[str, Any] = {"monitor_clean_acc": float(totals[0]) / n}
+        if plan.attack is not None:
             out["monitor_pgd_acc"] = float(totals[1]) / n
             out["monitor_eps"] = float(eps)
+        out["monitor"] = plan.label
         return out
 
     # -- files ----------------------------------------------------------------------------
@@ -634,5 +642,10 @@ class Trainer:
         return dict(self.history[-1]) if self.history else {}
 
     def close(self) -> None:
-        """Leave the process group if this Trainer joined it."""
+        """Release the DistributedDataParallel wrapper, then leave the process group if this
+        Trainer joined it. A DDP wrapper keeps the process group's backend alive; left to
+        the garbage collector it can be destroyed during interpreter shutdown, while gloo's
+        worker threads still hold tensors, which aborts the process ("terminate called
+        without an active exception")."""
+        self.train_model = self.model
         D.cleanup(self.dist)
