@@ -164,15 +164,24 @@ CPU_TIMES: dict[str, list[float]] = {}
 """Process CPU seconds of the last :func:`interleaved` call (diagnostics only)."""
 
 
+def sync() -> None:
+    """Wait for the work queued on the current CUDA device (a no-op where CUDA is unused), so
+    that a wall-clock interval covers the GPU work it launched, not only the launches."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats: int
                 ) -> dict[str, list[float]]:
     """Time each callable ``repeats`` times, round-robin with a rotating order, after
     ``warmup`` untimed rounds. Returns wall seconds per call, per round (round order kept);
-    the process CPU seconds of the same calls are left in :data:`CPU_TIMES`."""
+    the process CPU seconds of the same calls are left in :data:`CPU_TIMES`. On CUDA every
+    call is timed from an idle device to the end of its GPU work (:func:`sync`)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
+    sync()
     times: dict[str, list[float]] = {name: [] for name in names}
     CPU_TIMES.clear()
     CPU_TIMES.update({name: [] for name in names})
@@ -181,6 +190,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int, repeats: int
         for name in order:
             c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
+            sync()
             times[name].append(time.perf_counter() - t0)
             CPU_TIMES[name].append(time.process_time() - c0)
     return times

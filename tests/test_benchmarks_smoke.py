@@ -73,3 +73,103 @@ def test_quick_run_writes_wellformed_rows(script, tmp_path, capsys, monkeypatch)
     # the Markdown table is printed too, one line per row
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert len(table) == len(rows) + 1
+
+
+# -- the GPU check's CPU smoke run -------------------------------------------------------------
+def test_gpu_check_cpu_smoke_answers_every_phase(tmp_path, capsys):
+    gpu_check = _load("gpu_check.py")
+    out = tmp_path / "gpu" / "gpu_check.json"  # the folder is created
+    assert gpu_check.main(["--cpu-smoke", "--out", str(out)]) == 0, capsys.readouterr().out
+    stdout = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is True and payload["failures"] == []
+    assert payload["cpu_smoke"] is True and payload["budget_s"] == 420
+    machine = payload["machine"]
+    for key in ("device", "cpu", "torch", "cuda_runtime", "commit", "torchattacks"):
+        assert key in machine, key
+    assert machine["device"] == "cpu" and machine["cpu"] and machine["torch"]
+    phases = payload["phases"]
+    assert list(phases) == [p for p in gpu_check.ORDER if p in gpu_check.NEW_PHASES]
+    # one summary line per phase
+    for name, rec in phases.items():
+        assert any(line.split()[1:2] == [name] for line in stdout.splitlines()), name
+        assert rec["seconds"] >= 0
+
+    # 1. PGD-AT steps per mode (the bf16 inner attack is train.attack_precision=amp)
+    rows = {r["mode"]: r for r in phases["pgd_at"]["rows"]}
+    assert set(rows) == set(gpu_check.TRAIN_MODES) - {"compile"}
+    for r in rows.values():
+        assert r["steps_per_s"] > 0 and r["img_per_s"] > 0 and math.isfinite(r["loss"])
+    assert rows["bf16_attack_bf16"]["attack_precision"] == "amp"
+    assert rows["bf16"]["amp"] == "bf16" and rows["bf16"]["attack_precision"] == "fp32"
+    assert rows["channels_last"]["weights_channels_last"] is True
+    compiled = phases["pgd_at_compile"]["rows"][0]
+    assert compiled["mode"] == "compile" and compiled["graph_breaks"] == 0
+
+    # 2. attacks: both layouts, against torchattacks (when importable) and the limit
+    attack_rows = phases["attacks"]["rows"]
+    with_ta = importlib.util.find_spec("torchattacks") is not None
+    for bench in ("PGD-", "APGD-CE", "EOT-"):
+        for layout in ("contiguous", "channels_last"):
+            refs = {r["reference"].split()[0] for r in attack_rows
+                    if r["benchmark"].startswith(bench) and r["layout"] == layout}
+            assert "limit" in refs, (bench, layout)
+            assert with_ta == any(ref.startswith("torchattacks.") for ref in refs)
+    for r in attack_rows:
+        assert set(ROW_KEYS) <= set(r)
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0 and r["ours"] > 0
+
+    # 3. sync counting is CUDA-only: skipped with its reason
+    assert phases["syncs"]["status"] == "skipped" and "CUDA" in phases["syncs"]["reason"]
+
+    # 4. a forced out-of-memory error: same draws, limit learned
+    oom = phases["oom"]
+    assert oom["draws"]["bit_identical"] is True
+    assert oom["draws"]["learned_row_limit"] < oom["draws"]["failed_pass_rows"]
+    assert oom["logits"]["close"] and oom["logits"]["learned_row_limit"] is not None
+    assert oom["eot"]["loss"]["close"] and oom["eot"]["grad"]["close"]
+    assert [s["item"] for s in oom["skipped_items"]] == ["memory_fraction"]
+
+    # 5. certify: every draw distinct, the same at two max_batch settings
+    cert = phases["certify"]
+    assert cert["unique_rows"] == cert["expected_rows"] == cert["noise_rows"][0]
+    assert cert["same_draws_at_both_settings"] and cert["identical_results"]
+
+    # 6. seeding on the device
+    for name in ("gaussian_input", "rna_per_sample"):
+        got = phases["seeding"][name]
+        assert all(v is not False for v in got.values()), got
+
+    # 7. sharded evaluate: two processes gather the one-process verdicts
+    sharded = phases["sharded"]
+    assert sharded["status"] == "ok" and sharded["processes"] == 2
+    assert sharded["clean_equal"] and sharded["fgsm_equal"] and sharded["clean_correct"] > 0
+
+
+def test_gpu_check_records_failures_and_budget_skips(tmp_path, monkeypatch, capsys):
+    gpu_check = _load("gpu_check.py")
+
+    def broken(run):
+        raise RuntimeError("broken on purpose")
+
+    # one failing item: recorded, the phase's other items and the next phase still run
+    monkeypatch.setattr(gpu_check, "_oom_logits", broken)
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--cpu-smoke", "--phases", "oom,seeding", "--out", str(out)]) == 1
+    payload = json.loads(out.read_text())
+    oom = payload["phases"]["oom"]
+    assert oom["status"] == "failed" and "draws" in oom and "eot" in oom
+    assert [e["item"] for e in oom["errors"]] == ["logits"]
+    assert "broken on purpose" in oom["errors"][0]["error"]
+    assert payload["phases"]["seeding"]["status"] == "ok"
+    assert payload["failures"] == ["oom"]
+    # the budget spent: every phase skipped with a reason, the file still written
+    assert gpu_check.main(["--cpu-smoke", "--budget", "0", "--out", str(out)]) == 1
+    payload = json.loads(out.read_text())
+    assert payload["complete"] is True
+    assert all(r["status"] == "skipped" and r["budget"] and r["reason"]
+               for r in payload["phases"].values())
+    # unknown names fail loudly
+    assert gpu_check.main(["--cpu-smoke", "--phases", "nope"]) == 1
+    assert gpu_check.main(["--cpu-smoke", "--modes", "fp99"]) == 1
+    assert "unknown" in capsys.readouterr().out

@@ -35,7 +35,8 @@ def test_gpu_check_cpu_smoke_runs_every_cifar_config(tmp_path, capsys):
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     out = tmp_path / "gpu_check.json"
-    assert gpu_check.main(["--cpu-smoke", "--out", str(out)]) == 0, capsys.readouterr().out
+    assert gpu_check.main(["--cpu-smoke", "--phases", "old", "--out", str(out)]) == 0, \
+        capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]
     cifar = {p.stem for p in gpu_check.cifar_configs()}
     assert len(cifar) >= 10
@@ -48,4 +49,5 @@ def test_gpu_check_cpu_smoke_runs_every_cifar_config(tmp_path, capsys):
     rna_row = next(r for r in rows if r["check"] == "rna forward")
     assert rna_row["attack_sync_free_img_per_s"] > 0 and rna_row["train_host_reads_img_per_s"] > 0
     # and a failure is loud: a non-zero status
-    assert gpu_check.main(["--cpu-smoke", "--configs", "none", "--modes", "fp99"]) == 1
+    assert gpu_check.main(["--cpu-smoke", "--phases", "old", "--configs", "none",
+                           "--modes", "fp99"]) == 1
