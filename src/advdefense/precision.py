@@ -4,11 +4,15 @@ With ``attack_precision="bf16"`` the attacks' forward and backward passes run un
 ``torch.autocast(device, dtype=torch.bfloat16)`` (convolutions and matrix products in bf16 on
 CPUs with avx512_bf16/AMX and on GPUs); the losses (:mod:`advdefense.attacks.losses`), the
 steps and the projections stay in fp32, and every verdict that decides robust accuracy is made
-in fp32 outside autocast. A bf16 attack can only be weaker, never report a lower accuracy
-than the model has: ``benchmarks/bench_bf16.py`` measures both its speed and its robust
-accuracy beside fp32 on a trained model. On a CPU without bf16 instructions autocast is
-emulated and much slower than fp32 (11-17x for PGD and training steps on a 2-core AVX2 machine):
-a warning says so once per process (:func:`warn_if_bf16_emulated`).
+in fp32 outside autocast. Inside the attacks, every decision that ends the attack on an
+example or keeps a point as adversarial (success tests, stopping rules, acceptance of a
+candidate, best-iterate updates) is confirmed in fp32 (:func:`full_precision`), so an attack
+never stops on a point that is adversarial only in bf16. A bf16 attack can only be weaker,
+never report a lower accuracy than the model has: ``benchmarks/bench_bf16.py`` measures both
+its speed and its robust accuracy beside fp32 on a trained model. On a CPU without bf16
+instructions autocast is emulated and much slower than fp32 (11-17x for PGD and training
+steps on a 2-core AVX2 machine): a warning says so once per process
+(:func:`warn_if_bf16_emulated`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 from .errors import AdvDefenseError
 
 __all__ = ["PRECISIONS", "attack_autocast", "bf16_is_native", "check_precision",
-           "warn_if_bf16_emulated"]
+           "full_precision", "reduced_precision", "warn_if_bf16_emulated"]
 
 PRECISIONS = ("fp32", "bf16")
 _log = logging.getLogger(__name__)
@@ -42,6 +46,27 @@ def attack_autocast(precision: str, device: torch.device | str):
         return contextlib.nullcontext()
     warn_if_bf16_emulated(device)
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def reduced_precision(device: torch.device | str) -> bool:
+    """Whether an autocast (bf16 or fp16) is active for ``device``'s type here."""
+    return _autocast_enabled(torch.device(device).type)
+
+
+def full_precision(device: torch.device | str):
+    """fp32 inside an autocast: the context of the decisions an attack takes on a point
+    (nothing where no autocast is active)."""
+    kind = torch.device(device).type
+    if not _autocast_enabled(kind):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, enabled=False)
+
+
+def _autocast_enabled(kind: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(kind)
+    except TypeError:  # torch < 2.4 has one query per device type
+        return torch.is_autocast_cpu_enabled() if kind == "cpu" else torch.is_autocast_enabled()
 
 
 def bf16_is_native(device: torch.device | str) -> bool:

@@ -126,7 +126,7 @@ class APGD(Attack):
         rho: float = 0.75,
         momentum: float = 0.75,
         initial_step: float = 2.0,
-        eot_samples: int = 1,
+        eot_samples: int | None = None,
         eot_resample: str = "step",
         max_batch: int = 4096,
         seed: int | None = None,
@@ -228,7 +228,7 @@ class APGD(Attack):
                 last_w = t
 
     def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
-        k = self.effective_eot(model)
+        k = self.effective_eot(model, x, y)
         best = BestIterate(x)
         for r in range(self.restarts):
             idx = (torch.arange(x.shape[0], device=x.device) if r == 0
@@ -261,7 +261,7 @@ class APGDT(APGD):
     def __init__(self, *, eps: float, n_target_classes: int = 9, norm: str = "linf",
                  n_iter: int | None = None, steps: int | None = None,
                  loss: str | LossFn | Objective | None = None, rho: float = 0.75,
-                 momentum: float = 0.75, initial_step: float = 2.0, eot_samples: int = 1,
+                 momentum: float = 0.75, initial_step: float = 2.0, eot_samples: int | None = None,
                  eot_resample: str = "step", max_batch: int = 4096, seed: int | None = None,
                  restarts: int = 1, targeted: bool = False) -> None:
         if targeted:
@@ -276,7 +276,7 @@ class APGDT(APGD):
         self.n_target_classes = int(n_target_classes)
 
     def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
-        k = self.effective_eot(model)
+        k = self.effective_eot(model, x, y)
         clean = eot_loss_grad(model, x, y, "ce", eot_samples=k, max_batch=self.max_batch,
                               need_grad=False, recorder=recorder)
         logits = clean.logits.mean(dim=0)

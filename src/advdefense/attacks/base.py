@@ -33,7 +33,16 @@ from torch import nn
 
 from ..errors import AdvDefenseError
 from ..layout import channels_last_weights
-from ..randomness import draw_seed, is_stochastic, replicated_forward, seeded
+from ..precision import full_precision, reduced_precision
+from ..randomness import (
+    DrawOutputs,
+    draw_seed,
+    fresh_seed,
+    is_stochastic,
+    replicated_forward,
+    seeded,
+    stochastic_modules,
+)
 from .losses import LossFn, get_loss
 
 log = logging.getLogger(__name__)
@@ -255,7 +264,8 @@ class AttackRecorder:
 class BestIterate:
     """The point an attack returns, per example: the iterate adversarial on the largest
     fraction of EOT draws, ties broken by the higher loss. An adversarial point, once found, is
-    never lost (Pintor et al. 2022's "silent success" cannot happen by construction)."""
+    never lost (Pintor et al. 2022's "silent success" cannot happen by construction). Inside a
+    bf16 attack the fractions come from fp32-confirmed logits (:func:`eot_loss_grad`)."""
 
     def __init__(self, x: torch.Tensor) -> None:
         n = x.shape[0]
@@ -315,13 +325,29 @@ def eot_loss_grad(
     forward call per draw. ``seed`` fixes the draws (the same seed gives the same draws,
     whatever the chunking); ``None`` draws fresh ones from the global RNG.
     ``objective`` is an :class:`Objective` or a loss name/function of :mod:`.losses`.
+
+    Under a reduced-precision autocast (:mod:`advdefense.precision`) the logits of every
+    example that any draw misclassifies are recomputed in fp32 on the same draws
+    (:func:`confirm_logits`), so every verdict read from the result (``wrong_fraction``) is an
+    fp32 verdict; the loss and the gradient stay those of the autocast pass.
     """
     objective = as_objective(objective)
+    if x.shape[0] and seed is None:
+        seed = fresh_seed()  # the draw replicated_forward would take; kept for confirmation
+    res = _eot_pass(model, x, y, objective, eot_samples=eot_samples, max_batch=max_batch,
+                    target=target, need_grad=need_grad, seed=seed, recorder=recorder)
+    res.logits = confirm_logits(model, x, y, res.logits, objective, target=target,
+                                seed=seed, max_batch=max_batch, recorder=recorder)
+    return res
+
+
+def _eot_pass(model, x, y, objective: Objective, *, eot_samples, max_batch, target,
+              need_grad, seed, recorder) -> EOTResult:
     n = x.shape[0]
     k = max(1, int(eot_samples))
     loss_sum = torch.zeros(n, device=x.device)
     grad = torch.zeros_like(x) if need_grad else None
-    parts: dict[int, list[torch.Tensor]] = {}
+    outputs = DrawOutputs(k, n)
 
     def body(xr: torch.Tensor, start: int, k0: int, kc: int) -> None:
         m = xr.shape[0] // kc
@@ -341,11 +367,39 @@ def eot_loss_grad(
         if recorder is not None:
             recorder.count(inp.shape[0], need_grad)
         loss_sum[start : start + m] += losses.detach().sum(dim=0)
-        parts.setdefault(start, []).append(out.detach().view(kc, m, -1))
+        outputs.put(out.detach(), start, k0, kc)
 
     replicated_forward(model, x, k, body, max_batch=max_batch, seed=seed)
-    out = torch.cat([torch.cat(parts[s], dim=0) for s in sorted(parts)], dim=1)
-    return EOTResult(loss_sum / k, grad, out)
+    if outputs.value is None:
+        return EOTResult(loss_sum, grad, torch.zeros(k, 0, 0, device=x.device))
+    return EOTResult(loss_sum / k, grad, outputs.value)
+
+
+def confirm_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+                   objective: str | LossFn | Objective = "ce", *,
+                   target: torch.Tensor | None = None, seed: int | None = None,
+                   max_batch: int = 4096, recorder: AttackRecorder | None = None
+                   ) -> torch.Tensor:
+    """``logits`` (k, n, classes) of ``k`` draws seeded with ``seed``, with the examples that
+    any draw misclassifies recomputed in fp32 on the same draws when they came from a
+    reduced-precision autocast; unchanged otherwise.
+
+    An example adversarial only in bf16 thus never counts as adversarial inside an attack;
+    one adversarial in fp32 but not in bf16 is missed (the attack is only weaker)."""
+    if logits.numel() == 0 or not reduced_precision(x.device):
+        return logits
+    hit = (logits.argmax(dim=2) != y[None]).any(dim=0)
+    rows = hit.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return logits
+    with full_precision(x.device):
+        exact = _eot_pass(model, x[rows], y[rows], as_objective(objective),
+                          eot_samples=logits.shape[0], max_batch=max_batch,
+                          target=None if target is None else target[rows], need_grad=False,
+                          seed=seed, recorder=recorder).logits
+    logits = logits.float().clone()
+    logits[:, rows] = exact.float()
+    return logits
 
 
 def majority_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -353,11 +407,13 @@ def majority_adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                          max_batch: int = 4096, recorder: AttackRecorder | None = None
                          ) -> torch.Tensor:
     """A repeated verdict for an attack's own stopping rule: True where ``x`` is adversarial
-    (misclassified, or on the target) on more than half of ``draws`` fresh draws."""
+    (misclassified, or on the target) on more than half of ``draws`` fresh draws. Always in
+    fp32, also inside a bf16 attack (:func:`advdefense.precision.full_precision`)."""
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device)
-    res = eot_loss_grad(model, x, y, "ce", eot_samples=draws, max_batch=max_batch,
-                        need_grad=False, recorder=recorder)
+    with full_precision(x.device):
+        res = eot_loss_grad(model, x, y, "ce", eot_samples=draws, max_batch=max_batch,
+                            need_grad=False, recorder=recorder)
     return res.wrong_fraction(y, target) > 0.5
 
 
@@ -389,7 +445,8 @@ class Attack(ABC):
 
     Keyword-only settings common to all attacks (every subclass lists them explicitly):
     ``eps`` (radius, in [0,1] pixel units), ``norm`` (``"linf"`` or ``"l2"``),
-    ``eot_samples``, ``max_batch`` (rows per forward pass: the memory budget), ``seed``,
+    ``eot_samples`` (``None``: the attack's default :attr:`default_eot`; see
+    :meth:`effective_eot`), ``max_batch`` (rows per forward pass: the memory budget), ``seed``,
     ``restarts``, ``targeted``. ``repr(attack)`` lists every setting of the constructor: it is
     the attack's identity in reports and in suite fingerprints.
 
@@ -405,13 +462,15 @@ class Attack(ABC):
     #: how the attack finds its points: "white-box" (gradients), "gradient-free" (scores
     #: only: Square, NAttack) or "transfer" (crafted on another model)
     access = "white-box"
+    #: EOT draws when ``eot_samples`` is not given
+    default_eot = 1
 
     def __init__(
         self,
         *,
         eps: float,
         norm: str = "linf",
-        eot_samples: int = 1,
+        eot_samples: int | None = None,
         max_batch: int = 4096,
         seed: int | None = None,
         restarts: int = 1,
@@ -420,6 +479,9 @@ class Attack(ABC):
         self.eps = check_eps(eps)
         if norm not in NORMS:
             raise AdvDefenseError(f"unknown norm {norm!r}; choose linf or l2")
+        #: whether the caller set ``eot_samples`` (then it is never lowered)
+        self.eot_given = eot_samples is not None
+        eot_samples = self.default_eot if eot_samples is None else eot_samples
         if int(eot_samples) < 1:
             raise AdvDefenseError(f"eot_samples must be >= 1, got {eot_samples}")
         if int(restarts) < 1:
@@ -459,9 +521,31 @@ class Attack(ABC):
         args = ", ".join(f"{k}={show(v)}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
 
-    def effective_eot(self, model: nn.Module) -> int:
-        """EOT draws actually used: 1 for a deterministic model (repeats would be identical)."""
-        return self.eot_samples if is_stochastic(model) else 1
+    def effective_eot(self, model: nn.Module, x: torch.Tensor | None = None,
+                      y: torch.Tensor | None = None) -> int:
+        """EOT draws actually used: ``eot_samples``, lowered to 1 (and logged) only where the
+        repeats would be identical and nobody asked for them: a default EOT (not given by
+        the caller), or a model whose stochastic layers the caller froze (fixed-draw
+        protocols), on a model with no live randomness
+        (:func:`~advdefense.randomness.is_stochastic`) whose outputs (and, for a white-box
+        attack, input gradients) agree over two calls on a few rows of ``x``. An EOT the
+        caller set on a model that declares no randomness is never lowered: randomness can
+        hide where a probe does not look (a backward hook, a rare branch)."""
+        k = self.eot_samples
+        if k == 1 or is_stochastic(model):
+            return k
+        frozen = bool(stochastic_modules(model))  # all frozen, or is_stochastic would say so
+        if self.eot_given and not frozen:
+            return k
+        grads = self.access == "white-box"
+        what = "outputs and gradients" if grads else "outputs"
+        if x is None or not x.shape[0] or _varies_between_calls(model, x, y, gradients=grads):
+            log.info("%s: the model declares no live randomness, but its %s differ between "
+                     "calls (or were not probed): keeping eot_samples=%d", self.name, what, k)
+            return k
+        log.info("%s: %s model (%s agree over two calls): eot_samples=%d lowered to 1",
+                 self.name, "frozen" if frozen else "deterministic", what, k)
+        return 1
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target=None,
@@ -490,6 +574,32 @@ class Attack(ABC):
     ) -> torch.Tensor:
         """Return adversarial examples; the model is already in eval mode and seeded. Report
         to ``recorder``; set ``recorder.returned_adversarial`` for the returned points."""
+
+
+def _varies_between_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, *,
+                          gradients: bool, rows: int = 4) -> bool:
+    """Whether two calls of ``model`` on the first ``rows`` examples give different outputs
+    (or, with ``gradients``, different input gradients of the true-class logit). The
+    caller's RNG is left as it was."""
+    xs = x[:rows].detach()
+    idx = (y[:rows] if y is not None else torch.zeros(xs.shape[0], dtype=torch.long,
+                                                      device=x.device))[:, None]
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    outs, grads = [], []
+    with torch.random.fork_rng(devices=devices):
+        for _ in range(2):
+            xi = xs.clone().requires_grad_(gradients)
+            with torch.enable_grad() if gradients else torch.no_grad():
+                out = model(xi)
+                if gradients:
+                    (g,) = torch.autograd.grad(out.gather(1, idx).sum(), xi)
+                    grads.append(g.float())
+            outs.append(out.detach().float())
+
+    def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return not torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()) + 1e-12)
+
+    return differ(*outs) or (gradients and differ(*grads))
 
 
 def batch_seed(seed: int | None, index: int) -> int | None:

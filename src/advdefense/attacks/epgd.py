@@ -31,8 +31,8 @@ from torch import nn
 
 from ..defenses.smoothing import NoisyBase, SmoothedClassifier
 from ..errors import AdvDefenseError
-from ..randomness import fresh_seed, replicated_forward
-from .base import AttackRecorder, EOTResult, Objective
+from ..randomness import DrawOutputs, fresh_seed, replicated_forward
+from .base import AttackRecorder, EOTResult, Objective, confirm_logits
 from .losses import LossFn
 from .pgd import PGD
 
@@ -51,10 +51,11 @@ class EPGD(PGD):
     classifier's own sigma, or no input noise for a plain model)."""
 
     name = "epgd"
+    default_eot = 8
 
     def __init__(self, *, eps: float, steps: int = 20, step_size: float | None = None,
                  sigma: float | None = None, norm: str = "linf", random_start: bool = True,
-                 loss: str | LossFn | Objective = "ce", eot_samples: int = 8,
+                 loss: str | LossFn | Objective = "ce", eot_samples: int | None = None,
                  eot_resample: str = "step", max_batch: int = 4096, seed: int | None = None,
                  restarts: int = 1, targeted: bool = False) -> None:
         super().__init__(eps=eps, steps=steps, step_size=step_size, norm=norm,
@@ -90,7 +91,7 @@ def smoothadv_loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, s
     sign = 1.0 if target is None else -1.0
     draws = fresh_seed()
     p_sum = torch.zeros(n, device=x.device, dtype=x.dtype)
-    logit_parts: dict[int, list[torch.Tensor]] = {}
+    outputs = DrawOutputs(k, n)
 
     def probs_of(out, start, kc):
         s = out.shape[0] // kc
@@ -102,14 +103,16 @@ def smoothadv_loss_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, s
         with torch.no_grad():
             z, p = probs_of(model(xr), start, kc)
         p_sum[start : start + z.shape[1]] += p.sum(0)
-        logit_parts.setdefault(start, []).append(z)
+        outputs.put(z.reshape(-1, z.shape[2]), start, k0, kc)
         if recorder is not None:
             recorder.count(xr.shape[0], False)
 
     replicated_forward(model, x, k, first_pass, max_batch=max_batch, seed=draws)
     p_bar = p_sum / k
     loss = -sign * torch.log(p_bar.clamp_min(1e-30))
-    logits = torch.cat([torch.cat(logit_parts[s], 0) for s in sorted(logit_parts)], 1)
+    logits = outputs.value
+    logits = confirm_logits(model, x, y, logits, seed=draws, max_batch=max_batch,
+                            recorder=recorder)  # fp32 verdicts inside a bf16 attack
     grad = None
     if need_grad:
         grad = torch.zeros_like(x)
@@ -135,10 +138,11 @@ class SmoothAdv(PGD):
     ``eot_samples`` (= m, default 8) draws of the noisy base; L-inf or L2."""
 
     name = "smoothadv"
+    default_eot = 8
 
     def __init__(self, *, eps: float, steps: int = 20, step_size: float | None = None,
                  sigma: float | None = None, norm: str = "linf", random_start: bool = True,
-                 eot_samples: int = 8, max_batch: int = 4096, seed: int | None = None,
+                 eot_samples: int | None = None, max_batch: int = 4096, seed: int | None = None,
                  restarts: int = 1, targeted: bool = False) -> None:
         super().__init__(eps=eps, steps=steps, step_size=step_size, norm=norm,
                          random_start=random_start, loss=_SmoothAdvObjective(),

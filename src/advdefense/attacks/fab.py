@@ -32,7 +32,11 @@ Departures from the reference code (``fra31/auto-attack``, ``fab_pt.py``), on pu
   evaluated batched along the batch dimension; an iterate counts as adversarial only if all k
   draws misclassify it (AutoAttack's FAB has no EOT);
 * gradients of all needed logit differences come from one forward pass and one backward pass
-  per class (the reference also backprops once per class, on the whole batch).
+  per class (the reference also backprops once per class, on the whole batch);
+* inside a bf16 attack (:mod:`advdefense.precision`) the linearization runs under autocast
+  but the success test that records a point and moves the iterate back is made in fp32: the
+  iterates sit on the boundary, where a bf16 verdict would keep points that are not
+  adversarial.
 
 Example::
 
@@ -48,6 +52,7 @@ import torch
 from torch import nn
 
 from ..errors import AdvDefenseError
+from ..precision import full_precision
 from ..randomness import replicated_forward
 from .base import Attack, AttackRecorder, eot_loss_grad
 
@@ -176,7 +181,7 @@ class FAB(Attack):
 
     def __init__(self, *, eps: float, norm: str = "linf", n_iter: int | None = None,
                  steps: int | None = None, alpha_max: float = 0.1, eta: float = 1.05,
-                 beta: float = 0.9, eot_samples: int = 1, max_batch: int = 4096,
+                 beta: float = 0.9, eot_samples: int | None = None, max_batch: int = 4096,
                  seed: int | None = None, restarts: int = 1, targeted: bool = False) -> None:
         if targeted:
             raise AdvDefenseError(f"{self.name} does not take a target; use fab-t")
@@ -198,8 +203,11 @@ class FAB(Attack):
 
     # -- helpers -----------------------------------------------------------------------------
     def _adversarial(self, model, x, y, k, recorder) -> torch.Tensor:
-        res = eot_loss_grad(model, x, y, "ce", eot_samples=k, max_batch=self.max_batch,
-                            need_grad=False, recorder=recorder)
+        """The success test, in fp32 also inside a bf16 attack: FAB's iterates sit on the
+        decision boundary, where bf16 and fp32 disagree most."""
+        with full_precision(x.device):
+            res = eot_loss_grad(model, x, y, "ce", eot_samples=k, max_batch=self.max_batch,
+                                need_grad=False, recorder=recorder)
         return res.wrong_fraction(y) == 1.0
 
     def _direction(self, model, x1, y, others, k, recorder):
@@ -278,7 +286,7 @@ class FAB(Attack):
         return _Best(x.clone(), torch.full((x.shape[0],), float("inf"), device=x.device))
 
     def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
-        k = self.effective_eot(model)
+        k = self.effective_eot(model, x, y)
         logits = self._clean_logits(model, x, y, k, recorder)
         n_classes = logits.shape[1]
         if n_classes < 2:
@@ -304,7 +312,7 @@ class FABT(FAB):
 
     def __init__(self, *, eps: float, n_target_classes: int = 9, norm: str = "linf",
                  n_iter: int | None = None, steps: int | None = None, alpha_max: float = 0.1,
-                 eta: float = 1.05, beta: float = 0.9, eot_samples: int = 1,
+                 eta: float = 1.05, beta: float = 0.9, eot_samples: int | None = None,
                  max_batch: int = 4096, seed: int | None = None, restarts: int = 1,
                  targeted: bool = False) -> None:
         super().__init__(eps=eps, norm=norm, n_iter=n_iter, steps=steps, alpha_max=alpha_max,
@@ -315,7 +323,7 @@ class FABT(FAB):
         self.n_target_classes = int(n_target_classes)
 
     def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
-        k = self.effective_eot(model)
+        k = self.effective_eot(model, x, y)
         logits = self._clean_logits(model, x, y, k, recorder)
         n_classes = logits.shape[1]
         if n_classes < 2:

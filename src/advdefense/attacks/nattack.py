@@ -27,6 +27,8 @@ search no direction; else if it declares ``outputs_probabilities = True`` its ou
 taken as probabilities, else as logits. On a stochastic model every score is the mean
 probability over ``eot_samples`` draws, and an example stops only when its candidate is
 adversarial on the majority of ``confirm_draws`` fresh draws, not after one lucky draw.
+Inside a bf16 attack (:mod:`advdefense.precision`) the population is scored under autocast,
+but a candidate is accepted (and its example stops) only once it is adversarial in fp32.
 Departures from the reference code (``Cold-Winter/Nattack``): batched over examples instead
 of one example at a time; ``mu`` is initialised to zero (the reference uses
 ``0.001 * N(0, 1)``); L-inf only.
@@ -39,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import AdvDefenseError
+from ..precision import reduced_precision
 from ..randomness import is_stochastic, replicated_forward
 from .base import Attack, AttackRecorder, majority_adversarial
 
@@ -52,7 +55,7 @@ class NAttack(Attack):
     def __init__(self, *, eps: float, steps: int = 500, population: int = 300,
                  sigma: float = 0.1, lr: float = 0.02, check_every: int = 10,
                  space: str = "tanh", confirm_draws: int = 10, norm: str = "linf",
-                 eot_samples: int = 1, max_batch: int = 4096, seed: int | None = None,
+                 eot_samples: int | None = None, max_batch: int = 4096, seed: int | None = None,
                  restarts: int = 1, targeted: bool = False) -> None:
         super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
                          seed=seed, restarts=restarts, targeted=targeted)
@@ -105,18 +108,21 @@ class NAttack(Attack):
         return (x + (cand - x).clamp(-self.eps, self.eps)).clamp(0, 1)
 
     def _adversarial(self, model, x, y, wrong, stochastic, recorder):
-        """``wrong`` (by the mean scores) confirmed on fresh draws for a random model."""
-        if not stochastic or not bool(wrong.any()):
+        """``wrong`` (by the scores) confirmed in fp32: on the majority of ``confirm_draws``
+        fresh draws for a random model, on one pass for a deterministic model in a bf16
+        attack; as it is for a deterministic model in fp32 (the scores are the verdict)."""
+        if not bool(wrong.any()) or not (stochastic or reduced_precision(x.device)):
             return wrong
         out = wrong.clone()
         sel = wrong.nonzero().squeeze(1)
-        out[sel] = majority_adversarial(model, x[sel], y[sel], draws=self.confirm_draws,
+        out[sel] = majority_adversarial(model, x[sel], y[sel],
+                                        draws=self.confirm_draws if stochastic else 1,
                                         max_batch=self.max_batch, recorder=recorder)
         return out
 
     def run(self, model, x, y, target, recorder: AttackRecorder):
-        stochastic = is_stochastic(model)
-        k = self.effective_eot(model)
+        k = self.effective_eot(model, x, y)
+        stochastic = is_stochastic(model) or k > 1
         n, shape = x.shape[0], x.shape[1:]
         b = self.population
         x_atanh = torch.atanh((2 * x - 1).clamp(-1 + 1e-6, 1 - 1e-6))
@@ -137,6 +143,8 @@ class NAttack(Attack):
                     break
             idx = active.nonzero().squeeze(1)
             na = idx.numel()
+            if na == 0:  # the last ones were found by the previous population
+                break
             eps_noise = torch.randn(na, b, *shape, device=x.device)
             z = mu[idx, None] + self.sigma * eps_noise
             cand = self._candidates(x_atanh[idx, None], x[idx, None], z)

@@ -56,7 +56,7 @@ class PGD(Attack):
         norm: str = "linf",
         random_start: bool = True,
         loss: str | LossFn | Objective = "ce",
-        eot_samples: int = 1,
+        eot_samples: int | None = None,
         eot_resample: str = "step",
         max_batch: int = 4096,
         seed: int | None = None,
@@ -82,7 +82,7 @@ class PGD(Attack):
                              seed=seed, recorder=recorder)
 
     def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
-        k = self.effective_eot(model)
+        k = self.effective_eot(model, x, y)
         best = BestIterate(x)
         for _ in range(self.restarts):
             recorder.begin_run()
@@ -113,7 +113,7 @@ class FGSM(PGD):
 
     def __init__(self, *, eps: float, random_start: bool = False, step_size: float | None = None,
                  norm: str = "linf", loss: str | LossFn | Objective = "ce",
-                 eot_samples: int = 1, max_batch: int = 4096, seed: int | None = None,
+                 eot_samples: int | None = None, max_batch: int = 4096, seed: int | None = None,
                  restarts: int = 1, targeted: bool = False) -> None:
         super().__init__(eps=eps, steps=1, step_size=eps if step_size is None else step_size,
                          random_start=random_start, norm=norm, loss=loss,
@@ -130,7 +130,7 @@ class CWLinf(PGD):
 
     def __init__(self, *, eps: float, steps: int = 30, step_size: float | None = None,
                  norm: str = "linf", random_start: bool = True,
-                 loss: str | LossFn | Objective = "margin", eot_samples: int = 1,
+                 loss: str | LossFn | Objective = "margin", eot_samples: int | None = None,
                  eot_resample: str = "step", max_batch: int = 4096, seed: int | None = None,
                  restarts: int = 1, targeted: bool = False) -> None:
         super().__init__(eps=eps, steps=steps, step_size=step_size, norm=norm,

@@ -6,21 +6,25 @@ Random search on the margin ``m(x) = z_y(x) - max_{c != y} z_c(x)`` (targeted:
 ``max_{c != t} z_c - z_t``), lower is better, an example is done once adversarial:
 
 * L-inf: start from vertical stripes ``x + eps * s`` (one random sign per column and channel);
-  each query changes one random square window of side ``s_i = round(sqrt(p_i * h * w))`` to
-  ``x +- eps`` (one random sign per channel) and is kept if the margin decreases;
+  each query changes one random square window of side ``s_i = round(sqrt(p_i * h * w))``
+  (capped at ``min(h, w) - 1``) to ``x +- eps`` (one random sign per channel), the signs
+  re-drawn while the window would stay as it is (as in the authors' code: with one channel
+  half the proposals would otherwise change nothing), and is kept if the margin decreases;
 * L2: start from a 5x5 grid of "pseudo-Gaussian" tiles (concentric squares weighted
   ``1/(r+1)^2``, upper half positive, lower half negative) with random signs, scaled to norm
   eps; each query moves the perturbation mass of two random windows W1, W2 into W1, adds a new
   pseudo-Gaussian pattern with random sign per channel (window side odd, >= 3), and rescales
-  the whole perturbation to norm eps;
+  the whole perturbation to norm eps (window side capped at ``min(h, w) - 1`` as well);
 * ``p_i``: AutoAttack's schedule ``p = p_init / 2^{#{b in (10, 50, 200, 500, 1000, 2000, 4000,
   6000, 8000) : b < i}}`` on the query index ``i``, as AutoAttack's standard version runs it
   (``resc_schedule=False``); ``rescale_schedule=True`` maps ``i`` to ``floor(i / n_queries *
   10^4)`` first (the Square paper's rescaling to the budget).
 
 Defaults are AutoAttack's: ``n_queries=5000``, ``p_init=0.8``, ``restarts=1``, margin loss.
-Every query evaluates only the examples not yet fooled. The per-example best margin never
-increases (``trace.losses`` records minus the best margin after each query).
+Every query evaluates only the examples not yet fooled. ``trace.losses`` records minus the
+current point's margin after each query. On a deterministic model that margin never
+increases; under EOT it is re-estimated on fresh draws at every query (below), so it can rise
+although the point only changes when a proposal is accepted.
 
 Departures from the reference code (``fra31/auto-attack``, ``square.py``), on purpose:
 
@@ -37,7 +41,14 @@ Departures from the reference code (``fra31/auto-attack``, ``square.py``), on pu
   proposal is adversarial on all ``eot_samples`` draws *and* on the majority of
   ``confirm_draws`` fresh draws (a repeated verdict), not after one lucky draw.
   AutoAttack's Square has no EOT;
-* our pseudo-Gaussian pattern is written from the paper's description, not from the code.
+* our pseudo-Gaussian pattern is written from the paper's description, not from the code;
+* the L-inf re-drawing of a window's signs is bounded (10 draws, then the opposite signs,
+  which always change the window) where the authors' code loops until the window changes;
+  the window side is capped at ``min(h, w) - 1`` for both norms (AutoAttack caps the L-inf
+  side at ``h - 1``), so a window always has more than one position;
+* inside a bf16 attack (:mod:`advdefense.precision`) queries run under autocast, but an
+  example stops (and a proposal is accepted as adversarial) only once fp32 agrees
+  (:func:`~.base.confirm_logits`, :func:`~.base.majority_adversarial`).
 
 Example::
 
@@ -63,9 +74,10 @@ from .base import (
 )
 from .losses import LossFn
 
-__all__ = ["Square", "square_p", "pseudo_gaussian"]
+__all__ = ["Square", "pseudo_gaussian", "square_p", "window_side"]
 
 _THRESHOLDS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+_REDRAWS = 10  # sign draws per L-inf proposal before taking the opposite signs
 
 
 def square_p(i: int, n_queries: int, p_init: float, rescale: bool = False) -> float:
@@ -94,6 +106,19 @@ def pseudo_gaussian(s: int) -> torch.Tensor:
     the upper half, negative in the lower half, unit L2 norm."""
     pat = torch.cat([_concentric(s // 2, s), -_concentric(s - s // 2, s)], dim=0)
     return pat / pat.norm().clamp_min(1e-12)
+
+
+def window_side(p: float, h: int, w: int, norm: str = "linf") -> int:
+    """Side of the square window changed at a query with fraction ``p``:
+    ``round(sqrt(p * h * w))``, at least 1 (L-inf) or 3 and odd (L2), at most
+    ``min(h, w) - 1`` (so a window always has more than one position)."""
+    s = int(round(math.sqrt(p * h * w)))
+    if norm == "linf":
+        s = max(s, 1)
+    else:
+        s = max(s, 3)
+        s += 1 - s % 2
+    return max(min(s, min(h, w) - 1), 1)
 
 
 def _window_mask(m: int, h: int, w: int, s: int, device) -> tuple[torch.Tensor, torch.Tensor,
@@ -148,7 +173,7 @@ class Square(Attack):
     def __init__(self, *, eps: float, norm: str = "linf", n_queries: int = 5000,
                  p_init: float = 0.8, rescale_schedule: bool = False,
                  loss: str | LossFn | Objective = "margin", confirm_draws: int = 10,
-                 eot_samples: int = 1, max_batch: int = 4096, seed: int | None = None,
+                 eot_samples: int | None = None, max_batch: int = 4096, seed: int | None = None,
                  restarts: int = 1, targeted: bool = False) -> None:
         super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
                          seed=seed, restarts=restarts, targeted=targeted)
@@ -211,17 +236,28 @@ class Square(Attack):
     # -- proposals ---------------------------------------------------------------------------
     def _propose_linf(self, x, xb, p):
         m, c, h, w = x.shape
-        s = min(max(int(round(math.sqrt(p * h * w))), 1), h, w)
-        mask, _, _ = _window_mask(m, h, w, s, x.device)
-        corner = (x + self.eps * _signs(m, c, 1, 1, device=x.device)).clamp(0.0, 1.0)
+        s = window_side(p, h, w, "linf")
+        mask, vh, vw = _window_mask(m, h, w, s, x.device)
+        base, current = _take(x, vh, vw, s), _take(xb, vh, vw, s)
+
+        def unchanged(signs: torch.Tensor) -> torch.Tensor:
+            new = (base + self.eps * signs).clamp(0.0, 1.0)
+            return ((new - current).abs().flatten(1).amax(dim=1) < 1e-7).view(m, 1, 1, 1)
+
+        signs = _signs(m, c, 1, 1, device=x.device)
+        same = unchanged(signs)
+        for _ in range(_REDRAWS):
+            if not bool(same.any()):
+                break
+            signs = torch.where(same, _signs(m, c, 1, 1, device=x.device), signs)
+            same = unchanged(signs)
+        signs = torch.where(same, -signs, signs)  # x - eps s differs from x + eps s (eps > 0)
+        corner = (x + self.eps * signs).clamp(0.0, 1.0)
         return torch.where(mask, corner, xb)
 
     def _propose_l2(self, x, xb, p):
         m, c, h, w = x.shape
-        s = max(int(round(math.sqrt(p * h * w))), 3)
-        if s % 2 == 0:
-            s += 1
-        s = min(s, h, w)
+        s = window_side(p, h, w, "l2")
         delta = xb - x
         mask1, vh, vw = _window_mask(m, h, w, s, x.device)
         mask2, _, _ = _window_mask(m, h, w, s, x.device)
@@ -245,8 +281,8 @@ class Square(Attack):
     def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         if x.dim() != 4:
             raise AdvDefenseError(f"square needs images (N, C, H, W), got shape {tuple(x.shape)}")
-        stochastic = is_stochastic(model)
-        k = self.effective_eot(model)
+        k = self.effective_eot(model, x, y)
+        stochastic = is_stochastic(model) or k > 1
         n = x.shape[0]
         best_x = x.clone()
         best_margin = torch.full((n,), float("inf"), device=x.device)

@@ -29,7 +29,7 @@ class TransferAttack(Attack):
 
     def __init__(self, *, substitute: nn.Module, attack: Attack | str = "pgd",
                  attack_options: dict[str, Any] | None = None, eps: float | None = None,
-                 norm: str | None = None, eot_samples: int = 1, max_batch: int = 4096,
+                 norm: str | None = None, eot_samples: int | None = None, max_batch: int = 4096,
                  seed: int | None = None, restarts: int = 1, targeted: bool = False) -> None:
         if isinstance(attack, str):
             from . import build_attack
