@@ -7,8 +7,15 @@
 ``DistributedSampler(shuffle=False)``) and :func:`gather_per_example` puts per-example results
 back in dataset order. Without a process group every helper is the identity (world size 1).
 
+Work queues need no process group: :func:`job_store` is the key-value store every process of
+a ``torchrun`` job shares (the default group's store, else torchrun's rendezvous store at
+``MASTER_ADDR:MASTER_PORT``, else an in-process store), and :func:`claim` hands out numbered
+items through its atomic counters (``store.add(key, 1)``), so a process that dies loses only
+the item it held and no process ever waits for another.
+
 Users: the Trainer (:mod:`advdefense.training.trainer`, which also wraps the model in
-DistributedDataParallel) and distributed evaluation (:mod:`advdefense.evaluation.distributed`).
+DistributedDataParallel) and evaluation and certification over units
+(:mod:`advdefense.evaluation.units`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,6 +46,12 @@ __all__ = [
     "shard_indices",
     "gather_per_example",
     "cleanup",
+    "env_rank",
+    "env_world_size",
+    "use_local_device",
+    "LocalStore",
+    "job_store",
+    "claim",
 ]
 
 
@@ -168,3 +183,64 @@ def gather_per_example(local: torch.Tensor, total: int | None = None) -> torch.T
     for r, (part, c) in enumerate(zip(parts, counts, strict=True)):
         out[r::world][:c] = part[:c]
     return out[:n]
+
+
+# -- work queues through the rendezvous store ---------------------------------------------------
+def env_rank() -> int:
+    """This process's rank as torchrun set it (``RANK``; 0 without torchrun)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def env_world_size() -> int:
+    """The number of processes as torchrun set it (``WORLD_SIZE``; 1 without torchrun)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def use_local_device() -> None:
+    """Make ``cuda:LOCAL_RANK`` the current CUDA device (nothing without CUDA)."""
+    _set_local_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+
+
+class LocalStore:
+    """The part of a ``torch.distributed.Store`` that :func:`claim` uses (``add``), in one
+    process."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: str, amount: int) -> int:
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + int(amount)
+            return self._values[key]
+
+
+def job_store(timeout: timedelta = timedelta(minutes=30)):
+    """The store every process of this job shares, under a prefix of its own.
+
+    The default process group's store when one is initialized; else, under ``torchrun``
+    (``WORLD_SIZE > 1``), a client of the rendezvous store at ``MASTER_ADDR:MASTER_PORT``
+    (torchrun's agent hosts it, so it outlives every worker); else a :class:`LocalStore`.
+    The prefix holds ``TORCHELASTIC_RESTART_COUNT``, so a restarted worker group starts from
+    fresh counters.
+    """
+    prefix = f"advdefense/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    if dist.is_available() and dist.is_initialized():
+        return dist.PrefixStore(prefix, dist.distributed_c10d._get_default_store())
+    if env_world_size() <= 1:
+        return LocalStore()
+    if not dist.is_available():
+        raise AdvDefenseError("WORLD_SIZE > 1 but torch.distributed is not available in this "
+                              "PyTorch build; run a single process")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        if var not in os.environ:
+            raise AdvDefenseError(f"WORLD_SIZE={env_world_size()} but {var} is not set; "
+                                  "launch with torchrun --nproc_per_node=N -m advdefense ...")
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    return dist.PrefixStore(prefix, store)
+
+
+def claim(store, key: str) -> int:
+    """The next number of counter ``key`` (0, 1, 2, ... over all processes; each number is
+    given to exactly one caller)."""
+    return int(store.add(key, 1)) - 1

@@ -31,9 +31,13 @@ Example::
     advdefense evaluate --model other.py:Net --weights other.pt --dataset cifar10 --adv-file adv.pt
     torchrun --nproc_per_node=2 -m advdefense evaluate --checkpoint runs/pgd_at/last.pt ...
 
-Under ``torchrun`` every process evaluates the examples ``rank::world`` and the per-example
-results are gathered in dataset order (:mod:`advdefense.evaluation.distributed`); rank 0 writes
-the report. A ``--state`` file gets a ``.rank<r>`` suffix per process.
+The examples are evaluated in units of ``--unit`` consecutive examples (default: the batch
+size), each written to its own file under ``--units`` (default ``OUTPUT/units``), and merged
+by index (:mod:`advdefense.evaluation.distributed`). Under ``torchrun`` the processes take
+units from a counter in torchrun's store; the process that finishes the last unit runs the
+failure checks on the merged results and writes the report. The results do not depend on the
+number of processes; running the same command again computes only the missing units (after a
+lost process or node) and writes the report.
 """
 
 from __future__ import annotations
@@ -237,9 +241,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None,
                         help="output folder (default: <checkpoint folder>/eval, or "
                              "runs/eval_<model> for --model)")
-    parser.add_argument("--state", default=None,
-                        help="state file saved after every batch: rerun with it to resume "
-                             "(suites and --attacks)")
+    parser.add_argument("--unit", type=int, default=None, metavar="N",
+                        help="examples per unit of work (default: --batch-size); units are "
+                             "handed out to the processes and seeded by their examples, so "
+                             "the results do not depend on the number of processes")
+    parser.add_argument("--units", "--state", dest="units", default=None, metavar="DIR",
+                        help="folder of the per-unit result files (default: OUTPUT/units); "
+                             "run the same command again to compute the missing units")
     parser.add_argument("--save-adv", default=None, metavar="FILE",
                         help="write the worst-case adversarial input of every example to FILE "
                              "(.pt, loadable with weights_only=True)")
@@ -255,6 +263,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bf16: attacks under bf16 autocast (faster on CPUs with "
                              "avx512_bf16 and on GPUs), verdicts in fp32 (default fp32)")
     parser.add_argument("--no-checks", action="store_true", help="skip the failure checks")
+    parser.add_argument("--no-check-probes", action="store_true",
+                        help="skip the checks that run attacks of their own (unbounded "
+                             "attack, eps sweep, more iterations); the others still run")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -330,7 +341,7 @@ def _validate(args: argparse.Namespace) -> None:
     for name in args.attacks or []:
         if name not in ATTACKS:
             raise unknown_name("attack", name, ATTACKS)
-    for key in ("repeats", "n", "batch_size", "steps"):
+    for key in ("repeats", "n", "batch_size", "steps", "unit"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             raise AdvDefenseError(f"--{key.replace('_', '-')} must be >= 1")
     if getattr(args, "max_batch", None) is not None and args.max_batch < 1:
@@ -364,28 +375,6 @@ def _specs(args, eps: float, norm: str, eot: int, max_batch: int):
             raise AdvDefenseError(f"attack {name!r} cannot be built from the CLI: {exc}") from None
         specs += [AttackSpec(name, attack, p) for p in args.protocols]
     return specs
-
-
-def _adversarial(result) -> tuple[Any, list[str]]:
-    """``(x_adv, source)`` of this process's examples, kept by the evaluation core."""
-    if result.adv is None:
-        raise AdvDefenseError("this evaluation kept no adversarial examples")
-    return result.adv.detach().cpu(), [str(s) for s in result.adv_source]
-
-
-def _gather_adversarial(x_adv, source: list[str], labels: list[str], total: int):
-    """All processes' ``(x_adv, source)`` back in dataset order (identity in one process)."""
-    import torch
-
-    from ..distributed import gather_per_example, is_distributed
-
-    if not is_distributed():
-        return x_adv, source
-    names = ["clean", *labels]
-    codes = torch.tensor([names.index(s) if s in names else 0 for s in source])
-    x_all = gather_per_example(x_adv.contiguous(), total)
-    codes = gather_per_example(codes, total)
-    return x_all, [names[int(c)] for c in codes]
 
 
 def _recheck(args, loaded, device) -> int:
@@ -456,15 +445,29 @@ def _recheck(args, loaded, device) -> int:
     return 0
 
 
+def _settings(args, eps_list, specs, eps: float, norm: str, eot: int) -> dict[str, Any]:
+    """Every option that shapes the per-example results (the units' fingerprint; not the
+    memory settings, which may differ between processes)."""
+    from ..evaluation.harness import attack_identity
+
+    return {"suite": args.suite, "eps": eps, "norm": norm, "eps_list": eps_list,
+            "eot": eot, "repeats": args.repeats, "seed": args.seed,
+            "batch_size": args.batch_size, "attack_precision": args.attack_precision,
+            "save_adv": args.save_adv is not None,
+            "specs": None if specs is None else {
+                f"{e!r}": [(s.label, s.protocol, attack_identity(s.attack)) for s in sp]
+                for e, sp in specs.items()}}
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
     import torch
 
     from .. import distributed as D
     from ..data import dataset_info, load_split
-    from ..evaluation import evaluate, format_checks
+    from ..evaluation import evaluate, format_checks, run_checks
     from ..evaluation.checks import CheckSettings, MonotoneSettings
-    from ..evaluation.distributed import gather_result, shard
+    from ..evaluation.distributed import evaluate_units
     from ..evaluation.harness import default_max_batch, load_data, prepare_model
     from ..evaluation.report import robustbench_fields, to_markdown, write_report
     from ..evaluation.suite import run_suite
@@ -472,123 +475,116 @@ def run(args: argparse.Namespace) -> int:
     from ..provenance import relative_path, relative_value
     from ..randomness import is_stochastic
 
-    ctx = D.init_from_env("cpu")
-    try:
-        device = args.device if args.device is not None else default_device()
-        loaded = open_from_args(args, device=device)
-        model, cfg = loaded.model, loaded.config
-        eval_cfg, eval_sources = resolve_eval_options(args, cfg)
-        _validate(args)
-        if args.adv_file is not None:
-            return _recheck(args, loaded, next((p.device for p in model.parameters()),
-                                               torch.device("cpu"))) if ctx.is_main else 0
-        dataset, dataset_source = resolve_dataset(args, loaded)
-        info = dataset_info(dataset)
-        eps, norm, sources = resolve_budget(args.eps, args.norm, cfg, dataset)
-        sources.update(eval_sources)
-        eval_cfg.eps, eval_cfg.norm = eps, norm
-        eps_list = sorted(set((args.eps_sweep or []) + [eps]))
-        data = load_split(dataset, args.split, root=data_root(args, loaded), limit=args.n)
-        x_all, y_all = load_data(data, args.n)
-        n_total = x_all.shape[0]
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        check_logits(model, x_all[:2].to(dev), num_classes=info.num_classes,
-                     what=f"{dataset} images")
-        x, y = shard(x_all, y_all)  # torchrun: this process's examples rank::world
-        model, _ = prepare_model(model, x_all[:8].to(dev))  # undeclared randomness: wrapped
-        stochastic = is_stochastic(model)
-        offset = ctx.rank * 1_000_003  # batch seeds differ between processes
-        max_batch = args.max_batch or default_max_batch(model, x_all[:16].to(dev))
-        eot = args.eot if args.eot is not None else (20 if stochastic else 1)
-        out = Path(args.output) if args.output else default_output(args, "eval", loaded)
-        progress = not args.no_progress and ctx.is_main
-        checks = None if args.no_checks else CheckSettings(seed=args.seed)
-        save = args.save_adv is not None
-        state = args.state
-        if state and ctx.enabled:
-            state = f"{state}.rank{ctx.rank}"
-        if save and state and Path(state).exists():
-            raise AdvDefenseError(
-                f"--save-adv cannot recover the inputs of batches finished in an earlier run "
-                f"of {state}; delete it or drop --state")
+    D.use_local_device()
+    rank, world = D.env_rank(), D.env_world_size()
+    device = args.device if args.device is not None else default_device()
+    loaded = open_from_args(args, device=device)
+    model, cfg = loaded.model, loaded.config
+    eval_cfg, eval_sources = resolve_eval_options(args, cfg)
+    _validate(args)
+    if args.adv_file is not None:
+        return _recheck(args, loaded, next((p.device for p in model.parameters()),
+                                           torch.device("cpu"))) if rank == 0 else 0
+    dataset, dataset_source = resolve_dataset(args, loaded)
+    info = dataset_info(dataset)
+    eps, norm, sources = resolve_budget(args.eps, args.norm, cfg, dataset)
+    sources.update(eval_sources)
+    eval_cfg.eps, eval_cfg.norm = eps, norm
+    eps_list = [eps] if args.suite else sorted(set((args.eps_sweep or []) + [eps]))
+    data = load_split(dataset, args.split, root=data_root(args, loaded), limit=args.n)
+    x_all, y_all = load_data(data, args.n)
+    n_total = x_all.shape[0]
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    check_logits(model, x_all[:2].to(dev), num_classes=info.num_classes,
+                 what=f"{dataset} images")
+    model, _ = prepare_model(model, x_all[:8].to(dev))  # undeclared randomness: wrapped
+    stochastic = is_stochastic(model)
+    max_batch = args.max_batch or default_max_batch(model, x_all[:16].to(dev))
+    eot = args.eot if args.eot is not None else (20 if stochastic else 1)
+    out = Path(args.output) if args.output else default_output(args, "eval", loaded)
+    units_dir = Path(args.units) if args.units else out / "units"
+    unit = args.unit or args.batch_size
+    progress = not args.no_progress and rank == 0
+    checks = None if args.no_checks else CheckSettings(seed=args.seed,
+                                                       probes=not args.no_check_probes)
+    save = args.save_adv is not None
+    specs = None if args.suite else {e: _specs(args, e, norm, eot, max_batch)
+                                     for e in eps_list}
+
+    def run_unit(x, y, first, state_path):
+        """Every attack (or the whole suite) at every eps on one unit of examples; a unit
+        resumes from its state file (not with --save-adv: kept inputs are not saved there)."""
+        if save:
+            state_path = None
+        common = dict(repeats=args.repeats, batch_size=args.batch_size, seed=args.seed,
+                      checks=None, index_offset=first, max_batch=max_batch,
+                      attack_precision=args.attack_precision)
         if args.suite:
-            kw: dict[str, Any] = dict(norm=norm, eps=eps, eot_samples=eot,
-                                      repeats=args.repeats, state_path=state,
-                                      batch_size=args.batch_size, seed=args.seed,
-                                      progress=progress, checks=checks, keep_adv=save,
-                                      index_offset=offset, max_batch=max_batch,
-                                      attack_precision=args.attack_precision)
-            result = run_suite(model, (x, y), suite=args.suite, **kw)
-            result.config["suite"] = args.suite
-            sweep = None
-        else:
-            sweep = {}
-            for e in eps_list:
-                sweep[e] = evaluate(model, (x, y), _specs(args, e, norm, eot, max_batch),
-                                    repeats=args.repeats, batch_size=args.batch_size,
-                                    seed=args.seed, progress=progress, checks=None,
-                                    keep_adv=save and e == eps, index_offset=offset,
-                                    max_batch=max_batch,
-                                    attack_precision=args.attack_precision,
-                                    state_path=None if not state else (
-                                        state if e == eps else f"{state}.eps{e:g}"))
-            result = sweep[eps]
-            if checks is not None:
-                from ..evaluation import run_checks
+            return {f"{eps!r}": run_suite(model, (x, y), suite=args.suite, norm=norm, eps=eps,
+                                          eot_samples=eot, keep_adv=save,
+                                          state_path=state_path, **common)}
+        states = {e: None if state_path is None else
+                  state_path.with_name(f"{state_path.stem}.eps{e:g}.json") for e in eps_list}
+        out = {f"{e!r}": evaluate(model, (x, y), specs[e], keep_adv=save and e == eps,
+                                  state_path=states[e], **common) for e in eps_list}
+        for path in states.values():
+            if path is not None:
+                path.unlink(missing_ok=True)
+        return out
 
-                accs = (tuple((e, r.accuracy("worst").value) for e, r in sweep.items())
-                        if len(sweep) > 2 else None)
-                t_checks = time.perf_counter()
-                result.checks = run_checks(model, (x, y), result, checks.with_(
-                    eps=eps, norm=norm, monotone=MonotoneSettings(accuracies=accs)))
-                result.config["checks_seconds"] = time.perf_counter() - t_checks
-        adv = _adversarial(result) if save else None
-        # per-example verdicts back in dataset order (identity in one process)
-        checks = result.checks
+    merged, job = evaluate_units(
+        model, (x_all, y_all), run_unit, unit=unit, folder=units_dir,
+        settings=_settings(args, eps_list, specs, eps, norm, eot),
+        progress=progress)
+    if merged is None:  # the process that finishes the last unit writes the report
+        return 0
+    sweep = {e: merged[f"{e!r}"] for e in eps_list}
+    result = sweep[eps]
+    if args.suite:
+        result.config["suite"] = args.suite
+        sweep = None
+    if checks is not None:
         if sweep is not None:
-            sweep = {e: gather_result(r, n_total) for e, r in sweep.items()}
-            result = sweep[eps]
-        else:
-            result = gather_result(result, n_total)
-        result.checks = checks
-        if adv is not None:
-            adv = _gather_adversarial(*adv, list(result.entries), n_total)
-        if not ctx.is_main:
-            return 0
-        name = relative_path(model_label(args))
-        rb = robustbench_fields(result, dataset=dataset, eps=eps, norm=norm, model=name)
-        extra = {"checkpoint": args.checkpoint and relative_path(args.checkpoint),
-                 "model": relative_value(loaded.source), "dataset": dataset,
-                 "dataset_source": dataset_source, "split": args.split, "eps": eps,
-                 "norm": norm, **sources, "processes": ctx.world_size, "robustbench": rb,
-                 "eval_config": dataclasses.asdict(eval_cfg),
-                 "command": {k: relative_value(v) for k, v in vars(args).items()
-                             if not k.startswith("_")}}
-        title = f"Evaluation of {name}"
-        if adv is not None:
-            from ..advfile import save_adversarial
+            accs = (tuple((e, r.accuracy("worst").value) for e, r in sweep.items())
+                    if len(sweep) > 2 else None)
+            checks = checks.with_(eps=eps, norm=norm, monotone=MonotoneSettings(accuracies=accs))
+        t_checks = time.perf_counter()
+        result.checks = run_checks(model, (x_all, y_all), result, checks)
+        result.config["checks_seconds"] = time.perf_counter() - t_checks
+    name = relative_path(model_label(args))
+    rb = robustbench_fields(result, dataset=dataset, eps=eps, norm=norm, model=name)
+    extra = {"checkpoint": args.checkpoint and relative_path(args.checkpoint),
+             "model": relative_value(loaded.source), "dataset": dataset,
+             "dataset_source": dataset_source, "split": args.split, "eps": eps,
+             "norm": norm, **sources, "processes": world,
+             "units": {"size": unit, "count": len(job), "folder": relative_path(job.folder)},
+             "robustbench": rb, "eval_config": dataclasses.asdict(eval_cfg),
+             "command": {k: relative_value(v) for k, v in vars(args).items()
+                         if not k.startswith("_")}}
+    title = f"Evaluation of {name}"
+    if save:
+        from ..advfile import save_adversarial
 
-            save_adversarial(args.save_adv, x_adv=adv[0], y=result.labels, source=adv[1],
-                             indices=torch.arange(n_total), dataset=dataset, split=args.split,
-                             eps=eps, norm=norm, model=name)
-            extra["adversarial_examples"] = relative_path(args.save_adv)
-        paths = write_report(result, out, sweep=sweep, extra=extra, title=title)
-        import yaml
+        save_adversarial(args.save_adv, x_adv=result.adv, y=result.labels,
+                         source=[str(s) for s in result.adv_source],
+                         indices=torch.arange(n_total), dataset=dataset, split=args.split,
+                         eps=eps, norm=norm, model=name)
+        extra["adversarial_examples"] = relative_path(args.save_adv)
+    paths = write_report(result, out, sweep=sweep, extra=extra, title=title)
+    import yaml
 
-        from ..atomic import atomic_write_text
+    from ..atomic import atomic_write_text
 
-        paths["eval_config"] = atomic_write_text(
-            out / "eval_config.yaml", yaml.safe_dump({"eval": dataclasses.asdict(eval_cfg)},
-                                                     sort_keys=False))
-        print(f"eps {eps:g} ({sources['eps_source']}), norm {norm} ({sources['norm_source']}), "
-              f"{dataset} ({dataset_source})")
-        print(to_markdown(result, title=title, sweep=sweep))
-        if result.checks:
-            print(format_checks(result.checks))
-        written = [str(p) for p in paths.values()]
-        if adv is not None:
-            written.append(str(args.save_adv))
-        print(f"wrote {', '.join(written)}")
-    finally:
-        D.cleanup(ctx)
+    paths["eval_config"] = atomic_write_text(
+        out / "eval_config.yaml", yaml.safe_dump({"eval": dataclasses.asdict(eval_cfg)},
+                                                 sort_keys=False))
+    print(f"eps {eps:g} ({sources['eps_source']}), norm {norm} ({sources['norm_source']}), "
+          f"{dataset} ({dataset_source})")
+    print(to_markdown(result, title=title, sweep=sweep))
+    if result.checks:
+        print(format_checks(result.checks))
+    written = [str(p) for p in paths.values()]
+    if save:
+        written.append(str(args.save_adv))
+    print(f"wrote {', '.join(written)}")
     return 0

@@ -34,7 +34,10 @@ noisy base model directly. Departure from the reference: SIAM adds the noise to 
 
 :func:`certify` implements Cohen et al.'s CERTIFY: select the top class with ``n0`` samples,
 lower-bound ``p_A`` with a one-sided Clopper–Pearson bound at level ``alpha`` from ``n``
-fresh samples, radius ``sigma * Phi^-1(p_A_lower)``; abstain (-1) when ``p_A_lower < 0.5``.
+fresh samples, radius ``sigma * Phi^-1(p_A_lower)``; abstain (-1) when ``p_A_lower <= 0.5``.
+The estimation samples may come in shards (:func:`counts` with :func:`estimation_seed`)
+computed anywhere: their vote counts add, and :func:`certify_from_counts` bounds the sums
+once.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ log = logging.getLogger(__name__)
 
 VOTES = ("prediction", "weighted", "topk", "soft")
 
-__all__ = ["SmoothedClassifier", "NoisyBase", "certify", "CertifyResult", "sample_logits",
+__all__ = ["SmoothedClassifier", "NoisyBase", "certify", "certify_from_counts", "CertifyResult",
+           "counts", "estimation_seed", "selection_seed", "shard_sizes", "sample_logits",
            "vote_scores", "clopper_pearson_lower", "VOTES"]
 
 
@@ -293,25 +297,49 @@ def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
     return float(beta_dist.ppf(alpha, successes, trials - successes + 1))
 
 
-def _counts(base: nn.Module, x: torch.Tensor, sigma: float, num: int, max_batch: int,
-            batch_samples: int, seed: int | None) -> torch.Tensor:
-    """(N, C) hard-vote counts from ``num`` seeded samples (one replicated pass, at most
-    ``batch_samples`` samples of each example per forward)."""
+def counts(base: nn.Module, x: torch.Tensor, *, sigma: float, num: int, seed: int,
+           max_batch: int = 4096, batch_samples: int = 1000) -> torch.Tensor:
+    """(N, C) hard-vote counts of ``num`` samples ``argmax base(x + sigma * eta)``, draw ``j``
+    seeded from (``seed``, ``j``): one replicated pass, at most ``batch_samples`` samples of
+    each example and ``max_batch`` rows per forward, which change nothing but memory.
+
+    Counts of independently seeded shards add: :func:`certify` sums the shards
+    ``estimation_seed(seed, s)`` and :func:`certify_from_counts` bounds the sum.
+    """
     noisy = NoisyBase(base, sigma)
-    counts: list[torch.Tensor] = []
+    out_counts: list[torch.Tensor] = []
 
     def body(xr, start, k0, kc):
         out = noisy(xr)
         m = xr.shape[0] // kc
         votes = F.one_hot(out.argmax(1), out.shape[1]).view(kc, m, -1).sum(0)
-        if not counts:
-            counts.append(torch.zeros(x.shape[0], out.shape[1], dtype=torch.long,
-                                      device=x.device))
-        counts[0][start : start + m] += votes
+        if not out_counts:
+            out_counts.append(torch.zeros(x.shape[0], out.shape[1], dtype=torch.long,
+                                          device=x.device))
+        out_counts[0][start : start + m] += votes
 
     rows = min(int(max_batch), max(1, int(batch_samples)) * x.shape[0])
-    replicated_forward(noisy, x, num, body, max_batch=rows, seed=seed)
-    return counts[0]
+    replicated_forward(noisy, x, int(num), body, max_batch=rows, seed=int(seed))
+    return out_counts[0]
+
+
+def selection_seed(seed: int) -> int:
+    """Seed of :func:`certify`'s ``n0`` selection samples."""
+    return draw_seed(int(seed), 0)
+
+
+def estimation_seed(seed: int, shard: int = 0) -> int:
+    """Seed of shard ``shard`` of :func:`certify`'s ``n`` estimation samples (independent of
+    every other shard and of the selection samples)."""
+    return draw_seed(int(seed), 1, int(shard))
+
+
+def shard_sizes(n: int, shard_samples: int | None) -> list[int]:
+    """The estimation samples ``n`` cut into shards of ``shard_samples`` (``None``: one)."""
+    size = int(n) if shard_samples is None else int(shard_samples)
+    if size < 1:
+        raise AdvDefenseError(f"shard_samples must be >= 1, got {shard_samples}")
+    return [min(size, int(n) - s) for s in range(0, int(n), size)]
 
 
 @dataclass
@@ -325,17 +353,47 @@ class CertifyResult:
     count: torch.Tensor
 
 
+def certify_from_counts(selection: torch.Tensor, estimation: torch.Tensor, *, sigma: float,
+                        alpha: float = 0.001) -> CertifyResult:
+    """Cohen et al.'s CERTIFY from vote counts: the top class of the ``selection`` counts
+    (N, C), its count ``n_A`` in the ``estimation`` counts (N, C; ``n`` = a row's sum), the
+    one-sided Clopper–Pearson lower bound ``p_A`` at level ``alpha``, the L2 radius
+    ``sigma * Phi^-1(p_A)``; abstain (-1, radius 0) when ``p_A <= 0.5``."""
+    sigma = _check_sigma(sigma)
+    if sigma == 0:
+        raise AdvDefenseError("certification needs sigma > 0")
+    if not 0 < alpha < 1:
+        raise AdvDefenseError(f"need 0 < alpha < 1; got {alpha}")
+    if selection.shape != estimation.shape or selection.dim() != 2:
+        raise AdvDefenseError(f"selection and estimation counts must both be (N, classes); got "
+                              f"{tuple(selection.shape)} and {tuple(estimation.shape)}")
+    top = selection.argmax(1)
+    na = estimation.gather(1, top[:, None]).squeeze(1)
+    trials = estimation.sum(1)
+    p_lower = torch.tensor([clopper_pearson_lower(int(a), int(t), alpha)
+                            for a, t in zip(na, trials, strict=True)], dtype=torch.float64)
+    certified = p_lower > 0.5
+    z = torch.from_numpy(norm.ppf(p_lower.clamp(0.5, 1.0).numpy()))
+    radius = torch.where(certified, sigma * z, torch.zeros_like(p_lower))
+    pred = torch.where(certified, top.cpu(), torch.full_like(top.cpu(), -1))
+    return CertifyResult(pred, radius.float(), p_lower.float(), na.cpu())
+
+
 @torch.no_grad()
 def certify(base: nn.Module, x: torch.Tensor, *, sigma: float, n0: int = 100, n: int = 100000,
             alpha: float = 0.001, max_batch: int = 4096,
-            batch_samples: int = 1000, seed: int | None = None) -> CertifyResult:
+            batch_samples: int = 1000, seed: int | None = None,
+            shard_samples: int | None = None) -> CertifyResult:
     """Cohen et al. (2019) CERTIFY for every example of ``x`` (Gaussian, L2 radius).
 
     ``n0`` selection samples, ``n`` estimation samples, failure probability ``alpha``.
     Sampling is batched over examples and samples (``batch_samples`` samples per pass,
     ``max_batch`` rows per forward). Every sample is a distinct seeded draw (selection and
     estimation draws are independent; ``seed=None`` takes one from the global RNG), so the
-    result does not depend on ``max_batch``. Run the base model in eval mode before calling.
+    result does not depend on ``max_batch``. ``shard_samples`` cuts the estimation samples
+    into shards seeded on their own (:func:`estimation_seed`) whose counts are summed before
+    the bound: what ``advdefense certify --shard-samples`` spreads over processes (``None``:
+    one shard). Run the base model in eval mode before calling.
     """
     sigma = _check_sigma(sigma)
     if sigma == 0:
@@ -344,14 +402,8 @@ def certify(base: nn.Module, x: torch.Tensor, *, sigma: float, n0: int = 100, n:
         raise AdvDefenseError(f"need n0 >= 1, n >= 1 and 0 < alpha < 1; got {n0}, {n}, {alpha}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    c0 = _counts(base, x, sigma, n0, max_batch, batch_samples, draw_seed(seed, 0))
-    c1 = _counts(base, x, sigma, n, max_batch, batch_samples, draw_seed(seed, 1))
-    top = c0.argmax(1)
-    na = c1.gather(1, top[:, None]).squeeze(1)
-    p_lower = torch.tensor([clopper_pearson_lower(int(a), n, alpha) for a in na],
-                           dtype=torch.float64)
-    certified = p_lower > 0.5
-    z = torch.from_numpy(norm.ppf(p_lower.clamp(0.5, 1.0).numpy()))
-    radius = torch.where(certified, sigma * z, torch.zeros_like(p_lower))
-    pred = torch.where(certified, top.cpu(), torch.full_like(top.cpu(), -1))
-    return CertifyResult(pred, radius.float(), p_lower.float(), na.cpu())
+    kw = dict(sigma=sigma, max_batch=max_batch, batch_samples=batch_samples)
+    c0 = counts(base, x, num=n0, seed=selection_seed(seed), **kw)
+    c1 = sum(counts(base, x, num=size, seed=estimation_seed(seed, s), **kw)
+             for s, size in enumerate(shard_sizes(n, shard_samples)))
+    return certify_from_counts(c0, c1, sigma=sigma, alpha=alpha)

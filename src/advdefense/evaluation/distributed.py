@@ -1,62 +1,72 @@
-"""Distributed evaluation: shard the examples over ``torchrun`` processes, gather the
-per-example results.
+"""Evaluation over units of examples: the same per-example results from one process or many.
 
-``torchrun --nproc_per_node=N -m advdefense evaluate ...`` gives every process the examples
-``rank, rank + N, ...`` (:func:`shard`); each runs :func:`~.harness.evaluate` or
-:func:`~.suite.run_suite` on its share, and :func:`gather_result` all-gathers every per-example
-verdict back into dataset order, so the accuracies, intervals and the per-example worst case are
-those of the whole set. What stays local to a process: the timings (its own) and the
-attack-failure checks (each process checks its own shard; rank 0's are reported).
+``torchrun --nproc_per_node=N -m advdefense evaluate ...`` (or one process without torchrun)
+runs :func:`evaluate_units`: the examples are cut into units of ``unit`` consecutive indices
+(:func:`~.units.unit_bounds`; the partition depends on ``unit`` only, never on the number of
+processes), the processes take units from a shared counter (:class:`~.units.UnitJob`), and
+each unit is evaluated whole by ``run_unit`` (every attack or suite stage with its verdicts;
+batch seeds come from the global index of the batch's first example, ``index_offset`` of
+:func:`~.harness.evaluate` and :func:`~.suite.run_suite`) and written atomically to its own file
+in ``folder/<kind>-<fingerprint>/``. The process that completes the last unit merges the
+files by index (:func:`~.units.merge_results`) and gets the result of the whole set; the
+others get ``None``. No collective sits on this path: a lost process costs its unit, and
+running the same command again computes the missing units and merges.
 
-Without a process group both functions are the identity.
+The fingerprint covers the examples, ``settings`` (every option that shapes a result), the
+unit size and the model (:func:`~.resume.model_fingerprint`), so units of another job are
+never mixed in: another job gets a folder of its own.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from ..distributed import gather_per_example, is_distributed, shard_indices
-from .harness import EntryResult, EvalResult
-from .protocols import Verdict
+from .harness import load_data
+from .results import EvalResult
+from .resume import model_fingerprint, run_fingerprint
+from .units import UnitJob, merge_results, result_from_json, result_to_json, unit_bounds
 
-__all__ = ["gather_result", "shard"]
+__all__ = ["evaluate_units"]
 
-
-def shard(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's examples ``rank::world`` of ``(x, y)`` (all of them in one process)."""
-    if not is_distributed():
-        return x, y
-    idx = torch.tensor(shard_indices(x.shape[0]), dtype=torch.long)
-    return x[idx], y[idx]
+RunUnit = Callable[[torch.Tensor, torch.Tensor, int, Path], dict[str, EvalResult]]
 
 
-def _gather_verdict(v: Verdict | None, total: int) -> Verdict | None:
-    if v is None:
-        return None
-    return Verdict(*(gather_per_example(v.get(k), total) for k in Verdict.KINDS))
+def evaluate_units(model: nn.Module, data, run_unit: RunUnit, *, unit: int,
+                   folder: str | os.PathLike, settings: dict[str, Any], kind: str = "evaluate",
+                   store=None, progress: bool = False
+                   ) -> tuple[dict[str, EvalResult] | None, UnitJob]:
+    """Evaluate ``data`` unit by unit; see the module docstring.
 
-
-def _gather_entry(e: EntryResult, total: int) -> EntryResult:
-    ran = None if e.ran is None else gather_per_example(e.ran, total)
-    return dataclasses.replace(e, verdict=_gather_verdict(e.verdict, total), ran=ran,
-                               cumulative=_gather_verdict(e.cumulative, total))
-
-
-def gather_result(result: EvalResult, total: int) -> EvalResult:
-    """The :class:`EvalResult` of all ``total`` examples from each process's shard result.
-
-    Every process must call it (it runs collectives) and every process gets the full result.
-    ``worst`` is recomputed as the per-example AND over clean and every entry.
+    ``run_unit(x, y, first, state_path)`` evaluates the examples of one unit (``first``: the
+    global index of its first example, to pass on as ``index_offset``; ``state_path``: a
+    file it may resume from) and returns ``{key: EvalResult}`` (e.g. one per eps). Returns
+    ``(merged results or None, job)``.
     """
-    if not is_distributed():
-        return result
-    clean = _gather_entry(result.clean, total)
-    entries = {label: _gather_entry(e, total) for label, e in result.entries.items()}
-    worst = clean.verdict
-    for e in entries.values():
-        worst = worst & e.verdict
-    config = {**result.config, "n": total, "distributed_shard_n": result.n}
-    return dataclasses.replace(result, n=total, clean=clean, entries=entries, worst=worst,
-                               labels=gather_per_example(result.labels, total), config=config)
+    x, y = load_data(data)
+    bounds = unit_bounds(x.shape[0], unit)
+    fingerprint = run_fingerprint(x, y, {**settings, "unit": int(unit)},
+                                  model_fingerprint(model))
+    job = UnitJob(Path(folder) / f"{kind}-{fingerprint}", fingerprint,
+                  [f"unit-{i:06d}" for i in range(len(bounds))], store=store,
+                  meta={"kind": kind, "n": x.shape[0], "unit": int(unit),
+                        "units": len(bounds)})
+
+    def work(i: int, state_path: Path) -> dict[str, Any]:
+        a, b = bounds[i]
+        out = run_unit(x[a:b], y[a:b], a, state_path)
+        return {key: result_to_json(r) for key, r in out.items()}
+
+    if not job.run(work, progress=progress, desc=kind):
+        return None, job
+    files = job.load_all()
+    merged = {key: merge_results([(bounds[i][0], result_from_json(f[key]))
+                                  for i, f in enumerate(files)]) for key in files[0]}
+    for r in merged.values():
+        r.config.update(unit=int(unit), units=len(bounds))
+    return merged, job

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -199,13 +200,18 @@ def spec_seed(attack: Any, seed: int, position: int) -> int:
     return int(own) if own is not None else int(seed) + 1000 * (position + 1)
 
 
+_MAX_BATCH = re.compile(r"(, )?max_batch=\d+")
+
+
 def attack_identity(attack: Any) -> str:
     """What identifies an attack in fingerprints: its repr (every setting of an
-    :class:`~advdefense.attacks.Attack`) without memory addresses, with ``eps``/``norm`` and
-    the fingerprint of every model it holds (a transfer attack's substitute)."""
+    :class:`~advdefense.attacks.Attack`) without memory addresses and without ``max_batch``
+    (a memory setting: processes on GPUs with other free memory share results), with
+    ``eps``/``norm`` and the fingerprint of every model it holds (a transfer attack's
+    substitute)."""
     held = sorted(f"{k}={model_fingerprint(v)}" for k, v in vars(attack).items()
                   if isinstance(v, nn.Module)) if hasattr(attack, "__dict__") else []
-    return (f"{describe(attack)} eps={getattr(attack, 'eps', None)!r} "
+    return (f"{_MAX_BATCH.sub('', describe(attack))} eps={getattr(attack, 'eps', None)!r} "
             f"norm={getattr(attack, 'norm', None)!r} models=[{', '.join(held)}]")
 
 
@@ -236,8 +242,10 @@ def evaluate(
     ``result.adv_source``). Every batch's attack is seeded from (the spec's seed, the position
     of its first example + ``index_offset``), and every verdict from (``seed``, the stage:
     clean or the spec's label, that position) under a salt of its own
-    (:func:`~.protocols.verdict_seed`), so batches and processes draw independently, verdicts
-    never reuse an attack's draws and the caller's RNG changes nothing.
+    (:func:`~.protocols.verdict_seed`), so batches draw independently, verdicts never reuse
+    an attack's draws and the caller's RNG changes nothing; ``index_offset`` is the global
+    index of ``data``'s first example when it is a unit of a larger set
+    (:mod:`.distributed`), so a unit gives the same results whichever process runs it.
     ``state_path``: a :class:`~.resume.BatchStore` file saved after every batch (verdicts and
     attack traces); rerun with it, the finished batches are read back, so a resumed run
     equals an uninterrupted one, checks included (kept inputs and frozen draws of those

@@ -32,7 +32,7 @@ attacks and batches). Rerunning with the same arguments resumes: finished attack
 finished batches of the attack in progress are read back, traces included, so the failure
 checks judge a resumed suite as they judge an uninterrupted one. Its fingerprint covers the
 data, every setting that shapes the result (suite, eps, norm, EOT, repeats, seed, batch size,
-process offset, precision, protocol, the attacks' settings) and the model (weights, buffers,
+index offset, precision, protocol, the attacks' settings) and the model (weights, buffers,
 architecture and every module's configuration: :func:`~.resume.model_fingerprint`), so a
 state written for another model or another run is refused with one line. Each attack runs
 under its own seed (``seed + 1000 * (position + 1)``), every batch under a seed derived from
@@ -260,6 +260,9 @@ def run_suite(
     ``(label, attack, protocol)`` triples (``suite`` is then only a name in the report). See
     the module docstring for the semantics. ``attack_precision``: ``fp32`` or ``bf16``
     (attacks under bf16 autocast, verdicts in fp32; :mod:`advdefense.precision`).
+    ``index_offset``: the global index of ``data``'s first example when it is a unit of a
+    larger set (:mod:`.distributed`): the cascade runs inside the unit, with the seeds the
+    unit's examples give, whichever process runs it.
     """
     check_precision(attack_precision)
     eps = check_eps(eps)
@@ -318,7 +321,7 @@ def run_suite(
                 traces: list[TraceSummary] | None = None,
                 positions: list[torch.Tensor] | None = None) -> Verdict:
         """Run ``fn(x, y, sel, first)`` batch by batch (``first``: the position of the
-        batch's first example, process offset included); with ``label`` every finished batch
+        batch's first example, index offset included); with ``label`` every finished batch
         is saved in the state with its trace, and a resumed run reads back the batches
         already there (their seeds depend only on ``first``, so the result, traces included,
         is the uninterrupted one)."""
