@@ -381,3 +381,24 @@ def test_harness_report_and_plots_import_no_circle():
     assert not {"report", "plots"} & _imports("harness")
     assert "harness" not in _imports("report") and "harness" not in _imports("plots")
     assert "results" in _imports("report") and "results" in _imports("plots")
+
+
+def test_an_evaluations_eot_is_lowered_on_a_deterministic_model_but_not_on_hidden_noise():
+    """A suite's or the standard specs' EOT is an evaluation setting: one draw on a model
+    whose outputs and gradients agree over two calls, all draws where noise hides in the
+    backward pass."""
+    from advdefense.evaluation.harness import standard_attack_specs
+    from advdefense.evaluation.suite import _build
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    hidden = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    hidden[1].register_full_backward_hook(
+        lambda mod, gin, gout: (gin[0] + torch.randn_like(gin[0]),))
+    x, y = torch.rand(4, 1, 4, 4), torch.randint(0, 3, (4,))
+    attacks = [s.attack for s in standard_attack_specs(0.1, eot_samples=8)]
+    attacks.append(_build("pgd", "pgd-ce", {"eps": 0.1, "steps": 2, "eot_samples": 8}))
+    for attack in attacks:
+        assert attack.effective_eot(plain, x, y) == 1, attack
+        if attack.access == "white-box" and attack.name != "fgsm":
+            assert attack.effective_eot(hidden, x, y) == 8, attack

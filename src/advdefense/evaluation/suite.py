@@ -79,6 +79,7 @@ from .harness import (
     prepare_model,
     resolve_checks,
     spec_seed,
+    suite_eot,
 )
 from .protocols import Verdict, check_protocol, run_protocol, verdict, verdict_seed
 from .results import EntryResult, EvalResult, TraceSummary
@@ -138,10 +139,11 @@ def _build(name: str, label: str, kwargs: dict) -> Attack:
             f"attack {name!r} (needed by {label}) is not registered in this build; registered: "
             f"{', '.join(sorted(ATTACKS))}")
     try:
-        return ATTACKS[name](**kwargs)
+        attack = ATTACKS[name](**kwargs)
     except TypeError as exc:
         raise AdvDefenseError(
             f"attack {name!r} does not accept the suite settings: {exc}") from None
+    return suite_eot(attack)
 
 
 @dataclass
