@@ -255,3 +255,21 @@ def test_certify_draws_are_distinct_and_do_not_depend_on_max_batch(monkeypatch):
     draws = torch.cat([s.flatten(1) for s in seen])
     assert draws.shape[0] == 310
     assert torch.unique(draws, dim=0).shape[0] == 310       # every sample its own noise
+
+
+def test_an_objective_with_per_example_state_follows_the_example_chunks():
+    """TRADES' KL objective holds the clean probabilities of the whole batch: chunks of
+    examples (max_batch below the batch) and fp32 confirmations of a few rows use theirs."""
+    from advdefense.training.recipes import KLObjective
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4)).eval()
+    x = torch.rand(10, 1, 6, 6)
+    y = torch.randint(0, 4, (10,))
+    with torch.no_grad():
+        p_nat = torch.softmax(model(x), 1)
+    x0 = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    whole = eot_loss_grad(model, x0, y, KLObjective(p_nat), max_batch=4096)
+    chunked = eot_loss_grad(model, x0, y, KLObjective(p_nat), max_batch=4)
+    torch.testing.assert_close(chunked.loss, whole.loss)
+    torch.testing.assert_close(chunked.grad, whole.grad)

@@ -131,6 +131,13 @@ class Objective:
         logits = model(x)
         return self.loss_fn(logits, y, target), logits
 
+    def select(self, index: slice | torch.Tensor) -> Objective:
+        """This objective on examples ``index`` of the batch it is evaluated on (an example
+        chunk, or the rows an fp32 confirmation recomputes). Objectives that hold
+        per-example state (TRADES' clean probabilities) return one restricted to those
+        rows; the default holds none and returns itself."""
+        return self
+
 
 def as_objective(loss: str | LossFn | Objective) -> Objective:
     return loss if isinstance(loss, Objective) else Objective(loss)
@@ -351,12 +358,13 @@ def _eot_pass(model, x, y, objective: Objective, *, eot_samples, max_batch, targ
 
     def body(xr: torch.Tensor, start: int, k0: int, kc: int) -> None:
         m = xr.shape[0] // kc
+        chunk = objective if m == n else objective.select(slice(start, start + m))
         xi = x[start : start + m].detach().clone().requires_grad_(need_grad)
         ys = y[start : start + m].repeat(kc)
         ts = None if target is None else target[start : start + m].repeat(kc)
         with torch.enable_grad() if need_grad else torch.inference_mode():
             inp = xi.repeat(kc, *([1] * (x.dim() - 1))) if kc > 1 else xi
-            row_losses, out = objective(model, inp, ys, ts)
+            row_losses, out = chunk(model, inp, ys, ts)
             if out.dim() != 2 or out.shape[0] != inp.shape[0]:
                 raise AdvDefenseError(
                     f"model must return logits (N, classes); got shape {tuple(out.shape)}")
@@ -393,7 +401,7 @@ def confirm_logits(model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: t
     if rows.numel() == 0:
         return logits
     with full_precision(x.device):
-        exact = _eot_pass(model, x[rows], y[rows], as_objective(objective),
+        exact = _eot_pass(model, x[rows], y[rows], as_objective(objective).select(rows),
                           eot_samples=logits.shape[0], max_batch=max_batch,
                           target=None if target is None else target[rows], need_grad=False,
                           seed=seed, recorder=recorder).logits

@@ -328,6 +328,11 @@ class KLObjective(Objective):
         self.aux_weight = float(aux_weight)
         self.name = "trades_kl"
 
+    def select(self, index):
+        """The objective of examples ``index`` (their clean probabilities only)."""
+        return KLObjective(self.p_nat[index], [p[index] for p in self.p_nat_aux],
+                           aux_weight=self.aux_weight)
+
     @staticmethod
     def _rep(p: torch.Tensor, rows: int) -> torch.Tensor:
         return p if p.shape[0] == rows else p.repeat(rows // p.shape[0], 1)
