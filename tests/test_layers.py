@@ -24,7 +24,7 @@ LAYERS = {
     "attacks": 2, "defenses": 2,
     "config": 3, "evaluation": 3, "analysis": 3, "advfile": 3,
     "training": 4,
-    "presets": 5, "reproduction": 5, "loading": 5,
+    "presets": 5, "reproduction": 5, "loading": 5, "zoo": 5,
     "commands": 6, "cli": 6, "__main__": 6,
 }
 # same-layer arrows that are still wrong (a defense provides models and objectives; how it is

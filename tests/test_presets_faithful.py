@@ -144,3 +144,25 @@ def test_a_folder_trained_with_another_config_is_retrained_and_reevaluated(tmp_p
     assert json.loads((tmp_path / "e" / "evaluation.json").read_text())["digest"]
     evaluate_entry(plan("resnet_mini"), tmp_path, seed=0, n_eval=9)  # other examples
     assert calls == ["SmallCNN", "ResNet", "ResNet"]
+
+
+@pytest.mark.parametrize("preset", ["mnist5k", "mnist5k-quick", "cifar10-jpeg",
+                                    "cifar10-jpeg-quick", "cifar10"])
+def test_every_preset_names_its_data_eps_and_curves_in_its_units(preset):
+    """No preset borrows another dataset's eps or curve (mnist5k's 0.1-0.4 on CIFAR)."""
+    settings = preset_settings(preset)
+    eps = settings["eps"]
+    assert 0 in settings["curve_eps"] and eps in settings["curve_eps"]
+    assert max(settings["curve_eps"]) <= 1.5 * eps + 1e-9
+    for plan in build_plans(preset)[:3]:
+        cfg = config_from_dict(plan.config)
+        assert cfg.data.name == settings["dataset"]
+        assert plan.extra.get("eps", 0.3) == pytest.approx(eps)
+        assert cfg.train.attack.eps == pytest.approx(eps)
+
+
+def test_reproduce_lists_the_cifar10_jpeg_presets(capsys):
+    assert main(["reproduce", "--preset", "cifar10-jpeg-quick", "--only", "nope",
+                 "--output", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown entries" in err and "pni_w" in err

@@ -327,6 +327,21 @@ def test_rna_verdicts_hold_at_every_path_pair_draw_and_show_the_cluster_test():
     assert vp["status"] == "not decided"
 
 
+def test_rna_against_a_baseline_without_clusters_gets_the_cluster_test():
+    """RNA's verdict (clustered by path pair) against PGD-AT (no clusters): the paired test
+    clusters by RNA's batches and the report is written."""
+    n = 300
+    rna = _verdict("RNA", [True] * 30 + [False] * (n - 30),
+                   clusters=[i // 128 for i in range(n)])
+    at = _verdict("PGD-AT", [i % 2 == 0 for i in range(n)])  # spread over every batch
+    sections = [_section("pgd_at", "pgd_at", 0, [at]), _section("rna", "rna", 0, [rna],
+                                                               ("pgd_at",))]
+    summary = paired_summary(sections)
+    test = next(r for r in summary["rows"] if r["group"] == "rna")["vs_baselines"][0]
+    assert test["cluster"]["clusters"] == 3 and (test["only_a"], test["only_b"]) == (15, 135)
+    assert "sign-flip over 3 clusters" in "\n".join(paired_markdown(summary, sections))
+
+
 # -- 6. smoothing at the paper's settings ---------------------------------------------------
 
 def test_smoothing_grid_covers_the_paper_range_and_reports_a_lost_headline():
@@ -432,18 +447,20 @@ def test_the_pipeline_adds_a_third_seed_where_two_differ_by_more_than_5_points(t
 
 # -- 8. one source of settings --------------------------------------------------------------
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "mnist5k"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_the_committed_configs_are_the_preset():
+@pytest.mark.parametrize("preset", ["mnist5k", "cifar10-jpeg"])
+def test_the_committed_configs_are_the_preset(preset):
     from advdefense.config import load_config, to_dict
     from advdefense.presets import preset_configs
 
-    wanted = preset_configs("mnist5k")
-    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(wanted), (
-        "regenerate: advdefense reproduce --preset mnist5k --write-configs configs/mnist5k")
+    folder = CONFIGS / preset
+    wanted = preset_configs(preset)
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(wanted), (
+        f"regenerate: advdefense reproduce --preset {preset} --write-configs configs/{preset}")
     for key, cfg in wanted.items():
-        assert to_dict(load_config(CONFIGS / f"{key}.yaml")) == cfg, key
+        assert to_dict(load_config(folder / f"{key}.yaml")) == cfg, key
 
 
 def test_write_configs_writes_what_train_reads(tmp_path, capsys):

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from .commands import ANALYSES, COMMANDS
 from .errors import AdvDefenseError
@@ -39,6 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resolve_zoo_checkpoint(args: argparse.Namespace) -> None:
+    """``--checkpoint zoo:<preset>/<entry>-s<seed>`` (or ``--model zoo:...``) names a zoo entry:
+    it becomes ``--checkpoint`` with the entry's weights file, and outputs default to
+    ``runs/zoo/<preset>/<entry>/<command>`` (not into the zoo)."""
+    names = [getattr(args, key, None) for key in ("checkpoint", "model")]
+    name = next((n for n in names if isinstance(n, str) and n.startswith("zoo:")), None)
+    if name is None or not hasattr(args, "checkpoint"):
+        return
+    from .loading import resolve_zoo_name
+    from .zoo import parse_name
+
+    if args.checkpoint is not None and getattr(args, "model", None) is not None:
+        return  # both given: the command says so
+    args.checkpoint, args.model = str(resolve_zoo_name(name)), None
+    if hasattr(args, "output") and args.output is None:
+        preset, entry = parse_name(name)
+        what = getattr(args, "analysis", None) or args.command
+        args.output = str(Path("runs") / "zoo" / preset / entry / what)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -52,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        _resolve_zoo_checkpoint(args)
         return int(importlib.import_module(args._module).run(args) or 0)
     except AdvDefenseError as exc:
         print(f"advdefense: error: {exc}", file=sys.stderr)

@@ -24,7 +24,10 @@ logits ``(N, classes)`` out). ``spec`` is one of:
     exported in);
 ``FILE`` (any other suffix)
     a TorchScript archive (``torch.jit.load``) or an advdefense checkpoint (``advdefense
-    train``'s ``last.pt``: the model is rebuilt from the config stored inside).
+    train``'s ``last.pt``: the model is rebuilt from the config stored inside);
+``zoo:<preset>/<entry>-s<seed>``
+    a model of the zoo (:mod:`advdefense.zoo`, e.g. ``zoo:cifar10-jpeg/rna-s0``): its weights
+    file, an advdefense checkpoint; also as ``checkpoint=``.
 
 Weights (``weights=``) are read with ``torch.load(weights_only=True)`` (no pickled code runs):
 a plain ``state_dict``, possibly nested under ``state_dict`` / ``model_state_dict`` /
@@ -73,7 +76,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LoadedModel", "NormalizedModel", "ExportedModule", "ROBUSTBENCH_ARCHS",
            "check_logits", "default_device", "fit_state_dict", "load_model", "open_model",
-           "read_state_dict", "resolve_device", "robustbench_state_dict"]
+           "read_state_dict", "resolve_device", "resolve_zoo_name", "robustbench_state_dict"]
 
 ROBUSTBENCH_ARCHS = ("wrn-28-10", "wrn-34-10", "wrn-34-20", "wrn-D-W", "resnet-18", "resnet-34")
 _NEST_KEYS = ("state_dict", "model_state_dict", "model", "net", "state")
@@ -492,6 +495,17 @@ def _load_archive(path: Path, device: torch.device) -> tuple[nn.Module, str]:
 # the entry points
 
 
+def resolve_zoo_name(name: str | os.PathLike) -> Path:
+    """The weights file of a zoo entry ``zoo:<preset>/<entry>-s<seed>`` (under the zoo root of
+    :func:`advdefense.zoo.default_root`); any other name is returned as a path."""
+    text = str(name)
+    if not text.startswith("zoo:"):
+        return Path(text)
+    from .zoo import resolve_name
+
+    return resolve_name(text)
+
+
 @dataclass
 class LoadedModel:
     """A loaded model and where it came from.
@@ -544,6 +558,10 @@ def open_model(
                               "mean": None if mean is None else list(mean),
                               "std": None if std is None else list(std), "device": str(dev)}
     config = None
+    if checkpoint is not None and str(checkpoint).startswith("zoo:"):
+        checkpoint = resolve_zoo_name(checkpoint)
+    elif spec is not None and str(spec).startswith("zoo:"):
+        spec, checkpoint = None, resolve_zoo_name(spec)
     text = str(spec) if spec is not None else ""
     as_file = checkpoint is None and Path(text).is_file()
     if checkpoint is not None or (as_file and _archive_kind(Path(text)) == "pickle"):

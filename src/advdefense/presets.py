@@ -1,6 +1,6 @@
 """Presets for ``advdefense demo`` and ``advdefense reproduce``: configs + evaluation plans.
 
-The CPU presets use the offline ``mnist5k`` data (L-inf eps 0.3, the MNIST convention):
+The mnist5k presets use the offline ``mnist5k`` data (L-inf eps 0.3, the MNIST convention):
 ``smallcnn`` for the demo, standard training, PGD-AT, RNA and PNI; ``resnet_mini`` (a small
 ResNet whose last stage has two blocks, as ResNet-18's) for the CAS study, where CAS sits
 after both blocks of the last stage as in the paper, beside AT / TRADES / MART on the same
@@ -26,11 +26,54 @@ network. Budgets are sized from measurements on 2 CPU cores.
     the same entries for trying things: seed 0 only (so the report marks every verdict as
     short of seeds), at most 2 epochs on 1,500 training images, 100 test images, small attack
     budgets; estimated at about 30 minutes with ``--jobs 2``.
+``cifar10-jpeg``
+    the same study on CIFAR-10 (JPEG copy) (:func:`cifar10_jpeg_plans`): 10 entries on
+    ``resnet10_narrow`` (standard, PGD-AT, TRADES, MART, RNA, PGD-AT / TRADES / MART + CAS,
+    PNI-W and CNI-W with and without smoothing), two training seeds each (a third where two
+    differ by more than 5 points), eps 8/255, the same early-stopping rule and monitors,
+    evaluators, budget (:data:`C10_BUDGET` = mnist5k's) and verdicts. Sizes: training on the
+    4,500 ``fit`` images with PGD-5 (step 2/255) in the recipes, early stopping on 250 ``val``
+    images with a cap of 8 epochs; 200 test images; eps curves at 0, 2, 4, 8, 12/255.
+``cifar10-jpeg-quick``
+    standard, PGD-AT, RNA and PNI-W + smoothing, seed 0, at most 2 epochs on 800 ``fit``
+    images, 100 test images, a tiny budget (:data:`C10_QUICK_BUDGET`, m = 8, no probing
+    checks); under 20 minutes on 2 CPU cores.
+``cifar10``
+    the papers' CIFAR-10 settings for a GPU (:func:`cifar10_plans`).
+
+Estimated cost of ``cifar10-jpeg`` (an estimate from measurements, not a timed run). Unit P:
+one image through one forward and backward pass of ``resnet10_narrow``; a PGD-k training
+step costs k + 1 P per image. Measured on the 2-core machine, PGD-AT (PGD-10, batch 128) with
+other processes running: 21 img/s in one process with 2 threads, and 28 img/s in each of two
+1-thread processes side by side (what ``--jobs 2`` runs: 56 img/s = 616 P/s together; 2
+threads in one process lose most of their second core to contention).
+
+* training, per seed and epoch: 4,500 images x 63.5 P (standard 1; PGD-AT 6; TRADES, MART
+  7; RNA 6.7; CAS + AT / TRADES / MART 6.1 / 7.1 / 7.1; PNI-W, CNI-W 7.7: PGD-5 + clean
+  pass, weight noise x 1.1) = 286k P, plus the monitor, 250 val images x 212 P (PGD-10; EOT 4
+  and 4 + 4 repeated predictions for the three random models) = 53k P; 339k P per seed and
+  epoch, 678k P for both seeds, 5.4M P at the cap of 8 epochs (less where the rule stops);
+* evaluation, per seed and test image: deterministic 450 P (paper FGSM / PGD-20 / CW-20,
+  the standard cascade with 3 targets and 500 queries, probes, curve), CAS 550, RNA 1,350
+  (EOT 4, 5 path-pair draws), PNI-W / CNI-W 2,700 each (the σ, m choice on 100 val images,
+  and the smoothed classifier's own PGD-20 / APGD with EOT 2 over m <= 32-sample votes);
+  10,000 P per image and seed, 4.0M P for 200 images and two seeds;
+* total 9.4M P: about 4.2 h at 616 P/s with ``--jobs 2``. Each added third seed costs one
+  job 20-50 min (two run at a time): four of them bring the run to about 5.4 h. At the
+  one-process rate of 21 img/s (231 P/s) the same work takes about 11 h: use ``--jobs 2``.
+
+``cifar10-jpeg-quick``: training 45k P (800 images x 2 epochs x 21.4 P + the monitor),
+evaluation about 1,300 P per test image summed over its four entries (130k P); 175k P in
+all, about 13 min at the one-process rate of 231 P/s (``reproduce`` runs one process
+unless ``--jobs`` says otherwise), about 5 min at 616 P/s. Measured: 115 s from scratch (one
+process, 2 threads, load average about 1), so the machine ran about 1,500 P/s then and the
+estimates above are upper bounds for a quiet machine.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -652,6 +695,40 @@ def _choose_smoothing_on_val(model, plan: Plan, sm: dict, *, eps: float, seed: i
 # accuracy with the same patience and min_delta.
 EARLY_STOPPING = {"metric": "monitor_pgd_acc", "patience": 2, "min_delta": 0.005}
 
+
+
+def stopping_rule(recipe: str) -> dict[str, Any]:
+    """:data:`EARLY_STOPPING` for an entry trained with ``recipe`` (the standard model stops on
+    clean val accuracy, its robust accuracy being 0 by construction)."""
+    rule = dict(EARLY_STOPPING)
+    if recipe == "standard":
+        rule["metric"] = "monitor_clean_acc"
+    return rule
+
+
+def seeded_plans(group: str, title: str, config_of: Callable[[str, int], dict[str, Any]],
+                 evaluator, *, seeds: list[int], multi_seed: tuple[str, ...] | set[str],
+                 arch: str, cost: float = 1.0, baselines: tuple[str, ...] = (),
+                 extra: dict | None = None, notes: str = "") -> list[Plan]:
+    """The plans of one preset entry: one per training seed when ``group`` is in
+    ``multi_seed``, else the first seed only. The first seed's key is ``group``, the others'
+    ``<group>_s<seed>`` (:func:`~advdefense.reproduction.seed_variant` names a third seed the
+    same way); ``config_of(key, seed)`` gives each config. ``plan.extra`` records ``group``,
+    ``seed``, ``arch``, ``baselines`` and ``verdict_name``; only the first seed plots the eps
+    curve."""
+    first = seeds[0]
+    out = []
+    for s in seeds if group in multi_seed else [first]:
+        key = group if s == first else f"{group}_s{s}"
+        info = {**(extra or {}), "group": group, "seed": s, "arch": arch,
+                "baselines": list(baselines), "verdict_name": title}
+        if s != first:
+            info["skip_curve"] = True
+        out.append(Plan(key, title + ("" if s == first else f" (seed {s})"), config_of(key, s),
+                        evaluator, notes=notes, cost=cost, extra=info))
+    return out
+
+
 # Every entry is trained with every seed of ``seeds``: a verdict needs at least two training
 # seeds (and the pipeline adds a third where two of them differ by more than 5 points).
 MULTI_SEED = ("standard", "pgd_at", "rna_at", "pni_at", "cni_at", "pgd_at_rn", "trades_rn",
@@ -676,7 +753,6 @@ def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 20
     """
     budget = budget or CPU_BUDGET
     seeds = list(seeds) if seeds else [seed]
-    first = seeds[0]
     det, cas = make_evaluator("deterministic", budget), make_evaluator("cas", budget)
     cas_def = {"cas": {"placement": "default"}}
     sigmas = paper_sigmas("mnist5k")
@@ -685,20 +761,14 @@ def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 20
     def add(group: str, title: str, arch: str, evaluator, *, cost: float = 1.0,
             baselines: tuple[str, ...] = (), extra: dict | None = None, notes: str = "",
             **cfg: Any) -> None:
-        for s in seeds if group in MULTI_SEED else [first]:
-            key = group if s == first else f"{group}_s{s}"
-            es = dict(EARLY_STOPPING)
-            if cfg.get("recipe", "standard") == "standard":
-                es["metric"] = "monitor_clean_acc"
-            config = mnist5k_config(key, seed=s, epochs=epochs, model=arch,
-                                    early_stopping=es, monitor_size=monitor_size, limit=limit,
-                                    **cfg)
-            info = {**(extra or {}), "group": group, "seed": s, "arch": arch,
-                    "baselines": list(baselines), "verdict_name": title}
-            if s != first:  # the first seed's entry plots the eps curve
-                info["skip_curve"] = True
-            plans.append(Plan(key, title + ("" if s == first else f" (seed {s})"), config,
-                              evaluator, notes=notes, cost=cost, extra=info))
+        def config_of(key: str, s: int) -> dict[str, Any]:
+            return mnist5k_config(key, seed=s, epochs=epochs, model=arch,
+                                  early_stopping=stopping_rule(cfg.get("recipe", "standard")),
+                                  monitor_size=monitor_size, limit=limit, **cfg)
+
+        plans.extend(seeded_plans(group, title, config_of, evaluator, seeds=seeds,
+                                  multi_seed=MULTI_SEED, arch=arch, cost=cost,
+                                  baselines=baselines, extra=extra, notes=notes))
 
     smoothing = {"sigmas": sigmas, "ms": list(SMOOTHING_MS), "n_val": n_val_smoothing}
     at = {"recipe": "pgd_at"}
@@ -747,6 +817,167 @@ def mnist5k_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 20
     return plans
 
 
+# --------------------------------------------------------------------------------------------
+# ``advdefense reproduce --preset cifar10-jpeg``: the same study on natural images.
+# --------------------------------------------------------------------------------------------
+
+C10_EPS = 8 / 255
+C10_STEP = 2 / 255
+C10_CURVE_EPS = [0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255]
+# PGD steps of the training recipes' inner maximization (the papers train with PGD-10; see
+# :func:`cifar10_jpeg_plans` for why 5) and of the early-stopping monitor
+C10_TRAIN_STEPS = 5
+C10_MONITOR_STEPS = 10
+# every entry of the cifar10-jpeg study (all on resnet10_narrow), each trained with every seed
+C10_ENTRIES = ("standard", "pgd_at", "trades", "mart", "rna", "at_cas", "trades_cas",
+               "mart_cas", "pni_w", "cni_w")
+C10_QUICK_ENTRIES = ("standard", "pgd_at", "rna", "pni_w")
+# the adaptive suites' budget of the full preset: mnist5k's CPU budget (named in every label)
+C10_BUDGET = dict(CPU_BUDGET)
+# cifar10-jpeg-quick: every attack still does something
+C10_QUICK_BUDGET = {"n_targets": 1, "square_queries": 50, "eot": 2, "repeats": 4,
+                    "rand_square_queries": 20, "path_pairs": 2, "exact_iters": 5,
+                    "smooth_eot": 2, "smooth_iters": 5}
+DATA_NOTE = {
+    "cifar10-jpeg": (
+        "Data: CIFAR-10 (JPEG copy), the subset shipped with the package (fit 4,500 / val 500 "
+        "/ test 1,000 images, class-balanced): quality-75 JPEG files of CIFAR-10 images, whose "
+        "pixels differ from CIFAR-10's by about an 8/255 perturbation. These are "
+        "natural-image results on that copy, **not CIFAR-10 results**: do not set them beside "
+        "published CIFAR-10 figures."),
+}
+
+
+def cifar10_jpeg_config(name: str, *, recipe: str = "standard", epochs: int = 8, seed: int = 0,
+                        recipe_args: dict | None = None, defense: dict | None = None,
+                        monitor_size: int = 250, limit: int | None = None,
+                        train_steps: int = C10_TRAIN_STEPS) -> dict[str, Any]:
+    """A ``cifar10-jpeg`` entry's config as a plain dict: ``resnet10_narrow``, the papers'
+    optimizer (SGD 0.1, momentum 0.9, weight decay 5e-4, batch 128, random crop and flip) at
+    a constant learning rate, L-inf eps 8/255; PGD-``train_steps`` of step 2/255 (random
+    start) inside the training recipes; trained on ``fit`` with :func:`stopping_rule` on the
+    first ``monitor_size`` ``val`` images, monitored by PGD-10 (step 2/255); ``epochs`` is the
+    cap. ``limit`` keeps the first (class-balanced) ``fit`` images."""
+    data: dict[str, Any] = {"name": "cifar10-jpeg", "batch_size": 128, "augment": True,
+                            "monitor_size": monitor_size, "train_split": "fit",
+                            "monitor_split": "val"}
+    if limit is not None:
+        data["limit"] = int(limit)
+    return {
+        "name": name, "seed": seed, "data": data,
+        "model": {"name": "resnet10_narrow", "norm": "bn"},
+        "defense": copy.deepcopy(defense or {}),
+        "train": {
+            "recipe": recipe, "epochs": epochs,
+            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+            "schedule": {"name": "none"},
+            "recipe_args": copy.deepcopy(recipe_args or {}),
+            "attack": {"eps": C10_EPS, "steps": int(train_steps), "step_size": C10_STEP,
+                       "norm": "linf", "random_start": True},
+            "monitor_attack": {"eps": C10_EPS, "steps": C10_MONITOR_STEPS,
+                               "step_size": C10_STEP},
+            "early_stopping": stopping_rule(recipe),
+        },
+    }
+
+
+def cifar10_jpeg_plans(seed: int = 0, *, budget: dict | None = None, epochs: int = 8,
+                       seeds: list[int] | tuple[int, ...] | None = None,
+                       monitor_size: int = 250, limit: int | None = None,
+                       n_val_smoothing: int = 100, ms: list[int] | tuple[int, ...] = SMOOTHING_MS,
+                       entries: list[str] | tuple[str, ...] | None = None,
+                       train_steps: int = C10_TRAIN_STEPS, light_checks: bool = False
+                       ) -> list[Plan]:
+    """The mnist5k study on CIFAR-10 (JPEG copy), every entry on ``resnet10_narrow``:
+    standard training, PGD-AT, TRADES, MART, RNA, PGD-AT / TRADES / MART + CAS, PNI-W and
+    CNI-W, each of the last two with and without smoothing (two verdicts per entry).
+
+    Every entry of ``entries`` (default :data:`C10_ENTRIES`) is trained with every seed of
+    ``seeds`` and compared per example with PGD-AT (and CAS with its recipe without CAS) at
+    eps 8/255. The rules (early stopping, monitors, seeds, evaluators) are mnist5k's
+    (:func:`mnist5k_plans`); σ comes from the paper's grid in this dataset's pixel units
+    (:func:`paper_sigmas`), m from ``ms``.
+
+    Training uses PGD-``train_steps`` (default 5) of step 2/255 where the papers use PGD-10:
+    five steps from a random start reach any point of the 8/255 ball (5 x 2/255 > 8/255), and
+    at half the cost per epoch the CPU budget buys twice the epochs, which these models,
+    trained from scratch on 4,500 images, need more than a stronger inner maximization.
+    Every test attack is the papers' (PGD-20, CW-20, FGSM) or stronger.
+    """
+    budget = budget or C10_BUDGET
+    seeds = list(seeds) if seeds else [seed]
+    wanted = list(entries) if entries else list(C10_ENTRIES)
+    unknown = sorted(set(wanted) - set(C10_ENTRIES))
+    if unknown:
+        raise ValueError(f"unknown cifar10-jpeg entries {unknown}; choose from "
+                         f"{', '.join(C10_ENTRIES)}")
+    arch = "resnet10_narrow"
+    det, cas = make_evaluator("deterministic", budget), make_evaluator("cas", budget)
+    cas_def = {"cas": {"placement": "default"}}
+    curve = {"eot_samples": budget["eot"], "repeats": budget["repeats"]}
+    smoothing = {"sigmas": paper_sigmas("cifar10-jpeg"), "ms": [int(m) for m in ms],
+                 "n_val": n_val_smoothing}
+    base_extra: dict[str, Any] = {"eps": C10_EPS}
+    if light_checks:
+        base_extra["light_checks"] = True
+    plans: list[Plan] = []
+
+    def add(group: str, title: str, evaluator, *, cost: float = 1.0,
+            baselines: tuple[str, ...] = (), extra: dict | None = None, notes: str = "",
+            **cfg: Any) -> None:
+        if group not in wanted:
+            return
+
+        def config_of(key: str, s: int) -> dict[str, Any]:
+            return cifar10_jpeg_config(key, seed=s, epochs=epochs, monitor_size=monitor_size,
+                                       limit=limit, train_steps=train_steps, **cfg)
+
+        plans.extend(seeded_plans(
+            group, f"{title}, {arch}", config_of, evaluator, seeds=seeds,
+            multi_seed=C10_ENTRIES, arch=arch, cost=cost,
+            baselines=tuple(b for b in baselines if b in wanted),
+            extra={**base_extra, **(extra or {})}, notes=notes))
+
+    at = {"recipe": "pgd_at"}
+    noise_args = {"clean_weight": 0.5, "attack_label": "predicted"}
+    add("standard", "Standard training", det, cost=0.3,
+        notes="Stops on clean val accuracy (its robust accuracy is 0 by construction).")
+    add("pgd_at", "PGD-AT (Madry et al. 2018)", det, cost=1.0, **at)
+    add("trades", "TRADES (β = 6)", det, cost=1.2, baselines=("pgd_at",), recipe="trades",
+        recipe_args={"beta": 6.0})
+    add("mart", "MART (β = 6)", det, cost=1.2, baselines=("pgd_at",), recipe="mart",
+        recipe_args={"beta": 6.0})
+    add("rna", "RNA (BN+IN, PGD-AT with black-box paths as the reference)",
+        make_evaluator("rna", budget), cost=1.6, baselines=("pgd_at",),
+        defense={"rna": {"space": ["bn", "in"], "granularity": "call"}},
+        recipe_args={"draw": "independent"}, extra={"curve": dict(curve)}, **at)
+    add("at_cas", "PGD-AT + CAS (β = 2)", cas, cost=1.1, baselines=("pgd_at",),
+        defense=cas_def, recipe_args={"aux_weight": 2.0}, **at)
+    add("trades_cas", "TRADES + CAS (β_TRADES = 6, β_CAS = 2)", cas, cost=1.3,
+        baselines=("pgd_at", "trades"), defense=cas_def, recipe="trades",
+        recipe_args={"beta": 6.0, "aux_weight": 2.0})
+    add("mart_cas", "MART + CAS (β_MART = 6, β_CAS = 2)", cas, cost=1.3,
+        baselines=("pgd_at", "mart"), defense=cas_def, recipe="mart",
+        recipe_args={"beta": 6.0, "aux_weight": 2.0})
+    add("pni_w", "PNI-W (layer-wise, PGD-AT 0.5 clean + 0.5 adv) + smoothing",
+        make_evaluator("smoothing", budget), cost=2.5, baselines=("pgd_at",),
+        defense={"noise": {"kind": "pni", "where": "weights", "mode": "layerwise"}},
+        recipe_args=dict(noise_args),
+        extra={"smoothing": dict(smoothing), "curve": dict(curve),
+               "base_verdict_name": f"PNI-W (no smoothing), {arch}",
+               "smoothed_verdict_name": f"PNI-W + smoothing (prediction vote), {arch}"}, **at)
+    add("cni_w", "CNI-W (rank 5, PGD-AT 0.5 clean + 0.5 adv) + smoothing",
+        make_evaluator("smoothing", budget), cost=2.5, baselines=("pgd_at",),
+        defense={"noise": {"kind": "cni", "where": "weights", "rank": 5}},
+        recipe_args=dict(noise_args),
+        extra={"smoothing": dict(smoothing), "skip_curve": True,
+               "base_verdict_name": f"CNI-W (no smoothing), {arch}",
+               "smoothed_verdict_name": f"CNI-W + smoothing (prediction vote), {arch}"},
+        notes="The smoothing paper's base model (SIAM): CNI-W noise of rank 5 with its code's "
+              "initial scales; trained like the PNI-W entry.", **at)
+    return plans
+
+
 QUICK_BUDGET = {"n_targets": 1, "square_queries": 20, "eot": 2, "repeats": 2,
                 "rand_square_queries": 10, "path_pairs": 2, "exact_iters": 5,
                 "smooth_eot": 2, "smooth_iters": 5}
@@ -759,21 +990,51 @@ TRIAL_BUDGET = {"n_targets": 1, "square_queries": 100, "eot": 2, "repeats": 4,
 # --no-curve override them). ``seeds: 2`` = the base seed and the next one.
 PRESETS: dict[str, dict[str, Any]] = {
     "mnist5k": {"n": 200, "seeds": 2, "budget": CPU_BUDGET, "curve_eps": CURVE_EPS,
-                "epochs": 20, "monitor_size": 500, "limit": None, "n_val_smoothing": 100},
+                "epochs": 20, "monitor_size": 500, "limit": None, "n_val_smoothing": 100,
+                "eps": EPS, "dataset": "mnist5k"},
     "mnist5k-quick": {"n": 100, "seeds": 1, "budget": TRIAL_BUDGET, "curve_eps": [0.0, 0.3],
                       "epochs": 2, "monitor_size": 200, "limit": 1500,
-                      "n_val_smoothing": 50},
-    "cifar10": {"n": 1000, "seeds": 1, "budget": FULL_BUDGET, "curve_eps": CURVE_EPS},
+                      "n_val_smoothing": 50, "eps": EPS, "dataset": "mnist5k"},
+    "cifar10-jpeg": {"n": 200, "seeds": 2, "budget": C10_BUDGET, "curve_eps": C10_CURVE_EPS,
+                     "epochs": 8, "monitor_size": 250, "limit": None, "n_val_smoothing": 100,
+                     "ms": list(SMOOTHING_MS), "entries": list(C10_ENTRIES),
+                     "train_steps": C10_TRAIN_STEPS, "light_checks": False, "eps": C10_EPS,
+                     "dataset": "cifar10-jpeg"},
+    "cifar10-jpeg-quick": {"n": 100, "seeds": 1, "budget": C10_QUICK_BUDGET,
+                           "curve_eps": [0.0, C10_EPS], "epochs": 2, "monitor_size": 50,
+                           "limit": 800, "n_val_smoothing": 32, "ms": [8],
+                           "entries": list(C10_QUICK_ENTRIES), "train_steps": C10_TRAIN_STEPS,
+                           "light_checks": True, "eps": C10_EPS, "dataset": "cifar10-jpeg"},
+    "cifar10": {"n": 1000, "seeds": 1, "budget": FULL_BUDGET, "curve_eps": C10_CURVE_EPS,
+                "eps": C10_EPS, "dataset": "cifar10"},
 }
 
 
 def preset_settings(preset: str) -> dict[str, Any]:
     """The defaults of a ``reproduce`` preset (a copy): ``n`` test images, ``seeds`` (number of
-    training seeds of the multi-seed entries), ``budget``, ``curve_eps`` and, for the mnist5k
-    presets, the epoch cap, monitor size and training-set limit."""
+    training seeds of the multi-seed entries), ``budget``, ``curve_eps``, ``eps`` and
+    ``dataset``; for the CPU presets also the epoch cap, monitor size, training-set limit and
+    val images of the smoothing choice; for the cifar10-jpeg presets the entries, the
+    smoothing m grid (``ms``), the training PGD steps and ``light_checks`` (skip the probing
+    attack-failure checks)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[preset])
+
+
+def preset_intro(preset: str, budget: dict) -> str:
+    """The opening paragraph of a preset's report: :data:`REPRODUCE_INTRO` and what the data
+    is (:data:`DATA_NOTE`)."""
+    intro = REPRODUCE_INTRO.format(budget=budget)
+    note = DATA_NOTE.get(str(PRESETS.get(preset, {}).get("dataset")))
+    return intro + ("\n\n" + note if note else "")
+
+
+def preset_title(preset: str) -> str:
+    """The title of a preset's report; it names the data."""
+    data = {"cifar10-jpeg": "CIFAR-10 (JPEG copy)", "mnist5k": "mnist5k (MNIST digits)",
+            "cifar10": "CIFAR-10"}.get(str(PRESETS.get(preset, {}).get("dataset")), "")
+    return f"advdefense reproduction report: {preset}" + (f", {data}" if data else "")
 
 
 def build_plans(preset: str, *, seed: int = 0, budget: dict | None = None,
@@ -794,6 +1055,15 @@ def build_plans(preset: str, *, seed: int = 0, budget: dict | None = None,
                               epochs=settings["epochs"], seeds=seeds,
                               monitor_size=settings["monitor_size"], limit=settings["limit"],
                               n_val_smoothing=settings["n_val_smoothing"])
+    elif preset in ("cifar10-jpeg", "cifar10-jpeg-quick"):
+        plans = cifar10_jpeg_plans(seeds[0], budget=budget or settings["budget"],
+                                   epochs=settings["epochs"], seeds=seeds,
+                                   monitor_size=settings["monitor_size"],
+                                   limit=settings["limit"],
+                                   n_val_smoothing=settings["n_val_smoothing"],
+                                   ms=settings["ms"], entries=settings["entries"],
+                                   train_steps=settings["train_steps"],
+                                   light_checks=settings["light_checks"])
     else:
         plans = cifar10_plans(seeds[0], budget=budget, quick=quick)
     if quick:
@@ -864,7 +1134,12 @@ def cifar10_plans(seed: int = 0, *, budget: dict | None = None, quick: bool = Fa
                   ) -> list[Plan]:
     """The same study with the papers' CIFAR-10 settings (for a GPU): ResNet-18 for AT, TRADES,
     MART, CAS and RNA (SGD 0.1, momentum 0.9, wd 5e-4, batch 128, eps 8/255, PGD-10 step
-    2/255); ResNet-20 for PNI-W (160 epochs, x0.1 at 80 and 120, wd 3e-4)."""
+    2/255); ResNet-20 for PNI-W (160 epochs, x0.1 at 80 and 120, wd 3e-4).
+
+    Expected device time (an estimate from the measured PGD-AT step of ResNet-18 on one
+    H200, fp32 1,476 img/s: 34 s per 50,000-image epoch): about 10.5-13 h for the eight
+    entries one after another, evaluation included; docs/datasets.md ("Presets") has the
+    arithmetic."""
     budget = budget or FULL_BUDGET
     eps = 8 / 255
 

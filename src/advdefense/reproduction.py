@@ -38,6 +38,10 @@ from .atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+# fields of a report section that describe the run, not the evaluation (set on every reuse)
+RUN_FIELDS = ("title", "notes", "key", "group", "seed", "arch", "baselines", "train_seconds",
+              "training")
+
 
 @dataclass
 class Plan:
@@ -405,11 +409,14 @@ def _paired(a: list[bool], b: list[bool], clusters: list[Any] | None) -> dict[st
     return out
 
 
-def _join_clusters(*ids: list[Any] | None) -> list[Any] | None:
+def _join_clusters(*ids: list[Any] | None) -> list[int] | None:
+    """One integer cluster per distinct combination of the given cluster ids (``None``: no
+    clustering); two examples share a cluster only if they share it in every list."""
     given = [c for c in ids if c is not None]
     if not given:
         return None
-    return [str(tuple(parts)) for parts in zip(*given, strict=True)]
+    index: dict[tuple, int] = {}
+    return [index.setdefault(tuple(parts), len(index)) for parts in zip(*given, strict=True)]
 
 
 def _vs_paper(v: dict[str, Any]) -> dict[str, Any]:
@@ -784,26 +791,13 @@ def _rule_text(rule: dict[str, Any]) -> str:
             f"min_delta {100 * rule['min_delta']:g} points")
 
 
-def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
-                   curve_eps: list[float] | None = None, progress: bool = False,
-                   train_only: bool = False, device: str | None = None
-                   ) -> dict[str, Any] | None:
-    """Train (or reuse) one entry's model and evaluate it (or reuse ``evaluation.json``).
-
-    Returns the entry's report section, or None with ``train_only``.
-    """
-    from .data import as_tensors, load_split
-
-    log.info("== %s", plan.title)
-    model, cfg, train_seconds, training = train_plan(plan, root, progress=progress,
-                                                     device=device)
-    if train_only:
-        return None
-    cache = root / plan.key / "evaluation.json"
-    # what the cached evaluation depends on: the experiment, the evaluated epoch, the examples,
-    # the evaluation options and the evaluation itself (its description: kind, version,
-    # budget, every attack); a changed one re-evaluates; a raised epoch cap alone does not,
-    # when the evaluated (best) epoch stays the same
+def _evaluation_digests(plan: Plan, *, n_eval: int, curve_eps: list[float] | None,
+                        training: dict[str, Any]) -> tuple[str, str, dict[str, Any] | None]:
+    """``(digest, legacy digest, evaluation description)`` of an entry's evaluation: what a
+    cached evaluation depends on (the experiment, the evaluated epoch, the examples, the
+    evaluation options and the evaluation itself: its description, with kind, version, budget
+    and every attack). A raised epoch cap alone changes none of them when the evaluated (best)
+    epoch stays the same."""
     base = {"config": _comparable(plan.config), "n": n_eval, "curve": curve_eps,
             "epoch": training.get("best_epoch") or training.get("epochs"),
             "extra": {k: v for k, v in plan.extra.items() if not callable(v)}}
@@ -812,6 +806,71 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
     legacy_digest = _digest(base)
     digest = legacy_digest if evaluation is None else _digest({**base,
                                                                 "evaluation": evaluation})
+    return digest, legacy_digest, evaluation
+
+
+def config_digest(plan: Plan) -> str:
+    """The digest of the experiment a plan trains (its config without the output folder, the
+    epoch cap and the early-stopping rule, as :func:`train_plan` compares them)."""
+    return _digest(_comparable(plan.config))
+
+
+def _run_section(section: dict[str, Any], plan: Plan, *, train_seconds, training
+                 ) -> dict[str, Any]:
+    section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds,
+                   training=training, key=plan.key,
+                   **{k: plan.extra[k] for k in ("group", "seed", "arch", "baselines")
+                      if k in plan.extra})
+    return section
+
+
+def _zoo_config(plan: Plan, preset: str) -> dict[str, Any]:
+    from .config import config_from_dict, to_dict
+
+    cfg = copy.deepcopy(plan.config)
+    cfg["output_dir"] = f"runs/reproduce_{preset}/{plan.key}"
+    return to_dict(config_from_dict(cfg))
+
+
+def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
+                   curve_eps: list[float] | None = None, progress: bool = False,
+                   train_only: bool = False, device: str | None = None, zoo=None
+                   ) -> dict[str, Any] | None:
+    """Train (or reuse) one entry's model and evaluate it (or reuse ``evaluation.json``).
+
+    ``zoo`` (a :class:`~advdefense.zoo.Zoo`): an entry found there with this plan's config
+    is not trained again (its weights are loaded), and its evaluation is reused when its
+    digest matches; with ``zoo.write`` a finished entry is copied into the zoo (or its record
+    updated). Returns the entry's report section, or None with ``train_only``.
+    """
+    from .data import as_tensors, load_split
+
+    log.info("== %s", plan.title)
+    group, run_seed = plan.extra.get("group", plan.key), int(plan.config["seed"])
+    cfg_digest = config_digest(plan)
+    stored = zoo.find(group, run_seed, cfg_digest) if zoo is not None else None
+    if stored is not None:
+        training, train_seconds = stored.training, stored.train_seconds
+        digest, legacy_digest, evaluation = _evaluation_digests(
+            plan, n_eval=n_eval, curve_eps=curve_eps, training=training)
+        if train_only:
+            return None
+        if stored.section.get("digest") == digest:
+            log.info("%s: model and evaluation from the zoo (%s)", plan.key, stored.folder)
+            section = {k: v for k, v in stored.section.items() if k not in RUN_FIELDS}
+            return _run_section(section, plan, train_seconds=train_seconds,
+                                training=training)
+        log.info("%s: model from the zoo (%s), evaluating", plan.key, stored.folder)
+        model, cfg = stored.load_model(device or ("cuda" if torch.cuda.is_available()
+                                                  else "cpu"))
+    else:
+        model, cfg, train_seconds, training = train_plan(plan, root, progress=progress,
+                                                         device=device)
+        if train_only:
+            return None
+        digest, legacy_digest, evaluation = _evaluation_digests(
+            plan, n_eval=n_eval, curve_eps=curve_eps, training=training)
+    cache = root / plan.key / "evaluation.json"
     section = None
     if cache.exists():
         section = json.loads(cache.read_text())
@@ -826,9 +885,11 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
         else:
             log.info("%s: evaluation options or model changed; evaluating again", plan.key)
             section = None
-    if section is None:
+    x = y = None
+    if section is None or (zoo is not None and zoo.write):
         x, y = as_tensors(load_split(cfg.data.name, "test", root=cfg.data.root))
         x, y = x[:n_eval], y[:n_eval]
+    if section is None:
         t0 = time.perf_counter()
         section = plan.evaluate(model, x, y, plan)
         if curve_eps and not plan.extra.get("skip_curve"):
@@ -838,11 +899,18 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
         section["code"] = code_version()
         section["digest"] = digest
         section["evaluation"] = evaluation
+        cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache, json.dumps(section, default=str))
-    section.update(title=plan.title, notes=plan.notes, train_seconds=train_seconds,
-                   training=training, key=plan.key,
-                   **{k: plan.extra[k] for k in ("group", "seed", "arch", "baselines")
-                      if k in plan.extra})
+    section = _run_section(section, plan, train_seconds=train_seconds, training=training)
+    if zoo is not None and zoo.write and (stored is None
+                                          or stored.section.get("digest") != digest):
+        from .zoo import probe_images
+
+        epoch = training.get("best_epoch") or training.get("epochs")
+        zoo.save(group, run_seed, model=model, config=_zoo_config(plan, zoo.preset),
+                 config_digest=cfg_digest, section=section, epoch=epoch,
+                 probes=probe_images(x, plan.extra.get("eps", cfg.train.attack.eps),
+                                     seed=run_seed))
     return section
 
 
@@ -949,7 +1017,7 @@ def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: 
               intro: str = "", curve_eps: list[float] | None = None, n_eval: int = 500,
               progress: bool = False, train_only: bool = False, jobs: int = 1,
               rebuild: Callable[[], list[Plan]] | None = None,
-              device: str | None = None, add_seeds: bool = True) -> Path | None:
+              device: str | None = None, add_seeds: bool = True, zoo=None) -> Path | None:
     """Train and evaluate every plan, then write one report into ``root``.
 
     ``train_only`` trains (or resumes) every model and stops before evaluating (returns None).
@@ -957,12 +1025,15 @@ def run_plans(plans: list[Plan], root: Path, *, title: str, command: str, seed: 
     picklable callable returning the same plans); the report is assembled from their caches.
     ``add_seeds``: where two training seeds of an entry differ by more than
     :data:`SEED_SPREAD` in worst-case accuracy, a third seed is trained and evaluated
-    (:func:`extra_seed_plans`) before the report is written.
+    (:func:`extra_seed_plans`) before the report is written. ``zoo`` (a
+    :class:`~advdefense.zoo.Zoo`): entries found there with the same config and evaluation
+    are neither trained nor evaluated again, and (``zoo.write``) every entry is copied there
+    as it finishes, so a stopped run continues from the zoo where ``root`` is empty.
     """
     root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     options = dict(seed=seed, n_eval=n_eval, curve_eps=curve_eps, train_only=train_only,
-                   device=device)
+                   device=device, zoo=zoo)
 
     def run(batch: list[Plan]) -> list[dict[str, Any]]:
         if jobs > 1 and len(batch) > 1:

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "certify": ("advdefense.commands.certify",
                 "certify the smoothed version of a model (Cohen et al.)"),
     "reproduce": ("advdefense.commands.reproduce", "train and evaluate every defense; one report"),
+    "zoo": ("advdefense.commands.zoo", "list the model zoo (zoo:<preset>/<entry>-s<seed>)"),
 }
 
 ANALYSES: dict[str, tuple[str, str]] = {

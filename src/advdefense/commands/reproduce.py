@@ -1,9 +1,13 @@
-"""``advdefense reproduce --preset mnist5k|mnist5k-quick|cifar10 [--output DIR]``: train every
-defense and
-evaluate each under its paper's protocol and under adaptive attacks, side by side, in one
-Markdown report (with robust-accuracy-vs-eps curves and the attack-failure checks).
+"""``advdefense reproduce --preset NAME [--output DIR]``: train every defense and evaluate
+each under its paper's protocol and under adaptive attacks, side by side, in one Markdown
+report (with robust-accuracy-vs-eps curves and the attack-failure checks).
 
-Resumable: rerunning the same command reuses finished models and evaluations. Where two
+Presets: ``mnist5k``, ``mnist5k-quick``, ``cifar10-jpeg``, ``cifar10-jpeg-quick`` (CPU) and
+``cifar10`` (GPU); sizes and estimated times in docs/datasets.md ("Presets").
+
+Resumable: rerunning the same command reuses finished models and evaluations, from the output
+folder or from the model zoo (``zoo/<preset>/<entry>-s<seed>/``), where every entry is copied
+as it finishes; a run stopped at any point therefore continues on a fresh clone. Where two
 training seeds of an entry differ by more than 5 points, a third seed is trained before the
 report is written. ``--write-configs DIR`` writes every entry's resolved config to
 ``DIR/<entry>.yaml`` (``advdefense train --config`` trains that entry exactly) and exits.
@@ -19,14 +23,16 @@ from pathlib import Path
 from ..errors import AdvDefenseError
 from ..provenance import command_line
 
-PRESETS = ("mnist5k", "mnist5k-quick", "cifar10")
+PRESETS = ("mnist5k", "mnist5k-quick", "cifar10-jpeg", "cifar10-jpeg-quick", "cifar10")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="mnist5k",
                         help="mnist5k (CPU, converged, two or three seeds per entry; about "
-                             "6 h with --jobs 2), mnist5k-quick (CPU, about 30 min) or "
-                             "cifar10 (GPU)")
+                             "6 h with --jobs 2), mnist5k-quick (CPU, about 30 min), "
+                             "cifar10-jpeg (CPU, CIFAR-10 (JPEG copy), two or three seeds; "
+                             "about 4-5.5 h with --jobs 2), cifar10-jpeg-quick (CPU, under 20 "
+                             "min) or cifar10 (GPU)")
     parser.add_argument("--output", help="output folder (default runs/reproduce_<preset>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", help="comma-separated training seeds of the multi-seed "
@@ -54,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-configs", metavar="DIR",
                         help="write every entry's resolved config to DIR/<entry>.yaml (e.g. "
                              "configs/mnist5k) and exit without training")
+    parser.add_argument("--zoo", default=None, metavar="DIR",
+                        help="model zoo folder: entries found there with the same config are "
+                             "not trained (nor evaluated) again, and every finished entry is "
+                             "copied to DIR/<preset>/<entry>-s<seed>/ (default: $ADVDEFENSE_ZOO, "
+                             "else ./zoo); runs with --quick, --n, budget overrides or "
+                             "--no-curve only read it")
+    parser.add_argument("--no-zoo", action="store_true", help="neither read nor write the zoo")
     parser.add_argument("--no-extra-seeds", action="store_true",
                         help="do not add a third training seed where two seeds differ by "
                              "more than 5 points (the report then marks those entries)")
@@ -101,15 +114,27 @@ def run(args: argparse.Namespace) -> int:
                                   f"{', '.join(p.key for p in plans)}")
         plans = [p for p in plans if p.key in wanted]
     out = Path(args.output or f"runs/reproduce_{args.preset}")
-    print(f"advdefense reproduce: {len(plans)} models into {out.resolve()}")
+    zoo = None
+    if not args.no_zoo:
+        from ..zoo import Zoo, default_root
+
+        # only a run at the preset's own settings adds to the zoo (a smoke run must not
+        # replace its entries); every run may reuse what matches
+        own = not (args.quick or args.full_budget or args.eot or args.repeats or args.no_curve
+                   or (args.n is not None and args.n != settings["n"]))
+        zoo = Zoo(Path(args.zoo) if args.zoo else default_root(), args.preset, write=own)
+    print(f"advdefense reproduce: {len(plans)} models into {out.resolve()}"
+          + (f"; zoo {zoo.root}/{args.preset}" + ("" if zoo.write else " (read only)")
+             if zoo is not None else ""))
     report = run_plans(
-        plans, out, title=f"advdefense reproduction report: {args.preset}",
+        plans, out, title=presets.preset_title(args.preset),
         command=command_line(["advdefense", *sys.argv[1:]]), seed=args.seed,
         curve_eps=None if args.no_curve else
-        (settings["curve_eps"] if not args.quick else [0.0, 0.3]),
+        (settings["curve_eps"] if not args.quick else [0.0, settings["eps"]]),
         n_eval=args.n or settings["n"], progress=not args.no_progress and sys.stderr.isatty(),
-        intro=presets.REPRODUCE_INTRO.format(budget=budget), train_only=args.train_only,
-        jobs=args.jobs, rebuild=rebuild, device=device, add_seeds=not args.no_extra_seeds)
+        intro=presets.preset_intro(args.preset, budget), train_only=args.train_only,
+        jobs=args.jobs, rebuild=rebuild, device=device, add_seeds=not args.no_extra_seeds,
+        zoo=zoo)
     if report is None:
         print("trained; rerun without --train-only to evaluate")
         return 0
