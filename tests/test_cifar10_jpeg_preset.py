@@ -169,3 +169,31 @@ def test_gpu_entry_smoke_runs_the_same_code_on_the_cpu(tmp_path):
     assert 0 <= summary["standard_suite"] <= summary["clean"] <= 1
     assert (tmp_path / "eval" / "report.json").exists()
     assert (tmp_path / "train" / "last.pt").exists()
+
+
+def test_the_smoothing_choice_runs_on_the_models_device(monkeypatch):
+    """The val sweep that picks sigma and m gets its images on the model's device (a model
+    on a GPU got CPU images); checked with a model on the meta device."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from advdefense import presets
+    from advdefense.analysis import smoothing_sweeps
+
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def fake_sweep(model, x, y, **kw):
+        seen["devices"] = (x.device.type, y.device.type)
+        raise Seen
+
+    monkeypatch.setattr(smoothing_sweeps, "sweep", fake_sweep)
+    model = nn.Linear(2, 2).to("meta")
+    plan = SimpleNamespace(config={"data": {"name": "mnist5k"}})
+    with pytest.raises(Seen):
+        presets._choose_smoothing_on_val(model, plan, {"sigmas": [0.0], "ms": [1], "n_val": 4},
+                                         eps=0.1, seed=0, samples=1)
+    assert seen["devices"] == ("meta", "meta")

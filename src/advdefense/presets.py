@@ -675,6 +675,8 @@ def _choose_smoothing_on_val(model, plan: Plan, sm: dict, *, eps: float, seed: i
     data = plan.config["data"]
     xv, yv = as_tensors(load_split(data["name"], "val", root=data.get("root", "data"),
                                    limit=sm["n_val"]))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    xv, yv = xv.to(device), yv.to(device)          # the sweep runs where the model lives
     records = sweep(model, xv, yv, sigmas=sm["sigmas"], ms=sm["ms"], votes=["prediction"],
                     attack="epgd", eps=eps, steps=10, attack_samples=samples, seed=seed)
     best = choose(records)
