@@ -32,8 +32,9 @@ network. Budgets are sized from measurements on 2 CPU cores.
     PNI-W and CNI-W with and without smoothing), two training seeds each (a third where two
     differ by more than 5 points), eps 8/255, the same early-stopping rule and monitors,
     evaluators, budget (:data:`C10_BUDGET` = mnist5k's) and verdicts. Sizes: training on the
-    4,500 ``fit`` images with PGD-5 (step 2/255) in the recipes, early stopping on 250 ``val``
-    images with a cap of 8 epochs; 200 test images; eps curves at 0, 2, 4, 8, 12/255.
+    4,500 ``fit`` images with PGD-5 (step 2/255) in the recipes, early stopping on all 500
+    ``val`` images (patience 4, min_delta 1 point) with a cap of 30 epochs; 200 test images;
+    eps curves at 0, 2, 4, 8, 12/255.
 ``cifar10-jpeg-quick``
     standard, PGD-AT, RNA and PNI-W + smoothing, seed 0, at most 2 epochs on 800 ``fit``
     images, 100 test images, a tiny budget (:data:`C10_QUICK_BUDGET`, m = 8, no probing
@@ -41,7 +42,9 @@ network. Budgets are sized from measurements on 2 CPU cores.
 ``cifar10``
     the papers' CIFAR-10 settings for a GPU (:func:`cifar10_plans`).
 
-Estimated cost of ``cifar10-jpeg`` (an estimate from measurements, not a timed run). Unit P:
+Estimated cost of ``cifar10-jpeg`` at its earlier cap of 8 epochs and 250 monitor images (an
+estimate from measurements, not a timed run; docs/datasets.md gives the measured baselines at
+the current cap of 30). Unit P:
 one image through one forward and backward pass of ``resnet10_narrow``; a PGD-k training
 step costs k + 1 P per image. Measured on the 2-core machine, PGD-AT (PGD-10, batch 128) with
 other processes running: 21 img/s in one process with 2 threads, and 28 img/s in each of two
