@@ -37,15 +37,16 @@ def test_every_entry_trains_two_seeds_on_resnet10_narrow_at_8_255(full):
         cfg = config_from_dict(p.config)
         assert (cfg.data.name, cfg.model.name) == ("cifar10-jpeg", "resnet10_narrow")
         assert (cfg.data.train_split, cfg.data.monitor_split) == ("fit", "val")
-        assert cfg.data.limit is None and cfg.data.augment and cfg.data.monitor_size == 250
-        assert cfg.train.epochs == 8 and p.extra["eps"] == EPS
+        assert cfg.data.limit is None and cfg.data.augment and cfg.data.monitor_size == 500
+        assert cfg.train.epochs == 30 and p.extra["eps"] == EPS
         # PGD-5 of step 2/255 in training, PGD-10 in the monitor, both at 8/255
         assert (cfg.train.attack.eps, cfg.train.attack.steps) == (EPS, 5)
         assert cfg.train.attack.resolved_step_size() == pytest.approx(2 / 255)
         assert (cfg.train.monitor_attack.eps, cfg.train.monitor_attack.steps) == (EPS, 10)
         rule = cfg.train.early_stopping
         assert {"metric": rule.metric, "patience": rule.patience,
-                "min_delta": rule.min_delta} == stopping_rule(cfg.train.recipe)
+                "min_delta": rule.min_delta} == stopping_rule(cfg.train.recipe, patience=4,
+                                                                min_delta=0.01)
         assert not p.extra.get("light_checks")
     for p in (q for q in full if q.key.endswith("_s1")):
         first = next(q for q in full if q.key == p.extra["group"])
