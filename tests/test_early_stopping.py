@@ -94,3 +94,52 @@ def test_early_stopping_config_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="patience"):
         _cfg(tmp_path, "x", patience=0)
     assert config_from_dict({}).train.early_stopping is None
+
+
+def test_plateaus_decay_the_rate_before_the_rule_stops():
+    # patience 2: the plateau after epoch 2 decays (not a stop), the next improvement resets
+    # the count, the second plateau decays again, the third (decays spent) stops the run
+    values = [0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.72, 0.72, 0.72]
+    plain = stopping_state(_history(values), RULE)
+    assert plain.stop and plain.epochs == 4 and plain.decays == 0
+    state = stopping_state(_history(values), RULE, decays=2)
+    assert state.stop and state.epochs == 10 and state.decays == 2
+    assert state.best_epoch == 8 and state.best_value == 0.72
+    # before the last plateau: two decays done, still running
+    mid = stopping_state(_history(values[:9]), RULE, decays=2)
+    assert not mid.stop and mid.decays == 2 and mid.since_best == 1
+
+
+def test_trainer_decays_on_plateaus_logs_the_rate_and_resumes_at_it(tmp_path, monkeypatch):
+    values = [0.30, 0.50, 0.49, 0.49, 0.7, 0.69, 0.69, 0.69, 0.69, 0.69]
+    _fake_monitor(monkeypatch, values)
+    schedule = {"name": "plateau", "gamma": 0.1, "decays": 1}
+
+    def cfg(epochs):
+        c = _cfg(tmp_path, "plateau", epochs=epochs)
+        c.train.schedule = type(c.train.schedule)(**schedule)
+        return c
+
+    first = Trainer(cfg(4), device="cpu", progress=False)
+    first.fit()  # stops at the cap of 4, after the decay at epoch 4
+    again = Trainer(cfg(10), device="cpu", progress=False)
+    again.fit(resume=True)
+    lines = [json.loads(x)
+             for x in (again.output_dir / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in lines]
+    # epochs 1-4 at 1e-3; the plateau of epochs 3-4 decays; 5-7 at 1e-4; the plateau of
+    # 6-7 (decays spent) stops the run at epoch 7
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4, 5, 6, 7]
+    assert lrs[:4] == pytest.approx([1e-3] * 4) and lrs[4:] == pytest.approx([1e-4] * 3)
+    assert [r["lr_decays"] for r in lines] == [0, 0, 0, 1, 1, 1, 1]
+    from advdefense.reproduction import _finished, training_summary
+
+    last = load_checkpoint(again.checkpoint_path)
+    summary = training_summary(last, again.cfg)
+    assert summary["stopped_early"] and summary["best_epoch"] == 5
+    assert summary["lr_decays"] == 1 and _finished(last, again.cfg)
+
+
+def test_plateau_schedule_needs_early_stopping():
+    with pytest.raises(ConfigError, match="plateau"):
+        config_from_dict({"train": {"schedule": {"name": "plateau"}}})

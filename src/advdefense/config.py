@@ -137,15 +137,20 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Learning-rate schedule stepped at the end of every epoch: ``none``, ``step``, ``cosine``."""
+    """Learning-rate schedule: ``none``, ``step``, ``cosine`` (stepped at the end of every
+    epoch) or ``plateau``: multiply the learning rate by ``gamma`` each time the early-stopping
+    rule sees ``patience`` epochs without improvement, at most ``decays`` times; the run stops
+    at the first plateau after the last decay (needs ``train.early_stopping``)."""
 
     name: str = "none"
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    decays: int = 2
 
     def validate(self, where: str) -> None:
-        _choice(f"{where}.name", self.name, ("none", "step", "cosine"))
+        _choice(f"{where}.name", self.name, ("none", "step", "cosine", "plateau"))
         _positive(f"{where}.gamma", self.gamma)
+        _at_least(f"{where}.decays", self.decays, 0)
         if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"{where}.milestones must be increasing epochs >= 1, "
                               f"got {self.milestones}")
@@ -294,6 +299,9 @@ class TrainConfig:
         _at_least(f"{where}.adv_start_epoch", self.adv_start_epoch, 0)
         if self.schedule.milestones and self.schedule.name != "step":
             raise ConfigError(f"{where}.schedule.milestones only apply to name: step")
+        if self.schedule.name == "plateau" and self.early_stopping is None:
+            raise ConfigError(f"{where}.schedule.name=plateau decays on the plateaus of "
+                              f"{where}.early_stopping, which is not set")
 
 
 @dataclass

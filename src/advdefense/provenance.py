@@ -75,8 +75,14 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def machine_line() -> str:
-    """:func:`machine` in one line: ``"<cpu>, 2 cores, 2 threads, torch 2.x, python 3.x"``."""
+def machine_line(device: Any = None) -> str:
+    """:func:`machine` in one line: ``"<cpu>, 2 cores, 2 threads, torch 2.x, python 3.x"``;
+    with a CUDA ``device``, its GPU's name first (``"NVIDIA H200 GPU; <cpu>, ..."``)."""
+    import torch
+
     m = machine()
-    return (f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
+    line = (f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, "
             f"python {m['python']}")
+    if device is not None and torch.device(device).type == "cuda":
+        line = f"{torch.cuda.get_device_name(torch.device(device))} GPU; {line}"
+    return line

@@ -7,7 +7,11 @@ decision as the uninterrupted run without extra state:
 * an epoch *improves* when its ``metric`` exceeds the best value so far by more than
   ``min_delta`` (the first epoch always improves);
 * the *best epoch* is the last improving one (its checkpoint is ``best.pt``);
-* training *stops* once ``patience`` epochs in a row have not improved.
+* training *stops* once ``patience`` epochs in a row have not improved, unless the schedule
+  is ``plateau`` (``train.schedule``) with decays left: then that plateau decays the learning
+  rate by ``gamma`` instead, the count of epochs without improvement starts again, and the
+  run stops at the first plateau after the last decay (:func:`lr_decays` of a config). The
+  number of decays so far is part of the state, so a resumed run trains at the same rate.
 
 A slightly higher value that does not clear ``min_delta`` neither resets the patience nor
 becomes the best epoch (the Keras convention).
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["MONITOR_EOT", "MONITOR_REPEATS", "MonitorPlan", "StoppingState", "expected_monitor",
-           "legacy_monitor", "monitor_plan", "stopping_state"]
+           "legacy_monitor", "lr_decays", "monitor_plan", "stopping_state"]
 
 # EOT draws per attack step and repeated predictions of the monitor of a stochastic model
 MONITOR_EOT = 4
@@ -52,21 +56,32 @@ class StoppingState:
     best_value: float | None
     since_best: int
     stop: bool
+    decays: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"epochs": self.epochs, "best_epoch": self.best_epoch,
                 "best_value": self.best_value, "since_best": self.since_best,
-                "stopped_early": self.stop}
+                "stopped_early": self.stop, "lr_decays": self.decays}
 
 
-def stopping_state(history: Sequence[dict[str, Any]], rule: Any) -> StoppingState:
+def lr_decays(cfg: Any) -> int:
+    """How many plateaus of the early-stopping rule decay the learning rate before one stops
+    the run: ``train.schedule.decays`` for the ``plateau`` schedule, else 0."""
+    schedule = cfg.train.schedule
+    return int(schedule.decays) if schedule.name == "plateau" else 0
+
+
+def stopping_state(history: Sequence[dict[str, Any]], rule: Any, *,
+                   decays: int = 0) -> StoppingState:
     """Apply the rule (an :class:`~advdefense.config.EarlyStoppingConfig` or any object with
-    ``metric``, ``patience``, ``min_delta``) to the logged epoch records in order."""
+    ``metric``, ``patience``, ``min_delta``) to the logged epoch records in order; the first
+    ``decays`` plateaus decay the learning rate instead of stopping (:func:`lr_decays`)."""
     best_epoch: int | None = None
     best: float | None = None
     since = 0
     stop = False
     seen = 0
+    done = 0
     for i, record in enumerate(history):
         seen = i + 1
         if rule.metric not in record:
@@ -78,9 +93,12 @@ def stopping_state(history: Sequence[dict[str, Any]], rule: Any) -> StoppingStat
         else:
             since += 1
         if since >= int(rule.patience):
+            if done < int(decays):
+                done, since = done + 1, 0
+                continue
             stop = True
             break
-    return StoppingState(seen, best_epoch, best, since, stop)
+    return StoppingState(seen, best_epoch, best, since, stop, done)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,10 @@ every element by about ``lr`` per step whatever its gradient, so CNI's per-weigh
 and low-rank factors (initialised at 1e-3-1e-2) outgrow smallcnn's weights within an epoch
 at the weights' ``lr`` (measured: ``docs/smoothing.md``).
 
-``EpochSchedule``: ``none``, ``step`` (multiply by ``gamma`` at each milestone epoch) or
-``cosine`` (``lr_0 * (1 + cos(pi * e / epochs)) / 2``). It is stepped at the **end** of each
+``EpochSchedule``: ``none``, ``step`` (multiply by ``gamma`` at each milestone epoch),
+``cosine`` (``lr_0 * (1 + cos(pi * e / epochs)) / 2``) or ``plateau`` (``lr_0 * gamma^d``
+after ``d`` plateaus of the early-stopping rule: the Trainer sets ``d`` from the logged
+history, :func:`~.early_stopping.stopping_state`). It is stepped at the **end** of each
 epoch, so epoch ``e`` (0-based) trains with ``lr(e)``: with milestones ``[100, 150]`` epochs
 0-99 use 0.1, 100-149 use 0.01. Departure: the RNA and CAS reference scripts call
 ``scheduler.step()`` at the *start* of each epoch (before training it), which shifts every
@@ -73,10 +75,13 @@ class EpochSchedule:
         self.gamma = float(cfg.gamma)
         self.epochs = int(epochs)
         self.epoch = 0
+        self.decays = 0
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self._apply()
 
     def factor(self, epoch: int) -> float:
+        if self.name == "plateau":
+            return self.gamma ** self.decays
         if self.name == "step":
             return self.gamma ** sum(1 for m in self.milestones if epoch >= m)
         if self.name == "cosine":
@@ -93,14 +98,20 @@ class EpochSchedule:
         self.epoch += 1
         self._apply()
 
+    def set_decays(self, decays: int) -> None:
+        """``plateau``: the number of decays so far (from the early-stopping history)."""
+        self.decays = int(decays)
+        self._apply()
+
     def get_last_lr(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "base_lrs": list(self.base_lrs)}
+        return {"epoch": self.epoch, "base_lrs": list(self.base_lrs), "decays": self.decays}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
+        self.decays = int(state.get("decays", 0))
         self.base_lrs = [float(v) for v in state["base_lrs"]]
         self._apply()
 

@@ -88,7 +88,8 @@ from ..precision import warn_if_bf16_emulated
 from ..randomness import seeded, stochastic_modules
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
-from .early_stopping import monitor_plan, stopping_state
+from ..provenance import machine_line
+from .early_stopping import lr_decays, monitor_plan, stopping_state
 from .optim import build_optimizer, build_schedule
 from .recipes import Recipe, StandardRecipe, build_recipe, recipe_defaults
 
@@ -525,7 +526,8 @@ class Trainer:
 
     def _save(self, epoch: int, *, best: bool = False) -> None:
         rng = capture_rng(self._rng_generators())
-        extra: dict[str, Any] = {"world_size": self.dist.world_size}
+        extra: dict[str, Any] = {"world_size": self.dist.world_size,
+                                 "machine": machine_line(self.device)}
         if self.dist.enabled:
             import torch.distributed as dist
 
@@ -607,9 +609,15 @@ class Trainer:
             save_config(cfg, self.output_dir / CONFIG_NAME)
             self._write_metrics_file()
         rule = cfg.train.early_stopping
-        if rule is not None and stopping_state(self.history, rule).stop:
-            log.info("early stopping had already stopped this run at epoch %d", len(self.history))
-            return dict(self.history[-1]) if self.history else {}
+        decays = lr_decays(cfg)
+        if rule is not None:
+            state = stopping_state(self.history, rule, decays=decays)
+            if state.stop:
+                log.info("early stopping had already stopped this run at epoch %d",
+                         len(self.history))
+                return dict(self.history[-1]) if self.history else {}
+            if decays:  # the plateau schedule's rate follows the logged history
+                self.schedule.set_decays(state.decays)
         for epoch in range(self.start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
             lr = self.schedule.get_last_lr()[0]
@@ -624,8 +632,11 @@ class Trainer:
             record["train_seconds"] = round(train_seconds, 3)
             state = None
             if rule is not None:
-                state = stopping_state([*self.history, record], rule)
+                state = stopping_state([*self.history, record], rule, decays=decays)
                 record["best_epoch"] = state.best_epoch
+                if decays:
+                    record["lr_decays"] = state.decays
+                    self.schedule.set_decays(state.decays)
             self.history.append(record)
             self._save(epoch + 1, best=state is not None and state.best_epoch == epoch + 1)
             if self.is_main:
