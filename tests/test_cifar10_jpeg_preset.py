@@ -38,7 +38,10 @@ def test_every_entry_trains_two_seeds_on_resnet10_narrow_at_8_255(full):
         assert (cfg.data.name, cfg.model.name) == ("cifar10-jpeg", "resnet10_narrow")
         assert (cfg.data.train_split, cfg.data.monitor_split) == ("fit", "val")
         assert cfg.data.limit is None and cfg.data.augment and cfg.data.monitor_size == 500
-        assert cfg.train.epochs == 30 and p.extra["eps"] == EPS
+        assert cfg.train.epochs == 40 and p.extra["eps"] == EPS
+        # the rate drops 10x on the rule's first two plateaus; the third stops the run
+        assert (cfg.train.schedule.name, cfg.train.schedule.gamma,
+                cfg.train.schedule.decays) == ("plateau", 0.1, 2)
         # PGD-5 of step 2/255 in training, PGD-10 in the monitor, both at 8/255
         assert (cfg.train.attack.eps, cfg.train.attack.steps) == (EPS, 5)
         assert cfg.train.attack.resolved_step_size() == pytest.approx(2 / 255)

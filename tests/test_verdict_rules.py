@@ -269,6 +269,109 @@ def test_a_model_without_an_adaptive_attack_is_an_upper_bound():
     assert row["upper_bound"] == ["no adaptive attack on this model"]
 
 
+def _check(name, passed):
+    return {"name": name, "passed": passed, "detail": f"{name} detail", "remedy": "fix it"}
+
+
+def test_a_check_failing_only_on_the_paper_protocol_marks_the_paper_figure_not_the_worst_case(
+        tmp_path):
+    from advdefense.presets import verdict_record
+    from advdefense.reproduction import paper_upper_bound_reasons, upper_bound_reasons, write_report
+
+    def verdict(name, checks, paper_checks):
+        return verdict_record(name, torch.tensor(BEST), torch.tensor(STRONG), paper_label="p",
+                              checks=checks, paper_checks=paper_checks, adaptive=["apgd-ce"])
+
+    paper_only = verdict("paper-only", [], ["randomness_without_eot"])
+    adaptive = verdict("adaptive", ["unbounded_attack"], [])
+    old = _verdict("old", STRONG, paper=BEST, checks=["randomness_without_eot"])
+    sections = [
+        _section("at", "at", 0, [_verdict("PGD-AT", WEAK)]),
+        {**_section("p", "p", 0, [paper_only], ("at",)),
+         "checks": [_check("unbounded_attack", True)],
+         "paper_checks": [_check("randomness_without_eot", False)]},
+        {**_section("a", "a", 0, [adaptive], ("at",)),
+         "checks": [_check("unbounded_attack", False)],
+         "paper_checks": [_check("randomness_without_eot", True)]},
+        # cached before the two were kept apart: every check counts for the worst case
+        {**_section("o", "o", 0, [old], ("at",)),
+         "checks": [_check("randomness_without_eot", False)]},
+    ]
+    assert upper_bound_reasons(sections[1], paper_only) == []
+    assert paper_upper_bound_reasons(paper_only) == ["randomness_without_eot"]
+    assert upper_bound_reasons(sections[2], adaptive) == ["unbounded_attack"]
+    assert paper_upper_bound_reasons(adaptive) == []
+    assert upper_bound_reasons(sections[3], old) == ["randomness_without_eot"]
+    assert paper_upper_bound_reasons(old) == []
+    summary = paired_summary(sections)
+    rows = {r["group"]: r for r in summary["rows"]}
+    # 80% against the baseline's 40%: a gain, withheld only where the worst case is a bound
+    assert rows["p"]["vs_baselines"][0]["status"] == "decided"
+    assert rows["a"]["vs_baselines"][0]["status"] == "withheld"
+    assert rows["o"]["vs_baselines"][0]["status"] == "withheld"
+    table = {line.split(" | ")[0]: line for line in paired_markdown(summary, sections)
+             if " | resnet_mini | " in line}  # the per-seed table
+    assert "| 90.0 (upper bound: randomness_without_eot) | 80.0 [" in table["| paper-only"]
+    assert "| 90.0 | ≤ 80.0 [" in table["| adaptive"]
+    assert "| 90.0 | ≤ 80.0 [" in table["| old"]
+    text = write_report(tmp_path, title="t", command="c", seed=0, sections=sections, curves={},
+                        total_seconds=0).read_text()
+    parts = {s.split("\n")[0]: s for s in text.split("\n## ")[1:]}
+    paper_head = "Attack-failure checks on the paper protocol (a failure marks the paper figure"
+    adaptive_head = "Attack-failure checks on the adaptive evaluation (a failure marks the worst"
+    assert paper_head in parts["p"] and adaptive_head in parts["p"]
+    assert "**Upper bound:**" not in parts["p"]
+    assert paper_head in parts["a"] and "**Upper bound:**" in parts["a"]
+    assert "Attack-failure checks:" in parts["o"] and "**Upper bound:**" in parts["o"]
+
+
+class _DropoutNet(torch.nn.Module):
+    """A 2-layer net on 8x8 inputs whose dropout stays on in eval mode: a random model."""
+
+    def __init__(self):
+        super().__init__()
+        from advdefense.randomness import StochasticModule
+
+        class Drop(StochasticModule):
+            def sample_state(self, x, groups):
+                return torch.rand_like(x) < 0.5
+
+            def forward_with_state(self, x, state):
+                return x * state * 2
+
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16),
+                                       torch.nn.ReLU(), Drop(), torch.nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_the_paper_protocols_missing_eot_marks_the_paper_figure_and_the_probes_run_in_the_cascade(
+        monkeypatch, one_thread):
+    """A random model: the paper protocol (one draw per step) fails randomness_without_eot,
+    which lands in ``paper_checks``; its cascade (EOT, with the probes) is the worst case."""
+    from advdefense import presets
+    from advdefense.reproduction import upper_bound_reasons
+
+    # the base of a random model faces the rand cascade (EOT), as PNI's base does
+    monkeypatch.setattr(presets, "standard_suite_attacks", presets.rand_suite_attacks)
+    torch.manual_seed(0)
+    model = _DropoutNet().eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    plan = Plan("drop", "drop", {"seed": 0}, None, extra={"eps": 0.3, "verdict_name": "drop"})
+    section = make_evaluator("deterministic", TINY)(model, x, y, plan)
+    paper = {c["name"]: c["passed"] for c in section["paper_checks"]}
+    adaptive = {c["name"]: c["passed"] for c in section["checks"]}
+    assert paper["randomness_without_eot"] is False
+    assert adaptive["randomness_without_eot"] is not False  # n/a where the cascade stopped
+    probes = {"unbounded_attack", "eps_monotone", "more_iterations"}
+    assert probes <= set(adaptive) and not probes & set(paper)  # probes: the cascade's only
+    (v,) = section["verdicts"]
+    assert "randomness_without_eot" in v["paper_checks"]
+    assert "randomness_without_eot" not in v["checks"]
+    assert "randomness_without_eot" not in upper_bound_reasons(section, v)
+
+
 # -- 5. RNA as the paper draws it -----------------------------------------------------------
 
 def test_cluster_sign_flip_and_holm():

@@ -75,7 +75,7 @@ def recorded_train_seconds(run_dir: Path) -> float | None:
 def training_summary(checkpoint: dict[str, Any], cfg) -> dict[str, Any]:
     """Epochs trained, the cap, and (with early stopping) the best epoch and whether the rule
     stopped the run, from a checkpoint's logged history."""
-    from .training.early_stopping import legacy_monitor, stopping_state
+    from .training.early_stopping import legacy_monitor, lr_decays, stopping_state
 
     history = list((checkpoint.get("metrics") or {}).get("history", []))
     out: dict[str, Any] = {"epochs": int(checkpoint.get("epoch", len(history))),
@@ -83,11 +83,14 @@ def training_summary(checkpoint: dict[str, Any], cfg) -> dict[str, Any]:
                            "checkpoint": "last.pt"}
     rule = cfg.train.early_stopping
     if rule is not None and history:
-        state = stopping_state(history, rule)
+        state = stopping_state(history, rule, decays=lr_decays(cfg))
         out.update(early_stopping={"metric": rule.metric, "patience": rule.patience,
                                    "min_delta": rule.min_delta},
+                   lr_decays=state.decays,
                    best_epoch=state.best_epoch, best_value=state.best_value,
                    stopped_early=state.stop, checkpoint="best.pt")
+    if (checkpoint.get("extra") or {}).get("machine"):
+        out["machine"] = checkpoint["extra"]["machine"]
     chosen = history[(out.get("best_epoch") or len(history)) - 1] if history else {}
     if "monitor_clean_acc" in chosen:
         out["monitor"] = chosen.get("monitor", legacy_monitor(cfg))
@@ -279,9 +282,14 @@ def markdown_checks(checks: list[dict[str, Any]]) -> str:
 
 
 def code_version() -> str:
-    """The git commit of the package source (``+dirty`` if it has local changes), if known."""
+    """The git commit of the package source (``+dirty`` if it has local changes), if known;
+    ``$ADVDEFENSE_COMMIT`` names it where the source travelled without its git folder (a copy
+    of a checkout on another machine)."""
+    import os
     import subprocess
 
+    if os.environ.get("ADVDEFENSE_COMMIT"):
+        return os.environ["ADVDEFENSE_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
@@ -320,7 +328,10 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
         if sec.get("notes"):
             lines += [sec["notes"], ""]
         if sec.get("code"):
-            lines += [f"Evaluated with advdefense commit {sec['code']}.", ""]
+            lines += [f"Evaluated with advdefense commit {sec['code']}"
+                      + (f" on {sec['machine']}" if sec.get("machine") else "") + ".", ""]
+        if (sec.get("training") or {}).get("machine"):
+            lines += [f"Trained on {sec['training']['machine']}.", ""]
         if sec.get("train_seconds") is not None:
             lines += [f"Training took {sec['train_seconds']:.0f} s "
                       f"({_epochs_text(sec.get('training'))}); evaluation "
@@ -329,8 +340,19 @@ def write_report(root: Path, *, title: str, command: str, seed: int, sections: l
             lines += [block, ""]
         for table in sec.get("tables", []):
             lines += [markdown_table(table), ""]
-        if sec.get("checks"):
-            lines += ["Attack-failure checks:", "", markdown_checks(sec["checks"]), ""]
+        if "paper_checks" not in sec:
+            # cached before the two were kept apart: every check counts for the worst case
+            if sec.get("checks"):
+                lines += ["Attack-failure checks:", "", markdown_checks(sec["checks"]), ""]
+        else:
+            if sec["paper_checks"]:
+                lines += ["Attack-failure checks on the paper protocol (a failure marks the "
+                          "paper figure as an upper bound, not the worst case):", "",
+                          markdown_checks(sec["paper_checks"]), ""]
+            if sec.get("checks"):
+                lines += ["Attack-failure checks on the adaptive evaluation (a failure marks "
+                          "the worst case as an upper bound and withholds verdicts it could "
+                          "flip):", "", markdown_checks(sec["checks"]), ""]
         for i, v in enumerate(sec.get("verdicts") or []):
             reasons = upper_bound_reasons(sec, v, i)
             if reasons:
@@ -356,6 +378,8 @@ def _epochs_text(training: dict[str, Any] | None) -> str:
     if training.get("early_stopping"):
         why = (f"stopped early, cap {training['cap']}" if training.get("stopped_early")
                else "the cap")
+        if training.get("lr_decays"):
+            why += f"; learning rate decayed {training['lr_decays']}x on plateaus"
         text += f" ({why}); evaluated: best val epoch {training.get('best_epoch')}"
     return text
 
@@ -396,6 +420,14 @@ def upper_bound_reasons(sec: dict[str, Any], v: dict[str, Any], index: int = 0) 
     if not _adaptive_of(sec, v, index):
         reasons.append("no adaptive attack on this model")
     return reasons
+
+
+def paper_upper_bound_reasons(v: dict[str, Any]) -> list[str]:
+    """Why a verdict's paper-protocol figure is only an upper bound: the checks that failed
+    in its paper-protocol evaluation (``paper_checks``; weak by design, they say nothing
+    about the worst case). Verdicts cached before they were kept apart have none: all their
+    checks count for the worst case (:func:`upper_bound_reasons`)."""
+    return list(v.get("paper_checks") or [])
 
 
 def _paired(a: list[bool], b: list[bool], clusters: list[Any] | None) -> dict[str, Any]:
@@ -495,7 +527,8 @@ def paired_summary(sections: list[dict[str, Any]], *, alpha: float = 0.05) -> di
                    "monitor": {"label": training.get("monitor"),
                                "robust": training.get("monitor_robust"),
                                "clean": training.get("monitor_clean")},
-                   "upper_bound": upper, "adaptive": _adaptive_of(sec, v, i),
+                   "upper_bound": upper, "paper_upper_bound": paper_upper_bound_reasons(v),
+                   "adaptive": _adaptive_of(sec, v, i),
                    "vs_paper": _vs_paper(v), "vs_baselines": []}
             for group in sec.get("baselines") or []:
                 base = baseline_of(group, sec.get("seed"))
@@ -610,6 +643,12 @@ def _figure(acc: dict[str, Any], upper: list[str]) -> str:
     return f"≤ {text} (upper bound: {', '.join(upper)})" if upper else text
 
 
+def _paper_mark(r: dict[str, Any]) -> str:
+    """The suffix of a paper figure whose paper-protocol evaluation failed a check."""
+    upper = r.get("paper_upper_bound") or []
+    return f" (upper bound: {', '.join(upper)})" if upper else ""
+
+
 def _monitor_text(r: dict[str, Any]) -> str:
     m = r.get("monitor") or {}
     if m.get("robust") is None and m.get("clean") is None:
@@ -650,7 +689,9 @@ def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> 
             "adaptive attack): no verdict is drawn in a direction it could flip. A defense's "
             f"verdict is decided only if it is decided at every training seed, with at least "
             f"{MIN_SEEDS} seeds ({MAX_SEEDS} where two seeds differ by more than "
-            f"{100 * SEED_SPREAD:g} points). Rules: docs/verdicts.md.", ""]
+            f"{100 * SEED_SPREAD:g} points). A paper figure followed by (upper bound: ...) "
+            "failed a check on the paper protocol, weak by design: that marks the paper's "
+            "number, not the worst case. Rules: docs/verdicts.md.", ""]
         verdicts = summary.get("verdicts") or []
         if verdicts:
             lines += ["### Verdict per defense, over its training seeds", "",
@@ -696,7 +737,8 @@ def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> 
                 for b in r["vs_baselines"]) or "–"
             lines.append(
                 f"| {r['name']} | {r['seed']} | {r['arch'] or '–'} | {_monitor_text(r)} | "
-                f"{100 * r['paper']['accuracy']:.1f} | {_figure(r['worst'], r['upper_bound'])} "
+                f"{100 * r['paper']['accuracy']:.1f}{_paper_mark(r)} | "
+                f"{_figure(r['worst'], r['upper_bound'])} "
                 f"| {own} | {vs} |")
         lines.append("")
         sentences = []
@@ -726,7 +768,7 @@ def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> 
                 what = "no decided difference"
             sentences.append(
                 f"- {r['name']} (seed {r['seed']}), its paper-protocol figure "
-                f"{100 * r['paper']['accuracy']:.1f}% against its worst case "
+                f"{100 * r['paper']['accuracy']:.1f}%{_paper_mark(r)} against its worst case "
                 f"{100 * r['worst']['accuracy']:.1f}% ({_examples(vp['only_b'])} broken only by "
                 f"attacks outside the paper's protocol), p {_p(vp['p_value'])}, p_Holm "
                 f"{_p(vp['p_holm'])}: {what}.")
@@ -844,6 +886,7 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
     updated). Returns the entry's report section, or None with ``train_only``.
     """
     from .data import as_tensors, load_split
+    from .provenance import machine_line
 
     log.info("== %s", plan.title)
     group, run_seed = plan.extra.get("group", plan.key), int(plan.config["seed"])
@@ -897,6 +940,7 @@ def evaluate_entry(plan: Plan, root: Path, *, seed: int, n_eval: int,
                                          **plan.extra.get("curve", {}))
         section["eval_seconds"] = time.perf_counter() - t0
         section["code"] = code_version()
+        section["machine"] = machine_line(next(model.parameters(), torch.empty(0)).device)
         section["digest"] = digest
         section["evaluation"] = evaluation
         cache.parent.mkdir(parents=True, exist_ok=True)
