@@ -353,6 +353,10 @@ def cas_site_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     agreement. Models without heads give an empty ``sites`` list.
     """
     places = list(getattr(model, "placements", []))
+    device = next((p.device for p in model.parameters()), x.device)
+    x, y = x.to(device), y.to(device)
+    if x_adv is not None:
+        x_adv = x_adv.to(device)
     if x_adv is None and attack is not None:
         x_adv = torch.cat([attack(model, x[i : i + batch_size], y[i : i + batch_size])
                            for i in range(0, x.shape[0], batch_size)])

@@ -258,6 +258,8 @@ def attack_table(base: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sigma: fl
     rows: dict[str, dict[str, torch.Tensor]] = {}
     seconds: dict[str, float] = {}
     n = x.shape[0]
+    device = next((p.device for p in base.parameters()), x.device)
+    x, y = x.to(device), y.to(device)  # the attacks and votes run where the model lives
 
     def craft(atk, target):
         t0 = time.perf_counter()
