@@ -84,9 +84,10 @@ def training_summary(checkpoint: dict[str, Any], cfg) -> dict[str, Any]:
     rule = cfg.train.early_stopping
     if rule is not None and history:
         state = stopping_state(history, rule, decays=lr_decays(cfg))
+        if lr_decays(cfg):
+            out["lr_decays"] = state.decays
         out.update(early_stopping={"metric": rule.metric, "patience": rule.patience,
                                    "min_delta": rule.min_delta},
-                   lr_decays=state.decays,
                    best_epoch=state.best_epoch, best_value=state.best_value,
                    stopped_early=state.stop, checkpoint="best.pt")
     if (checkpoint.get("extra") or {}).get("machine"):
@@ -800,9 +801,12 @@ def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> 
         lines.append("")
     trained = [s for s in sections if s.get("training")]
     if trained:
+        decays = any("lr_decays" in s["training"] for s in trained)
         lines += ["### Training: epochs per entry", "",
-                  "| entry | epochs trained | cap | stopped early | evaluated epoch | "
-                  "val monitor at that epoch | training s |", "|---|---|---|---|---|---|---|"]
+                  "| entry | epochs trained | cap | stopped early | "
+                  + ("learning-rate decays | " if decays else "") + "evaluated epoch | "
+                  "val monitor at that epoch | training s |",
+                  "|---|---|---|---|---|---|---|" + ("---|" if decays else "")]
         for s in trained:
             t = s["training"]
             es = t.get("early_stopping")
@@ -814,13 +818,17 @@ def paired_markdown(summary: dict[str, Any], sections: list[dict[str, Any]]) -> 
             lines.append(
                 f"| {s['title']} | {t['epochs']} | {t['cap']} | "
                 f"{('yes' if t.get('stopped_early') else 'no') if es else '–'} | "
-                f"{t.get('best_epoch') if es else t['epochs']} | "
+                + (f"{t.get('lr_decays', '–')} | " if decays else "")
+                + f"{t.get('best_epoch') if es else t['epochs']} | "
                 f"{metric} | "
                 f"{s.get('train_seconds') or 0:.0f} |")
         lines += ["", "Early stopping (every entry): "
                   + "; ".join(sorted({_rule_text(s['training']['early_stopping'])
                                       for s in trained
                                       if s['training'].get('early_stopping')}))
+                  + (". Where the schedule is `plateau`, the first plateaus of the rule "
+                     "multiply the learning rate by its gamma instead of stopping (the "
+                     "learning-rate decays column)" if decays else "")
                   + ". The checkpoint of the best val epoch is the one evaluated. The monitor "
                   "of a random model attacks with EOT and counts an example only if all its "
                   "repeated predictions are correct; a CAS model's monitor attacks main + "
