@@ -10,6 +10,12 @@
   smallcnn at ``--suite-eps`` (default 2/255, so that some points survive APGD-CE and the
   later attacks have work to do). The robust accuracy each side reaches is stored in the
   row (``ours_robust``, ``ref_robust``) to show that the work done was comparable.
+* Layouts: ours runs with its defaults (channels_last weights for the duration of each call
+  on the CPU, :mod:`advdefense.layout`); torchattacks runs on the same model object, whose
+  weights ours leaves contiguous. Each comparison is timed twice against torchattacks: with
+  the model as it is (``ta``, default against default: ours channels_last / torchattacks
+  contiguous) and with the model's weights converted for each call exactly as ours converts
+  them (``ta_cl``, both channels_last). The goal is judged on the same-layout row.
 * ``failure checks``: the same suite once more with every attack-failure check on; the
   checks' own seconds against the suite's (goal: at most 30% on top).
 
@@ -66,13 +72,17 @@ def suite_row(args) -> list[dict]:
         torchattacks.Square(model, n_queries=queries, **common_kw),
     ])
 
-    def ta():
+    def ta(key="ta"):
         x_adv = cascade(x, y)
         with torch.no_grad():
-            robust["ta"] = (model(x_adv).argmax(1) == y).float().mean().item()
+            robust[key] = (model(x_adv).argmax(1) == y).float().mean().item()
 
+    fns = {"ours": ours, "ta": ta,
+           "ta_cl": partial(common.ref_in_layout, "channels_last", model, partial(ta, "ta_cl"))}
+    layouts = {"ours": common.weights_layout(model), "ta": common.current_layout(model),
+               "ta_cl": common.weights_layout(model, "channels_last")}
     # no warm-up round (one call takes minutes); the APGD rows above warmed the kernels
-    times = common.interleaved({"ours": ours, "ta": ta}, warmup=0, repeats=args.suite_repeats)
+    times = common.interleaved(fns, warmup=0, repeats=args.suite_repeats)
     # the attack-failure checks' own cost, beside the suite time of the same call
     checked = run_suite(model, (x, y), suite="standard", eps=eps, seed=0,
                         checks=CheckSettings(), batch_size=n, attacks=plan)
@@ -82,12 +92,15 @@ def suite_row(args) -> list[dict]:
         f"(batch {n})", metric="s", ours=spent, reference="the suite's own seconds",
         ref_value=checked.seconds, ratio=spent / checked.seconds, goal=0.3,
         higher_is_better=False)
+    setting = (f"batch {n}, eps {eps * 255:.3g}/255, APGD-CE/APGD-T/FAB-T {steps} it, "
+               f"Square {queries} q")
+    # the goal row first: both sides in channels_last; then default against default
     return [common.compare(
-        times, "ours", "ta", n=n, benchmark="standard suite", model=name,
-        setting=(f"batch {n}, eps {eps * 255:.3g}/255, APGD-CE/APGD-T/FAB-T {steps} it, "
-                 f"Square {queries} q"),
-        metric="img/s", reference="torchattacks MultiAttack (AutoAttack standard)", goal=1.0,
-        seconds=times, ours_robust=robust["ours"], ref_robust=robust["ta"]), checks_row]
+        times, "ours", ref, n=n, benchmark="standard suite", model=name, metric="img/s",
+        reference="torchattacks MultiAttack (AutoAttack standard)", seconds=times,
+        ours_robust=robust["ours"], ref_robust=robust[ref],
+        **common.layout_fields(layouts, "ours", ref, setting, goal=1.0, defaults=ref == "ta"))
+        for ref in ("ta_cl", "ta")] + [checks_row]
 
 
 def main(argv=None) -> int:
@@ -116,12 +129,18 @@ def main(argv=None) -> int:
         ours = build_attack("apgd-ce", eps=EPS, n_iter=args.steps, seed=0)
         ta = torchattacks.APGD(model, norm="Linf", eps=EPS, steps=args.steps, n_restarts=1,
                                seed=0, loss="ce", rho=0.75)
-        fns = {"ours": partial(ours, model, x, y), "ta": partial(ta, x, y)}
+        fns = {"ours": partial(ours, model, x, y), "ta": partial(ta, x, y),
+               "ta_cl": partial(common.ref_in_layout, "channels_last", model,
+                                partial(ta, x, y))}
+        layouts = {"ours": common.weights_layout(model), "ta": common.current_layout(model),
+                   "ta_cl": common.weights_layout(model, "channels_last")}
         times = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
-        rows.append(common.compare(
-            times, "ours", "ta", n=args.batch, benchmark=f"APGD-CE {args.steps} it", model=name,
-            setting=f"batch {args.batch}, eps 8/255, 1 restart", metric="img/s",
-            reference="torchattacks.APGD", goal=1.0, seconds=times))
+        setting = f"batch {args.batch}, eps 8/255, 1 restart"
+        rows += [common.compare(  # the goal row (both channels_last), then default vs default
+            times, "ours", ref, n=args.batch, benchmark=f"APGD-CE {args.steps} it", model=name,
+            metric="img/s", reference="torchattacks.APGD", seconds=times,
+            **common.layout_fields(layouts, "ours", ref, setting, goal=1.0, defaults=ref == "ta"))
+            for ref in ("ta_cl", "ta")]
     if not args.no_suite:
         rows += suite_row(args)
     common.write("apgd", args, rows)

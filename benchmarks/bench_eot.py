@@ -20,6 +20,13 @@ pass for per-row input noise. ``--fully-batched`` adds a row with all ``n*k`` ro
 in one pass. Configurations run smallest first; those of at least 2,048 rows per step (batch
 128 x EOT 32) skip the untimed warm-up round, as the smaller ones warmed the kernels.
 
+Layouts: torchattacks runs on the same model object, whose weights ours leaves contiguous
+after each call. Each configuration times it twice: with the model as it is (``ta``; the row
+is default against default: ours channels_last / torchattacks contiguous) and with the
+model's weights converted for each call exactly as ours converts them (``ta_cl``,
+``layout.channels_last_weights``; both channels_last). The goals are judged on the
+same-layout rows (``--fully-batched`` rows compare with ``ta_cl``).
+
 Run: ``python benchmarks/bench_eot.py``
 """
 
@@ -125,7 +132,12 @@ def measure(args, batches: list[int], eots: list[int]) -> list[dict]:
                 ours_mb = PGD(eot_samples=k, eps=EPS, steps=args.steps, step_size=ALPHA, seed=0)
                 ta = torchattacks.EOTPGD(model, eps=EPS, alpha=ALPHA, steps=args.steps,
                                          eot_iter=k, random_start=True)
-                fns = {"ours": partial(ours, model, x, y), "ta": partial(ta, x, y)}
+                fns = {"ours": partial(ours, model, x, y), "ta": partial(ta, x, y),
+                       "ta_cl": partial(common.ref_in_layout, "channels_last", model,
+                                        partial(ta, x, y))}
+                layouts = {"ours": common.weights_layout(model),
+                           "ta": common.current_layout(model),
+                           "ta_cl": common.weights_layout(model, "channels_last")}
                 if args.fully_batched and n * k > (randomness.CPU_ROWS or n * k):
                     fns["ours_mb"] = partial(fully_batched, ours_mb, model, x, y)
                 # a call of >= 2,048 rows per step takes tens of seconds; the smaller ones
@@ -134,14 +146,22 @@ def measure(args, batches: list[int], eots: list[int]) -> list[dict]:
                 times = common.interleaved(fns, warmup=warmup, repeats=args.repeats)
                 base = dict(benchmark=f"EOT-PGD-{args.steps}", model=f"{name}+{kind}",
                             metric="img/s", reference="torchattacks.EOTPGD", n=n,
-                            goal=1.0 if n >= 128 else 1.5, seconds=times, batch=n, eot_samples=k)
+                            seconds=times, batch=n, eot_samples=k)
+                goal = 1.0 if n >= 128 else 1.5
                 how = (f"<= {randomness.CPU_ROWS} rows/pass"
                        if randomness.groups_batch_cheaply(model) else "one draw per pass")
-                rows.append(common.compare(times, "ours", "ta", **base,
-                                           setting=f"batch {n}, EOT {k}, {how}"))
+                # the goal row (both channels_last), then default against default
+                for ref in ("ta_cl", "ta"):
+                    rows.append(common.compare(times, "ours", ref, **base, **common.layout_fields(
+                        layouts, "ours", ref, f"batch {n}, EOT {k}, {how}", goal=goal,
+                        defaults=ref == "ta")))
                 if "ours_mb" in fns:
-                    rows.append(common.compare(times, "ours_mb", "ta", **base,
-                                               setting=f"batch {n}, EOT {k}, fully batched"))
+                    layouts["ours_mb"] = layouts["ours"]
+                    rows.append(common.compare(times, "ours_mb", "ta_cl", **base,
+                                               **common.layout_fields(
+                                                   layouts, "ours_mb", "ta_cl",
+                                                   f"batch {n}, EOT {k}, fully batched",
+                                                   goal=goal)))
     return rows
 
 

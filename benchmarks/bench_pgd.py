@@ -5,14 +5,22 @@ model on the same batch, with nothing else (no projection, no bookkeeping). Comp
 model, at the same eps / step size / steps / random start / batch:
 
 * ``ours``      ``advdefense.attacks.PGD`` with its defaults (channels_last weights on the
-  CPU, :mod:`advdefense.layout`; keeps the best iterate: one extra gradient-free forward
-  after the last step)
+  CPU for the duration of each call, :mod:`advdefense.layout`; keeps the best iterate: one
+  extra gradient-free forward after the last step)
 * ``ours_contig`` the same with ``layout.set_memory_format("contiguous")`` (the old default)
-* ``ta``        ``torchattacks.PGD`` (on the same model object, whose weights ours leaves
-  contiguous after each call)
+* ``ta``        ``torchattacks.PGD`` on the same model object as it is: contiguous weights
+  (ours leaves them contiguous after each call), torchattacks' default
+* ``ta_cl``     ``torchattacks.PGD`` with the model's weights in channels_last for each call,
+  converted exactly as ours converts them (``layout.channels_last_weights``; inputs untouched
+  on both sides)
 * ``limit``     20 x forward+backward-to-input in the layout ours uses
 * ``ours_cmp``  ours on ``torch.compile(model)``, and ``limit_cmp`` the limit of the compiled
   model (compile time excluded; skipped with ``--no-compile`` and in ``--quick`` mode)
+
+Every row names the layout of both sides. The goal (>= 1.2x torchattacks) is judged on the
+same-layout row in channels_last (ours' default layout, given to torchattacks too); the
+default-against-default row (ours channels_last, torchattacks contiguous) and the
+both-contiguous row stand beside it without a goal.
 
 Run: ``python benchmarks/bench_pgd.py``
 """
@@ -46,13 +54,49 @@ def limit(model, x, y, steps):
     return g
 
 
-def contiguous(attack, model, x, y):
-    """The attack with channels_last off (the library's previous default)."""
-    layout.set_memory_format("contiguous")
-    try:
-        return attack(model, x, y)
-    finally:
-        layout.set_memory_format("auto")
+TA = "torchattacks.PGD"
+
+# (ours entry, reference entry, reference, goal): the rows of one model, the goal rows first.
+# The 1.2x goal is judged where both sides run in ours' default layout (channels_last on the
+# CPU); the default-against-default and both-contiguous rows stand beside it without a goal.
+COMPARISONS = [
+    ("ours", "ta_cl", TA, 1.2),
+    ("ours", "ta", TA, None),
+    ("ours_contig", "ta", TA, None),
+    ("ours", "limit", "limit", 0.95),
+]
+COMPILED = [("ours_cmp", "ta_cl", TA, None), ("ours_cmp", "limit_cmp", "compiled limit", None)]
+
+
+def entries(model, x, y, ours, ta, steps):
+    """The timed callables of one model and the memory layout each one's convolutions run in.
+
+    ``ours`` is called as ``ours(model, x, y)``, ``ta`` (built on ``model``) as ``ta(x, y)``.
+    Nothing is called here."""
+    call_ours, call_ta = partial(ours, model, x, y), partial(ta, x, y)
+    fns = {"ours": call_ours,
+           "ours_contig": partial(common.ours_in_layout, "contiguous", call_ours),
+           "ta": call_ta,
+           "ta_cl": partial(common.ref_in_layout, "channels_last", model, call_ta),
+           "limit": partial(limit, model, x, y, steps)}
+    layouts = {"ours": common.weights_layout(model),
+               "ours_contig": common.weights_layout(model, "contiguous"),
+               "ta": common.current_layout(model),
+               "ta_cl": common.weights_layout(model, "channels_last"),
+               "limit": common.weights_layout(model)}
+    return fns, layouts
+
+
+def comparisons(layouts: dict[str, str], setting: str, compiled: bool = False) -> list[dict]:
+    """The rows' specifications: entries, reference, goal (kept only where both sides run in
+    the same layout) and the setting naming both sides' layouts."""
+    out = []
+    for ours, ref, reference, goal in COMPARISONS + (COMPILED if compiled else []):
+        where = setting + (", torch.compile(model)" if ours == "ours_cmp" else "")
+        out.append(dict(ours=ours, ref=ref, reference=reference, **common.layout_fields(
+            layouts, ours, ref, where, goal=goal, defaults=(ours, ref) == ("ours", "ta"),
+            ref_name="torchattacks" if reference == TA else "limit")))
+    return out
 
 
 def main(argv=None) -> int:
@@ -70,34 +114,24 @@ def main(argv=None) -> int:
         x, y = common.batch(name, args.batch)
         ours = PGD(eps=EPS, steps=args.steps, step_size=ALPHA, random_start=True, seed=0)
         ta = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=args.steps, random_start=True)
-        fns = {"ours": partial(ours, model, x, y), "ta": partial(ta, x, y),
-               "limit": partial(limit, model, x, y, args.steps),
-               "ours_contig": partial(contiguous, ours, model, x, y)}
+        fns, layouts = entries(model, x, y, ours, ta, args.steps)
         if not args.no_compile:
             model_cmp = torch.compile(common.build(name))
             fns["ours_cmp"] = partial(ours, model_cmp, x, y)
             fns["limit_cmp"] = partial(limit, model_cmp, x, y, args.steps)
+            layouts["ours_cmp"] = layouts["limit_cmp"] = common.weights_layout(model_cmp)
             fns["ours_cmp"]()  # compile outside the timed rounds, whatever --warmup says
         times = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
         setting = f"batch {args.batch}, {args.steps} steps, eps 8/255"
         lim = f"limit {args.steps}x(fwd+bwd)"
         base = dict(benchmark=f"PGD-{args.steps}", model=name, metric="img/s", n=args.batch,
                     seconds=times)
-        rows.append(common.compare(times, "ours", "ta", **base, setting=setting + ", defaults",
-                                   reference="torchattacks.PGD", goal=1.2))
-        rows.append(common.compare(times, "ours", "limit", **base, setting=setting + ", defaults",
-                                   reference=lim, goal=0.95))
-        rows.append(common.compare(times, "ours_contig", "ta", **base,
-                                   reference="torchattacks.PGD",
-                                   setting=setting + ", contiguous (channels_last off)",
-                                   goal=None))
-        if "ours_cmp" in fns:
-            cmp_setting = setting + ", torch.compile(model)"
-            rows.append(common.compare(times, "ours_cmp", "ta", **base, setting=cmp_setting,
-                                       reference="torchattacks.PGD", goal=None))
-            rows.append(common.compare(times, "ours_cmp", "limit_cmp", **base,
-                                       setting=cmp_setting, reference="compiled " + lim,
-                                       goal=None))
+        for c in comparisons(layouts, setting, compiled="ours_cmp" in fns):
+            ours_key, ref_key, reference = c.pop("ours"), c.pop("ref"), c.pop("reference")
+            reference = {"limit": lim, "compiled limit": "compiled " + lim}.get(reference,
+                                                                                 reference)
+            rows.append(common.compare(times, ours_key, ref_key, **base, **c,
+                                       reference=reference))
     common.write("pgd", args, rows)
     return 0
 

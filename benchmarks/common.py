@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from advdefense import layout
 from advdefense.provenance import command_line, cpu_name
 
 HERE = Path(__file__).resolve().parent
@@ -121,6 +122,67 @@ def batch(name: str, n: int, *, seed: int = 1) -> tuple[torch.Tensor, torch.Tens
     x = torch.rand(n, *SHAPES[name], generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     return x, y
+
+
+# -- memory layout of each side -------------------------------------------------------------
+# Ours puts a convolutional model's 4-D weights in channels_last for the duration of a call
+# (``advdefense.layout.channels_last_weights``; inputs untouched) and contiguous again after.
+# torchattacks, on the same model object, therefore runs on contiguous weights unless it is
+# given the same layout (:func:`ref_in_layout`). Every row comparing the two says which layout
+# each side had (:func:`layout_label`).
+def weights_layout(model: nn.Module, mode: str | None = None) -> str:
+    """The layout the model's convolutions run in under the library ``mode`` (default: the
+    process default, as ours uses): ``"channels_last"`` or ``"contiguous"``."""
+    return "channels_last" if layout.wants_channels_last(model, mode) else "contiguous"
+
+
+def current_layout(model: nn.Module) -> str:
+    """The layout of the model's 4-D weights as they are now, outside any call of ours (what
+    a reference implementation given the model as it is runs in)."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    if weights and all(p.stride() == layout._nhwc_strides(p.shape) for p in weights):
+        return "channels_last"
+    return "contiguous"
+
+
+def ours_in_layout(mode: str, fn: Callable[[], Any]) -> Any:
+    """``fn()`` (a call of ours) with the library memory format ``mode`` (restored after)."""
+    saved = layout.get_memory_format()
+    layout.set_memory_format(mode)
+    try:
+        return fn()
+    finally:
+        layout.set_memory_format(saved)
+
+
+def ref_in_layout(mode: str, model: nn.Module, fn: Callable[[], Any]) -> Any:
+    """``fn()`` (a reference implementation's call on ``model``) with the model's weights as
+    ours has them under ``mode``: the same :func:`advdefense.layout.channels_last_weights`
+    converts them for the call and makes them contiguous again after; the inputs keep their
+    layout, as ours leaves them."""
+    with layout.channels_last_weights(model, mode):
+        return fn()
+
+
+def layout_label(ours: str, ref: str, *, ref_name: str = "torchattacks",
+                 defaults: bool = False) -> str:
+    """The layouts of both sides of a row: ``both channels_last (same layout)``, or
+    ``ours channels_last / torchattacks contiguous (default against default)``."""
+    if ours == ref:
+        return f"both {ours} (same layout)"
+    return f"ours {ours} / {ref_name} {ref}" + (" (default against default)" if defaults else "")
+
+
+def layout_fields(layouts: dict[str, str], ours: str, ref: str, setting: str, *,
+                  goal: float | None, defaults: bool = False,
+                  ref_name: str = "torchattacks") -> dict[str, Any]:
+    """The :func:`row` fields that depend on the layouts (``layouts``: entry -> layout) of the
+    entries ``ours`` and ``ref``: the setting with both layouts named (:func:`layout_label`),
+    and the goal, kept only where both sides run in the same layout."""
+    lo, lr = layouts[ours], layouts[ref]
+    label = layout_label(lo, lr, ref_name=ref_name, defaults=defaults)
+    return dict(setting=f"{setting}, {label}", goal=goal if lo == lr else None,
+                layout_ours=lo, layout_ref=lr, same_layout=lo == lr)
 
 
 # -- timing ----------------------------------------------------------------------------------

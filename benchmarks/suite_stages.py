@@ -4,6 +4,10 @@ Diagnoses the ``standard suite`` row of ``bench_apgd.py``: the same four attacks
 APGD-T and FAB-T with 9 targets and 100 iterations, Square) on the same random-weight smallcnn
 batch, each run once by itself (no cascade, no interleaving), so per-attack costs can be
 compared without the suite's bookkeeping. No result file; it prints one line per attack.
+Ours runs with its defaults (channels_last weights for each call on the CPU); torchattacks gets
+the model's weights in the same layout for each call (``--ta-layout channels_last``, the
+default, converted as ours converts them) or as the model is (``--ta-layout contiguous``, its
+own default). Each line names the layout.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/suite_stages.py [--queries 300]``
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ta-layout", choices=("channels_last", "contiguous"),
+                   default="channels_last", help="torchattacks' weights during its calls")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -51,14 +58,17 @@ def main(argv=None) -> int:
                                    **kw)),
         ("square", torchattacks.Square(model, n_queries=args.queries, **kw)),
     ]
+    ours_layout = common.weights_layout(model)
+    ta_layout = common.weights_layout(model, args.ta_layout)
     for label, atk in ours:
         t = time.perf_counter()
         atk(model, x, y)
-        print(f"ours {label}: {time.perf_counter() - t:.1f} s", flush=True)
+        print(f"ours {label} ({ours_layout}): {time.perf_counter() - t:.1f} s", flush=True)
     for label, atk in theirs:
         t = time.perf_counter()
-        atk(x, y)
-        print(f"torchattacks {label}: {time.perf_counter() - t:.1f} s", flush=True)
+        common.ref_in_layout(args.ta_layout, model, partial(atk, x, y))
+        print(f"torchattacks {label} ({ta_layout}): {time.perf_counter() - t:.1f} s",
+              flush=True)
     return 0
 
 

@@ -75,6 +75,44 @@ def test_quick_run_writes_wellformed_rows(script, tmp_path, capsys, monkeypatch)
     assert len(table) == len(rows) + 1
 
 
+def test_pgd_goal_row_gives_torchattacks_channels_last_weights():
+    """The PGD goal row compares both sides in channels_last: torchattacks' timed call runs
+    with the model's 4-D weights in channels_last (contiguous again after it), and the
+    default-against-default and both-contiguous rows are labelled as such. Nothing is timed:
+    stand-ins for the attacks record the layout they were called in."""
+    import common
+
+    from advdefense import layout
+
+    bench = _load("bench_pgd.py")
+    model = common.build("smallcnn")
+    x, y = common.batch("smallcnn", 2)
+
+    def weights_channels_last() -> bool:
+        return all(p.stride() == layout._nhwc_strides(p.shape)
+                   for p in model.parameters() if p.dim() == 4)
+
+    seen = []
+    fns, layouts = bench.entries(model, x, y, lambda m, a, b: a,
+                                 lambda a, b: seen.append(weights_channels_last()), steps=1)
+    specs = bench.comparisons(layouts, "batch 2")
+    goal_rows = [c for c in specs if c["reference"] == "torchattacks.PGD" and c["goal"]]
+    assert len(goal_rows) == 1, specs
+    goal = goal_rows[0]
+    assert goal["layout_ours"] == goal["layout_ref"] == "channels_last" and goal["same_layout"]
+    assert goal["setting"] == "batch 2, both channels_last (same layout)"
+    fns[goal["ref"]]()
+    assert seen == [True] and not weights_channels_last()
+    fns["ta"]()  # the model as it is: torchattacks' own default
+    assert seen == [True, False]
+    by_setting = {c["setting"]: c for c in specs if c["reference"] == "torchattacks.PGD"}
+    default = by_setting["batch 2, ours channels_last / torchattacks contiguous "
+                         "(default against default)"]
+    assert default["goal"] is None and not default["same_layout"]
+    contiguous = by_setting["batch 2, both contiguous (same layout)"]
+    assert (contiguous["ours"], contiguous["ref"]) == ("ours_contig", "ta")
+
+
 # -- the GPU check's CPU smoke run -------------------------------------------------------------
 def test_gpu_check_cpu_smoke_answers_every_phase(tmp_path, capsys):
     gpu_check = _load("gpu_check.py")
