@@ -5,7 +5,7 @@
 #
 # For a machine that is lent for a fixed time (a GPU held for minutes): `advdefense
 # reproduce --preset PRESET` runs until it finishes or SECONDS pass, then PACK_DIR gets
-#   zoo.tar.gz      the zoo entries of this preset (weights, config, evaluation: every finished
+#   zoo.tar.gz.*    the zoo entries of this preset (weights, config, evaluation: every finished
 #                   entry; commit them, and `reproduce` reuses them without training again);
 #   runs.tar.gz.*   the run folder without the checkpoints of entries already in the zoo (the
 #                   unfinished entries' last.pt, their logs), in parts of at most 15 MB;
@@ -26,7 +26,7 @@ timeout --signal=INT --kill-after=20 "$seconds" \
 echo "reproduce exit code $? after at most $seconds s" >>"$pack/reproduce.log"
 run="runs/reproduce_$preset"
 if [ -d "zoo/$preset" ]; then
-    tar czf "$pack/zoo.tar.gz" "zoo/$preset"
+    tar czf - "zoo/$preset" | split -b 15M - "$pack/zoo.tar.gz."
 fi
 if [ -d "$run" ]; then
     # an entry with an evaluation is in the zoo: its checkpoints need not travel

@@ -43,35 +43,10 @@ network. Budgets are sized from measurements on 2 CPU cores.
 ``cifar10``
     the papers' CIFAR-10 settings for a GPU (:func:`cifar10_plans`).
 
-Estimated cost of ``cifar10-jpeg`` at its earlier cap of 8 epochs and 250 monitor images (an
-estimate from measurements, not a timed run; docs/datasets.md gives the measured baselines at
-the current cap of 30). Unit P:
-one image through one forward and backward pass of ``resnet10_narrow``; a PGD-k training
-step costs k + 1 P per image. Measured on the 2-core machine, PGD-AT (PGD-10, batch 128) with
-other processes running: 21 img/s in one process with 2 threads, and 28 img/s in each of two
-1-thread processes side by side (what ``--jobs 2`` runs: 56 img/s = 616 P/s together; 2
-threads in one process lose most of their second core to contention).
-
-* training, per seed and epoch: 4,500 images x 63.5 P (standard 1; PGD-AT 6; TRADES, MART
-  7; RNA 6.7; CAS + AT / TRADES / MART 6.1 / 7.1 / 7.1; PNI-W, CNI-W 7.7: PGD-5 + clean
-  pass, weight noise x 1.1) = 286k P, plus the monitor, 250 val images x 212 P (PGD-10; EOT 4
-  and 4 + 4 repeated predictions for the three random models) = 53k P; 339k P per seed and
-  epoch, 678k P for both seeds, 5.4M P at the cap of 8 epochs (less where the rule stops);
-* evaluation, per seed and test image: deterministic 450 P (paper FGSM / PGD-20 / CW-20,
-  the standard cascade with 3 targets and 500 queries, probes, curve), CAS 550, RNA 1,350
-  (EOT 4, 5 path-pair draws), PNI-W / CNI-W 2,700 each (the σ, m choice on 100 val images,
-  and the smoothed classifier's own PGD-20 / APGD with EOT 2 over m <= 32-sample votes);
-  10,000 P per image and seed, 4.0M P for 200 images and two seeds;
-* total 9.4M P: about 4.2 h at 616 P/s with ``--jobs 2``. Each added third seed costs one
-  job 20-50 min (two run at a time): four of them bring the run to about 5.4 h. At the
-  one-process rate of 21 img/s (231 P/s) the same work takes about 11 h: use ``--jobs 2``.
-
-``cifar10-jpeg-quick``: training 45k P (800 images x 2 epochs x 21.4 P + the monitor),
-evaluation about 1,300 P per test image summed over its four entries (130k P); 175k P in
-all, about 13 min at the one-process rate of 231 P/s (``reproduce`` runs one process
-unless ``--jobs`` says otherwise), about 5 min at 616 P/s. Measured: 115 s from scratch (one
-process, 2 threads, load average about 1), so the machine ran about 1,500 P/s then and the
-estimates above are upper bounds for a quiet machine.
+Cost of ``cifar10-jpeg`` (docs/datasets.md has the measurements): on one H200 with
+``--jobs 10`` its 20 trainings and 18 of its evaluations took 7.4 minutes; on the 2-core CPU
+with ``--jobs 2`` it is estimated from measured epochs and evaluations at about 4 hours.
+``cifar10-jpeg-quick``: about 2 minutes from scratch on the 2-core CPU (measured).
 """
 
 from __future__ import annotations
