@@ -26,6 +26,15 @@ def quick_train(model, x, y, *, epochs=2, batch=100, lr=1e-3, attack=None, seed=
                        attack=attack)
 
 
+@pytest.fixture
+def one_thread():
+    """Small models run many small passes: one thread avoids contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist_train():
     return as_tensors(load_split("mnist5k", "train"))

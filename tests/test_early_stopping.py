@@ -138,6 +138,19 @@ def test_trainer_decays_on_plateaus_logs_the_rate_and_resumes_at_it(tmp_path, mo
     summary = training_summary(last, again.cfg)
     assert summary["stopped_early"] and summary["best_epoch"] == 5
     assert summary["lr_decays"] == 1 and _finished(last, again.cfg)
+    # the checkpoint names the machine it was trained on, and the summary carries it
+    from advdefense.provenance import machine_line
+
+    assert summary["machine"] == last["extra"]["machine"] == machine_line("cpu")
+
+
+def test_code_version_names_the_commit_of_a_checkout_without_git(monkeypatch):
+    from advdefense.reproduction import code_version
+
+    monkeypatch.setenv("ADVDEFENSE_COMMIT", "abc1234")
+    assert code_version() == "abc1234"
+    monkeypatch.delenv("ADVDEFENSE_COMMIT")
+    assert code_version() != "abc1234"
 
 
 def test_plateau_schedule_needs_early_stopping():

@@ -10,16 +10,7 @@ from advdefense.cli import main
 from advdefense.presets import demo_plans, mnist5k_config, mnist5k_plans
 from advdefense.reproduction import Plan, recorded_train_seconds, run_plans
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models run many small passes: one thread avoids contention on a shared CPU."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(plan: Plan) -> Plan:

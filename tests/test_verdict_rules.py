@@ -38,15 +38,6 @@ def few(mnist_test):
     return x[:4], y[:4]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run many small passes: one thread avoids contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class _Spy:
     """Records the arguments of every call of a function, then calls it."""
 

@@ -14,14 +14,7 @@ from advdefense.cli import main
 from advdefense.reproduction import Plan, run_plans
 from advdefense.zoo import RESULT, WEIGHTS, Zoo, compact_state, list_entries, resolve_name
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Eval:
