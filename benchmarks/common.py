@@ -140,7 +140,7 @@ def current_layout(model: nn.Module) -> str:
     """The layout of the model's 4-D weights as they are now, outside any call of ours (what
     a reference implementation given the model as it is runs in)."""
     weights = [p for p in model.parameters() if p.dim() == 4]
-    if weights and all(p.stride() == layout._nhwc_strides(p.shape) for p in weights):
+    if weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights):
         return "channels_last"
     return "contiguous"
 
