@@ -20,8 +20,8 @@ first example, never from a rank. Its file holds the per-example :class:`~.resul
 with the attacks' traces (:func:`result_to_json`); :func:`merge_results` concatenates the units
 by index into the result of the whole set, on which the failure checks then run once.
 
-``ADVDEFENSE_EXIT_AFTER_UNITS=RANK:K`` makes process ``RANK`` exit abruptly after writing its
-``K``-th item: the tests' stand-in for a lost process.
+``ADVDEFENSE_EXIT_AFTER_UNITS=RANK:K`` makes process ``RANK`` (``*``: every process) exit
+abruptly after writing its ``K``-th item: the tests' stand-in for a lost process.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _exit_hook(written: int) -> None:
     if not spec:
         return
     rank, _, count = spec.partition(":")
-    if int(rank) == env_rank() and written >= int(count or 1):
+    if (rank == "*" or int(rank) == env_rank()) and written >= int(count or 1):
         log.warning("%s=%s: exiting after %d items", EXIT_AFTER_ENV, spec, written)
         os._exit(17)
 
