@@ -113,6 +113,30 @@ def test_pgd_goal_row_gives_torchattacks_channels_last_weights():
     assert (contiguous["ours"], contiguous["ref"]) == ("ours_contig", "ta")
 
 
+def test_suites_quick_standard_counts_the_passes_of_both_libraries(tmp_path, capsys, one_thread):
+    """``bench_suites.py --quick`` on our ``standard`` suite only: well-formed rows, and the
+    one pass counter sees the model calls of ours and of torchattacks alike (forward and
+    backward rows on both sides), and the checks' passes in a row of their own."""
+    bench = _load("bench_suites.py")
+    argv = ["--quick", "--threads", "1", "--models", "smallcnn", "--suites", "standard",
+            "--ta-steps", "2", "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "suites.json").read_text())["rows"]
+    for r in rows:
+        assert set(ROW_KEYS) <= set(r), set(ROW_KEYS) - set(r)
+    passes = [r for r in rows if r["benchmark"] == "suite standard"
+              and r["metric"].startswith("fwd+bwd")]
+    assert sorted(r["reference"].split(" (")[0] for r in passes) == [
+        "AutoAttack standard", "torchattacks.AutoAttack(standard) as shipped"]
+    for r in passes:
+        for side in ("ours_passes", "ref_passes"):
+            assert r[side]["forward"] > 0 and r[side]["backward"] > 0, (side, r)
+    checks = [r for r in rows if r["benchmark"] == "checks after standard"]
+    assert [r["metric"] for r in checks] == ["fwd+bwd rows per example", "s"]
+    assert checks[0]["checks_passes"]["forward"] > 0
+
+
 # -- the GPU check's CPU smoke run -------------------------------------------------------------
 def test_gpu_check_cpu_smoke_answers_every_phase(tmp_path, capsys):
     gpu_check = _load("gpu_check.py")

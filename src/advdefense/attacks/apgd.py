@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ..errors import AdvDefenseError
-from ..randomness import fresh_seed
+from ..randomness import fresh_seed, is_stochastic
 from .base import (
     Attack,
     AttackRecorder,
@@ -74,6 +74,7 @@ from .base import (
     normalize_step,
     project,
     random_start,
+    varies_between_calls,
 )
 from .losses import LossFn
 
@@ -108,8 +109,12 @@ class APGD(Attack):
     Keyword-only hyper-parameters (paper/AutoAttack defaults): ``n_iter=100`` (``steps`` is an
     alias), ``loss="ce"`` (``"dlr"``, any loss of :mod:`.losses` or an :class:`Objective`),
     ``rho=0.75``, ``momentum=0.75``, ``initial_step=2.0`` (times eps), ``restarts=1``,
-    ``eot_resample="step"``; plus the common ones of :class:`~.base.Attack`. Restarts after the
-    first run only on examples not yet adversarial. ``x``: (N, C, H, W) in [0, 1]; ``y``: (N,).
+    ``eot_resample="step"``, ``early_stop=False``; plus the common ones of
+    :class:`~.base.Attack`. Restarts after the first run only on examples not yet adversarial.
+    ``early_stop`` drops an example from the model's passes once an iterate is adversarial,
+    on a deterministic model only (:meth:`stops_early`): the returned points and verdicts are
+    those of the full run, at the passes the examples still need (the ``fast`` suite).
+    ``x``: (N, C, H, W) in [0, 1]; ``y``: (N,).
     """
 
     name = "apgd-ce"
@@ -132,6 +137,7 @@ class APGD(Attack):
         seed: int | None = None,
         restarts: int = 1,
         targeted: bool = False,
+        early_stop: bool = False,
     ) -> None:
         super().__init__(eps=eps, norm=norm, eot_samples=eot_samples, max_batch=max_batch,
                          seed=seed, restarts=restarts, targeted=targeted)
@@ -153,6 +159,7 @@ class APGD(Attack):
         self.objective = as_objective(self.default_loss if loss is None else loss)
         self.loss = self.objective
         self.eot_resample = eot_resample
+        self.early_stop = bool(early_stop)
         self.checkpoints = step_checkpoints(self.n_iter)
 
     @property
@@ -172,7 +179,7 @@ class APGD(Attack):
     def _single_run(self, model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor,
                     idx: torch.Tensor, loss_target: torch.Tensor | None,
                     user_target: torch.Tensor | None, k: int, best: BestIterate,
-                    recorder: AttackRecorder) -> None:
+                    recorder: AttackRecorder, stop: bool = False) -> None:
         x, y = x_all[idx], y_all[idx]
         lt = None if loss_target is None else loss_target[idx]
         ut = None if user_target is None else user_target[idx]
@@ -180,13 +187,31 @@ class APGD(Attack):
         view = (m,) + (1,) * (x.dim() - 1)
         recorder.begin_run(idx)
         draws = fresh_seed() if self.eot_resample == "run" else None
+        live: torch.Tensor | None = None  # with ``stop``: rows not yet adversarial
 
-        def evaluate(x_it):
-            res = self._eot(model, x_it, y, lt, k, recorder, draws)
-            best.offer(idx, x_it, res, y, ut, recorder)
-            grad = recorder.sanitize(res.grad)
-            recorder.step(res.loss, grad.flatten(1).norm(dim=1))
-            return res.loss, grad
+        def evaluate(x_it, loss_before=None):
+            if live is None:
+                res = self._eot(model, x_it, y, lt, k, recorder, draws)
+                best.offer(idx, x_it, res, y, ut, recorder)
+                loss, grad = res.loss, recorder.sanitize(res.grad)
+            else:  # only the live rows go through the model; the others keep their loss
+                sub = x_it[live]
+                res = self._eot(model, sub, y[live], None if lt is None else lt[live], k,
+                                recorder, draws)
+                best.offer(idx[live], sub, res, y[live], None if ut is None else ut[live],
+                           recorder)
+                loss = loss_before.clone()
+                loss[live] = res.loss
+                grad = torch.zeros_like(x_it)
+                grad[live] = recorder.sanitize(res.grad)
+            recorder.step(loss, grad.flatten(1).norm(dim=1))
+            return loss, grad
+
+        def still_live() -> torch.Tensor | None:
+            adversarial = best.adversarial[idx]
+            if live is None and not bool(adversarial.any()):
+                return None
+            return (~adversarial).nonzero().squeeze(1)
 
         x_cur = random_start(x, self.eps, self.norm)
         loss_cur, grad = evaluate(x_cur)
@@ -200,12 +225,16 @@ class APGD(Attack):
         halved_last = torch.zeros(m, dtype=torch.bool, device=x.device)
 
         for t in range(1, self.n_iter + 1):
+            if stop:
+                live = still_live()
+                if live is not None and live.numel() == 0:
+                    break
             alpha = 1.0 if t == 1 else self.momentum
             z = project(x_cur + step.view(view) * normalize_step(grad, self.norm), x,
                         self.eps, self.norm)
             x_new = project(x_cur + alpha * (z - x_cur) + (1.0 - alpha) * (x_cur - x_prev), x,
                             self.eps, self.norm)
-            loss_new, grad_new = evaluate(x_new)
+            loss_new, grad_new = evaluate(x_new, loss_cur)
             successes += (loss_new > loss_cur).float()
             improved = loss_new > f_max
             x_max[improved] = x_new[improved]
@@ -227,15 +256,23 @@ class APGD(Attack):
                 successes.zero_()
                 last_w = t
 
+    def stops_early(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> bool:
+        """Whether this call drops examples once adversarial (``early_stop``): only on a
+        model that is deterministic (one draw, no declared randomness, outputs equal over two
+        calls), where an adversarial iterate stays adversarial in the final verdict."""
+        return (self.early_stop and k == 1 and not is_stochastic(model)
+                and not varies_between_calls(model, x, y, gradients=False))
+
     def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         k = self.effective_eot(model, x, y)
+        stop = self.stops_early(model, x, y, k)
         best = BestIterate(x)
         for r in range(self.restarts):
             idx = (torch.arange(x.shape[0], device=x.device) if r == 0
                    else (~best.adversarial).nonzero().squeeze(1))
             if idx.numel() == 0:
                 break
-            self._single_run(model, x, y, idx, target, target, k, best, recorder)
+            self._single_run(model, x, y, idx, target, target, k, best, recorder, stop)
         recorder.returned_adversarial = best.adversarial
         return best.x
 
@@ -263,20 +300,21 @@ class APGDT(APGD):
                  loss: str | LossFn | Objective | None = None, rho: float = 0.75,
                  momentum: float = 0.75, initial_step: float = 2.0, eot_samples: int | None = None,
                  eot_resample: str = "step", max_batch: int = 4096, seed: int | None = None,
-                 restarts: int = 1, targeted: bool = False) -> None:
+                 restarts: int = 1, targeted: bool = False, early_stop: bool = False) -> None:
         if targeted:
             raise AdvDefenseError("apgd-t picks its own targets; use apgd-ce/apgd-dlr with "
                                   "targeted=True for a given target")
         super().__init__(eps=eps, norm=norm, n_iter=n_iter, steps=steps, loss=loss, rho=rho,
                          momentum=momentum, initial_step=initial_step, eot_samples=eot_samples,
                          eot_resample=eot_resample, max_batch=max_batch, seed=seed,
-                         restarts=restarts)
+                         restarts=restarts, early_stop=early_stop)
         if int(n_target_classes) < 1:
             raise AdvDefenseError(f"n_target_classes must be >= 1, got {n_target_classes}")
         self.n_target_classes = int(n_target_classes)
 
     def run(self, model: nn.Module, x, y, target, recorder: AttackRecorder):
         k = self.effective_eot(model, x, y)
+        stop = self.stops_early(model, x, y, k)
         clean = eot_loss_grad(model, x, y, "ce", eot_samples=k, max_batch=self.max_batch,
                               need_grad=False, recorder=recorder)
         logits = clean.logits.mean(dim=0)
@@ -302,6 +340,6 @@ class APGDT(APGD):
                 first = False
                 if idx.numel() == 0:
                     break
-                self._single_run(model, x, y, idx, tgt, None, k, best, recorder)
+                self._single_run(model, x, y, idx, tgt, None, k, best, recorder, stop)
         recorder.returned_adversarial = best.adversarial
         return best.x

@@ -504,8 +504,14 @@ class Attack(ABC):
         self.targeted = bool(targeted)
         self.trace = AttackRecorder(0)
 
+    #: settings left out of :meth:`settings` (so of the repr, which names an attack in stored
+    #: evaluations and their digests) while they hold these values: options that change
+    #: only the cost, added after such evaluations were stored
+    quiet_defaults: dict[str, object] = {"early_stop": False}
+
     def settings(self) -> dict[str, object]:
-        """Every keyword setting of the constructor with its current value."""
+        """Every keyword setting of the constructor with its current value (those of
+        :attr:`quiet_defaults` only when they differ from it)."""
         out: dict[str, object] = {}
         for cls in type(self).__mro__:
             init = cls.__dict__.get("__init__")
@@ -514,7 +520,8 @@ class Attack(ABC):
             for p in inspect.signature(init).parameters.values():
                 if p.kind is p.KEYWORD_ONLY and p.name not in out and hasattr(self, p.name):
                     out[p.name] = getattr(self, p.name)
-        return out
+        return {k: v for k, v in out.items()
+                if k not in self.quiet_defaults or v != self.quiet_defaults[k]}
 
     def __repr__(self) -> str:
         def show(v: object) -> str:
@@ -547,7 +554,7 @@ class Attack(ABC):
             return k
         grads = self.access == "white-box"
         what = "outputs and gradients" if grads else "outputs"
-        if x is None or not x.shape[0] or _varies_between_calls(model, x, y, gradients=grads):
+        if x is None or not x.shape[0] or varies_between_calls(model, x, y, gradients=grads):
             log.info("%s: the model declares no live randomness, but its %s differ between "
                      "calls (or were not probed): keeping eot_samples=%d", self.name, what, k)
             return k
@@ -584,7 +591,7 @@ class Attack(ABC):
         to ``recorder``; set ``recorder.returned_adversarial`` for the returned points."""
 
 
-def _varies_between_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, *,
+def varies_between_calls(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, *,
                           gradients: bool, rows: int = 4) -> bool:
     """Whether two calls of ``model`` on the first ``rows`` examples give different outputs
     (or, with ``gradients``, different input gradients of the true-class logit). The

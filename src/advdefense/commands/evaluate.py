@@ -53,6 +53,10 @@ from typing import Any
 
 from ..errors import AdvDefenseError, CheckpointError
 
+#: ``--suite`` choices (:data:`advdefense.evaluation.suite.SUITES`, named here so that the
+#: parser is built without importing torch)
+SUITE_NAMES = ("fast", "rand-fast", "standard", "rand", "full")
+
 MNIST_LIKE = ("mnist", "mnist5k", "digits")
 
 
@@ -218,8 +222,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "0.3 MNIST-like, 8/255 CIFAR/SVHN for linf; 2.0 / 0.5 for l2)")
     parser.add_argument("--eps-sweep", type=_floats, default=None,
                         help="comma-separated radii for the accuracy-vs-eps curve")
-    parser.add_argument("--suite", choices=("standard", "rand", "full"), default=None,
-                        help="run an AutoAttack-style cascade instead of --attacks")
+    parser.add_argument("--suite", choices=SUITE_NAMES, default=None,
+                        help="run an AutoAttack-style cascade instead of --attacks: fast (a "
+                             "quick first look; rand-fast on a random model), standard, rand, "
+                             "full (before publishing a number, or when a check fails)")
     parser.add_argument("--norm", choices=("linf", "l2"), default=None,
                         help="threat model (default: the checkpoint's, else linf)")
     parser.add_argument("--protocols", type=_names, default=None,

@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mnist5k (CPU, converged, two or three seeds per entry; about "
                              "6 h with --jobs 2), mnist5k-quick (CPU, about 30 min), "
                              "cifar10-jpeg (CPU, CIFAR-10 (JPEG copy), two or three seeds; "
-                             "about 4 h with --jobs 2, 7.4 min on one H200), cifar10-jpeg-quick (CPU, under 20 "
-                             "min) or cifar10 (GPU)")
+                             "about 4 h with --jobs 2, 7.4 min on one H200), "
+                             "cifar10-jpeg-quick (CPU, under 20 min) or cifar10 (GPU)")
     parser.add_argument("--output", help="output folder (default runs/reproduce_<preset>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", help="comma-separated training seeds of the multi-seed "

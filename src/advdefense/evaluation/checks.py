@@ -446,11 +446,13 @@ def check_more_iterations(ctx: Context) -> CheckResult:
     return CheckResult("more_iterations", True, detail)
 
 
-def _is_transfer(e) -> bool:
+def is_transfer_stage(e) -> bool:
+    """Whether a result entry is a transfer (a substitute model, or a frozen draw)."""
     return e.protocol == "paper" or (e.trace is not None and e.trace.access == "transfer")
 
 
-def _is_blackbox(e) -> bool:
+def is_blackbox_stage(e) -> bool:
+    """Whether a result entry is a gradient-free attack (Square, NAttack)."""
     return e.trace is not None and e.trace.access == "gradient-free"
 
 
@@ -460,7 +462,7 @@ def check_blackbox(ctx: Context) -> CheckResult:
     an attack is comes from its class (``Attack.access``), not from its label."""
     name = "blackbox_beats_whitebox"
     entries = ctx.entries()
-    other = [e for e in entries if _is_blackbox(e) or _is_transfer(e)]
+    other = [e for e in entries if is_blackbox_stage(e) or is_transfer_stage(e)]
     white = [e for e in entries if e not in other]
     if not white or not other:
         return CheckResult(name, None, "needs both white-box and black-box/transfer attacks "
@@ -490,7 +492,7 @@ def check_silent_success(ctx: Context) -> CheckResult:
     silent, judged = [], False
     for e in ctx.entries():
         t = e.trace
-        if t is None or t.ever_adversarial is None or _is_transfer(e):
+        if t is None or t.ever_adversarial is None or is_transfer_stage(e):
             continue
         judged = True
         robust = e.verdict.all if e.ran is None else (e.verdict.all & e.ran)
@@ -516,7 +518,7 @@ def check_transfer(ctx: Context) -> CheckResult:
     rows, low = [], []
     for e in ctx.entries():
         t = e.trace
-        if t is None or not _is_transfer(e):
+        if t is None or not is_transfer_stage(e):
             continue
         sub = t.substitute_adversarial if t.access == "transfer" else t.returned_adversarial
         if sub is None:

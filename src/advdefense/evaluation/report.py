@@ -109,6 +109,14 @@ def to_markdown(result: EvalResult, *, title: str = "Robustness evaluation",
         desc += (f"; suite `{cfg.get('suite')}` ({cfg.get('norm')}, eps={cfg.get('eps')}), "
                  "cascade: each row is the robust accuracy after that attack")
     lines += [desc, ""]
+    escalation = cfg.get("escalation")
+    if escalation:
+        lines += [("Escalated to the reference suite's " + ", ".join(escalation["stages"])
+                   + " (" + "; ".join(escalation["reasons"]) + ")") if escalation["escalated"]
+                  else ("No warning sign: the escalation stages (" +
+                        ", ".join(escalation["stages"]) + ") did not run. A quick first "
+                        "look: run `--suite standard` (deterministic) or `rand` (random "
+                        "model) before publishing this figure."), ""]
     head = "| attack | protocol | accuracy [95% CI] |"
     sep = "|---|---|---|"
     if result.stochastic:

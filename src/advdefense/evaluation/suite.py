@@ -68,7 +68,7 @@ from ..layout import channels_last_weights
 from ..precision import check_precision
 from ..provenance import relative_path
 from ..randomness import is_stochastic, seeded
-from .checks import CheckSettings, run_checks
+from .checks import CheckSettings, is_blackbox_stage, is_transfer_stage, run_checks
 from .harness import (
     AdvKeeper,
     attack_identity,
@@ -87,19 +87,25 @@ from .resume import model_fingerprint, run_fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUITES", "SuiteState", "model_fingerprint", "run_suite", "suite_plan"]
+__all__ = ["SUITES", "SuiteState", "escalation_plan", "escalation_reasons", "model_fingerprint",
+           "run_suite", "suite_plan"]
 
-SUITES = ("standard", "rand", "full")
+SUITES = ("fast", "rand-fast", "standard", "rand", "full")
 STATE_VERSION = 3
+#: EOT draws of the ``rand-fast`` suite's gradient stages (``rand``: ``eot_samples``)
+FAST_EOT = 4
+#: targets of the ``fast`` suite's APGD-T and queries of its Square (``standard``: 9, 5,000)
+FAST_TARGETS, FAST_QUERIES = 3, 1000
+#: queries and EOT draws of the ``rand-fast`` suite's Square
+RAND_FAST_QUERIES, RAND_FAST_SQUARE_EOT = 250, 2
+#: failed checks after which a fast suite runs its escalation stages: signs that the
+#: gradients mislead (masking) or that the attacks stopped short of what they could reach
+ESCALATING_CHECKS = ("zero_gradients", "nonfinite_gradients", "unbounded_attack",
+                     "more_iterations", "eps_monotone")
 
 
-def suite_plan(suite: str, *, eps: float, norm: str = "linf", eot_samples: int = 20,
-               n_classes: int = 10, stochastic: bool = True) -> list[tuple[str, str, dict]]:
-    """``(label, registry name, keyword arguments)`` of every attack of a suite, in order; a
-    ``protocol`` keyword runs that stage under another protocol than the suite's."""
-    if suite not in SUITES:
-        raise AdvDefenseError(f"unknown suite {suite!r}; choose one of: {', '.join(SUITES)}")
-    targets = max(1, min(9, n_classes - 1))
+def _reference_plans(eps: float, eot_samples: int, targets: int) -> dict[str, list]:
+    """The reference suites: AutoAttack's standard and rand versions, and ``full``."""
     standard = [
         ("apgd-ce", "apgd-ce", {"n_iter": 100}),
         ("apgd-t", "apgd-t", {"n_iter": 100, "n_target_classes": targets}),
@@ -120,17 +126,89 @@ def suite_plan(suite: str, *, eps: float, norm: str = "linf", eot_samples: int =
         ("pgd-margin", "pgd", {"steps": 100, "step_size": eps / 4, "restarts": 5,
                                "loss": "margin", **eot}),
     ]
-    plan = {"standard": standard, "rand": rand, "full": standard + rand + pgd}[suite]
-    if not stochastic:  # EOT and freezing are no-ops on a deterministic model
+    return {"standard": standard, "rand": rand, "full": standard + rand + pgd}
+
+
+def _fast_plans(targets: int) -> dict[str, list]:
+    """The quick first looks (see :func:`escalation_plan` for what follows a warning sign).
+
+    ``fast``: APGD-CE and APGD-T on the ``FAST_TARGETS`` most likely classes, both dropping
+    an example from the model's passes once it is adversarial (``early_stop``, deterministic
+    models only), then Square with ``FAST_QUERIES`` queries on AutoAttack's schedule rescaled
+    to them. ``rand-fast``: APGD-CE and APGD-DLR with ``FAST_EOT`` draws (AutoAttack's rand
+    version: 20), the frozen-draw transfer and Square with ``RAND_FAST_QUERIES`` queries on
+    ``RAND_FAST_SQUARE_EOT`` fresh draws each.
+    """
+    fast = [
+        ("apgd-ce", "apgd-ce", {"n_iter": 100, "early_stop": True}),
+        (f"apgd-t/{min(FAST_TARGETS, targets)}", "apgd-t",
+         {"n_iter": 100, "n_target_classes": min(FAST_TARGETS, targets), "early_stop": True}),
+        (f"square/{FAST_QUERIES}", "square",
+         {"n_queries": FAST_QUERIES, "p_init": 0.8, "rescale_schedule": True}),
+    ]
+    eot = {"eot_samples": FAST_EOT}
+    rand_fast = [
+        (f"apgd-ce+eot{FAST_EOT}", "apgd-ce", {"n_iter": 100, **eot}),
+        (f"apgd-dlr+eot{FAST_EOT}", "apgd-dlr", {"n_iter": 100, **eot}),
+        ("apgd-ce@frozen", "apgd-ce", {"n_iter": 100, "protocol": "paper"}),
+        (f"square+eot{RAND_FAST_SQUARE_EOT}/{RAND_FAST_QUERIES}", "square",
+         {"n_queries": RAND_FAST_QUERIES, "p_init": 0.8, "rescale_schedule": True,
+          "eot_samples": RAND_FAST_SQUARE_EOT}),
+    ]
+    return {"fast": fast, "rand-fast": rand_fast}
+
+
+def _check_suite(suite: str) -> None:
+    if suite not in SUITES:
+        raise AdvDefenseError(f"unknown suite {suite!r}; choose one of: {', '.join(SUITES)}")
+
+
+def suite_plan(suite: str, *, eps: float, norm: str = "linf", eot_samples: int = 20,
+               n_classes: int = 10, stochastic: bool = True) -> list[tuple[str, str, dict]]:
+    """``(label, registry name, keyword arguments)`` of every attack of a suite, in order; a
+    ``protocol`` keyword runs that stage under another protocol than the suite's. ``fast``
+    on a stochastic model is ``rand-fast``."""
+    _check_suite(suite)
+    targets = max(1, min(9, n_classes - 1))
+    if suite == "fast" and stochastic:
+        suite = "rand-fast"
+    plans = {**_reference_plans(eps, eot_samples, targets), **_fast_plans(targets)}
+    return _deterministic(plans[suite]) if not stochastic else plans[suite]
+
+
+def escalation_plan(suite: str, *, eps: float, norm: str = "linf", eot_samples: int = 20,
+                    n_classes: int = 10, stochastic: bool = True
+                    ) -> list[tuple[str, str, dict]]:
+    """What a fast suite runs on the points still robust when it saw a warning sign (a failed
+    check, or a black-box or transfer stage that broke points the gradient stages missed):
+    the rest of the reference suite of the model (deterministic, ``standard``: APGD-T on every
+    target, FAB-T, Square with 5,000 queries; stochastic, ``rand``: its EOT stages at
+    ``eot_samples`` draws). Empty for the reference suites."""
+    _check_suite(suite)
+    if suite not in ("fast", "rand-fast"):
+        return []
+    reference = "rand" if stochastic else "standard"
+    plan = suite_plan(reference, eps=eps, norm=norm, eot_samples=eot_samples,
+                      n_classes=n_classes, stochastic=stochastic)
+    if reference == "standard":
+        plan = [(lab, name, dict(kw, early_stop=True) if name == "apgd-t" else kw)
+                for lab, name, kw in plan if lab != "apgd-ce"]
+    else:  # the frozen-draw transfer already ran
         plan = [(lab, name, kw) for lab, name, kw in plan if "protocol" not in kw]
-        seen, kept = set(), []
-        for label, name, kw in plan:
-            key = (name, tuple(sorted((k, v) for k, v in kw.items() if k != "eot_samples")))
-            if key not in seen:
-                seen.add(key)
-                kept.append((label, name, kw))
-        plan = kept
     return plan
+
+
+def _deterministic(plan: list[tuple[str, str, dict]]) -> list[tuple[str, str, dict]]:
+    """``plan`` on a deterministic model, where EOT and freezing are no-ops: frozen-draw
+    stages go, and stages that differ only in their EOT are run once."""
+    plan = [(lab, name, kw) for lab, name, kw in plan if "protocol" not in kw]
+    seen, kept = set(), []
+    for label, name, kw in plan:
+        key = (name, tuple(sorted((k, v) for k, v in kw.items() if k != "eot_samples")))
+        if key not in seen:
+            seen.add(key)
+            kept.append((label, name, kw))
+    return kept
 
 
 def _build(name: str, label: str, kwargs: dict) -> Attack:
@@ -291,6 +369,7 @@ def run_suite(
         if len(given) != len(plan):
             raise AdvDefenseError("custom suite labels must be unique")
         suite_name = "custom"
+        escalation = []
     else:
         if suite not in SUITES:
             raise AdvDefenseError(f"unknown suite {suite!r}; choose one of: {', '.join(SUITES)}")
@@ -298,7 +377,9 @@ def run_suite(
             n_classes = int(model(x_all[:1].to(device)).shape[1])
         plan = suite_plan(suite, eps=eps, norm=norm, eot_samples=eot_samples,
                           n_classes=n_classes, stochastic=stochastic)
-        for label, name, _ in plan:  # fail before any work if an attack is missing
+        escalation = escalation_plan(suite, eps=eps, norm=norm, eot_samples=eot_samples,
+                                     n_classes=n_classes, stochastic=stochastic)
+        for label, name, _ in plan + escalation:  # fail before any work if one is missing
             if name not in ATTACKS:
                 _build(name, label, {})
         suite_name = suite
@@ -310,7 +391,8 @@ def run_suite(
                 "attack_precision": attack_precision, "batch_size": batch_size,
                 "index_offset": index_offset, "randomness": randomness,
                 "plan": [(lab, name, kw) for lab, name, kw in plan] if attacks is None
-                else [(lab, attack_identity(given[lab]), kw) for lab, _, kw in plan]}
+                else [(lab, attack_identity(given[lab]), kw) for lab, _, kw in plan],
+                "escalation": escalation}
     fingerprint = run_fingerprint(x_all, y_all, settings, model_hash)
     path = Path(state_path) if state_path is not None else None
     state = SuiteState.load_or_new(path, fingerprint, model_hash, settings)
@@ -365,16 +447,25 @@ def run_suite(
             keeper.offer("clean", torch.arange(n), x_all, ~state.clean.all)
         robust = clean.verdict
         entries: dict[str, EntryResult] = {}
-        stages = tqdm(list(enumerate(plan)), desc=f"suite {suite_name}", disable=not progress,
-                      leave=False)
-        for i, (label, name, kw) in stages:
-            if label in state.entries:
-                rec = state.entries[label]
-                robust = robust & rec["verdict"]
-                entries[label] = EntryResult(label, name, rec.get("protocol", protocol),
-                                             rec["verdict"], rec["seconds"], rec["attack"],
-                                             rec.get("trace"), rec["ran"], robust)
-                continue
+
+        def run_stages(stages_plan: list[tuple[str, str, dict]], first_position: int) -> None:
+            """Run (or read back) the stages of ``stages_plan``, the first being stage
+            ``first_position`` of the suite (its seed), each on the points still robust."""
+            nonlocal robust
+            stages = tqdm(list(enumerate(stages_plan, start=first_position)),
+                          desc=f"suite {suite_name}", disable=not progress, leave=False)
+            for i, (label, name, kw) in stages:
+                if label in state.entries:
+                    rec = state.entries[label]
+                    robust = robust & rec["verdict"]
+                    entries[label] = EntryResult(label, name, rec.get("protocol", protocol),
+                                                 rec["verdict"], rec["seconds"], rec["attack"],
+                                                 rec.get("trace"), rec["ran"], robust)
+                    continue
+                entries[label] = run_stage(i, label, name, kw)
+                robust = entries[label].cumulative
+
+        def run_stage(i: int, label: str, name: str, kw: dict | None) -> EntryResult:
             stage_seed = seed + 1000 * (i + 1)
             options = dict(kw or {})
             stage_protocol = check_protocol(options.pop("protocol", protocol))
@@ -392,8 +483,7 @@ def run_suite(
             positions: list[torch.Tensor] = []
             frozen: list[Any] = []
 
-            def step(x, y, sel, first, attack=attack, label=label, frozen=frozen,
-                     stage_protocol=stage_protocol, stage_seed=stage_seed):
+            def step(x, y, sel, first):
                 out = run_protocol(model, attack, x, y, stage_protocol, repeats=reps,
                                    max_batch=max_batch, seed=batch_seed(stage_seed, first),
                                    precision=attack_precision,
@@ -412,27 +502,70 @@ def run_suite(
                 own.get(k)[idx] = part.get(k)
             ran = torch.zeros(n, dtype=torch.bool)
             ran[idx] = True
-            robust = robust & own
             seconds = time.perf_counter() - t0
             trace = TraceSummary.merge(traces, n, positions)
-            entries[label] = EntryResult(label, name, stage_protocol, own, seconds,
-                                         repr(attack), trace, ran, robust, states=frozen)
             state.finish(label, own, ran, seconds, repr(attack), stage_protocol, trace)
             state.save(path)
-    config = {"kind": "suite", "suite": suite_name, "eps": eps, "norm": norm,
-              "eot_samples": eot_samples, "repeats": reps, "seed": seed, "n": n,
-              "batch_size": batch_size, "max_batch": max_batch, "stochastic": stochastic,
-              "randomness": randomness, "protocol": protocol, "model_hash": model_hash,
-              "state_path": None if path is None else relative_path(path),
-              "specs": [{"label": lab, "name": name, "protocol": entries[lab].protocol,
-                         "eps": eps, "norm": norm, "attack": entries[lab].attack,
-                         "passes": entries[lab].passes} for lab, name, _ in plan]}
-    result = EvalResult(n, stochastic, reps, clean, entries, robust, y_all.cpu(),
-                        time.perf_counter() - t_start, config, kind="suite")
+            return EntryResult(label, name, stage_protocol, own, seconds, repr(attack), trace,
+                               ran, robust & own, states=frozen)
+
+        def result_of(stages_plan: list[tuple[str, str, dict]]) -> EvalResult:
+            config = {"kind": "suite", "suite": suite_name, "eps": eps, "norm": norm,
+                      "eot_samples": eot_samples, "repeats": reps, "seed": seed, "n": n,
+                      "batch_size": batch_size, "max_batch": max_batch,
+                      "stochastic": stochastic, "randomness": randomness, "protocol": protocol,
+                      "model_hash": model_hash,
+                      "state_path": None if path is None else relative_path(path),
+                      "specs": [{"label": lab, "name": name, "protocol": entries[lab].protocol,
+                                 "eps": eps, "norm": norm, "attack": entries[lab].attack,
+                                 "passes": entries[lab].passes} for lab, name, _ in stages_plan]}
+            return EvalResult(n, stochastic, reps, clean, {lab: entries[lab] for lab, *_ in
+                                                           stages_plan},
+                              robust, y_all.cpu(), time.perf_counter() - t_start, config,
+                              kind="suite")
+
+        run_stages(plan, 0)
+        result = result_of(plan)
+        checks_seconds, checked = 0.0, False
+        if escalation:
+            if settings_checks is not None:  # judged on the fast stages alone
+                t0 = time.perf_counter()
+                result.checks = run_checks(model, (x_all, y_all), result, settings_checks)
+                checks_seconds, checked = time.perf_counter() - t0, True
+            reasons = escalation_reasons(result)
+            if reasons:
+                log.info("suite %s: escalating (%s)", suite_name, "; ".join(reasons))
+                run_stages(escalation, len(plan))
+                result, checked = result_of(plan + escalation), False
+            result.config["escalation"] = {"escalated": bool(reasons), "reasons": reasons,
+                                           "stages": [lab for lab, *_ in escalation]}
     if keeper is not None:
         result.adv, result.adv_source = keeper.x, keeper.source
     if settings_checks is not None:
-        t0 = time.perf_counter()
-        result.checks = run_checks(model, (x_all, y_all), result, settings_checks)
-        result.config["checks_seconds"] = time.perf_counter() - t0
+        if not checked:
+            t0 = time.perf_counter()
+            result.checks = run_checks(model, (x_all, y_all), result, settings_checks)
+            checks_seconds += time.perf_counter() - t0
+        result.config["checks_seconds"] = checks_seconds
     return result
+
+
+def escalation_reasons(result: EvalResult) -> list[str]:
+    """Why a fast suite goes on with its escalation stages (empty: it need not): a
+    gradient-free or transfer stage broke points that every gradient stage before it missed
+    (the sign of masked gradients that AutoAttack's Square is there to catch), judged by the
+    majority vote of the repeated predictions (on a random model, the all-repeats verdict of
+    a point near the boundary fails by chance at any stage), or one of
+    :data:`ESCALATING_CHECKS` failed in ``result.checks``. The other checks are reported as
+    they are; they ask for more draws or iterations, not for the reference's other attacks."""
+    reasons = []
+    robust = result.clean.verdict.majority
+    for e in result.entries.values():  # in cascade order
+        broke = int((robust & ~e.verdict.majority).sum())
+        robust = robust & e.verdict.majority
+        if broke and (is_blackbox_stage(e) or is_transfer_stage(e)):
+            reasons.append(f"{e.label} broke {broke} points the gradient stages missed")
+    failed = [c.name for c in result.checks if c.passed is False and c.name in ESCALATING_CHECKS]
+    if failed:
+        reasons.append("failed checks: " + ", ".join(failed))
+    return reasons

@@ -258,6 +258,23 @@ def _merge_entries(entries: list[EntryResult], starts: list[int], sizes: list[in
                        _cat_verdicts([e.cumulative for e in entries]))
 
 
+def _not_run(entry: EntryResult, unit: EvalResult) -> EntryResult:
+    """``entry``'s stage in a unit where it did not run: every example keeps its verdict."""
+    return EntryResult(entry.label, entry.name, entry.protocol, Verdict.full(unit.n), 0.0,
+                       entry.attack, None, torch.zeros(unit.n, dtype=torch.bool),
+                       unit.worst)
+
+
+def _merge_escalations(parts: Sequence[tuple[int, EvalResult]]) -> dict[str, Any]:
+    """A fast suite's escalation over units: escalated where any unit escalated, with the
+    reasons of each such unit (named by its first example)."""
+    done = [(s, r.config["escalation"]) for s, r in parts if r.config["escalation"]["escalated"]]
+    return {"escalated": bool(done),
+            "reasons": [f"examples from {s}: " + "; ".join(e["reasons"]) for s, e in done],
+            "stages": parts[0][1].config["escalation"]["stages"],
+            "units_escalated": len(done), "units": len(parts)}
+
+
 def merge_results(parts: Sequence[tuple[int, EvalResult]]) -> EvalResult:
     """One result from the results of consecutive units ``(start, result)``: per-example
     verdicts, ``ran`` masks, cascades, labels and kept inputs concatenated by index, traces
@@ -271,17 +288,23 @@ def merge_results(parts: Sequence[tuple[int, EvalResult]]) -> EvalResult:
             raise AdvDefenseError(f"units do not tile the examples: the unit at {s} holds "
                                   f"{r.n} examples but the next starts at {nxt}")
     n = sum(sizes)
-    head = results[0]
+    head = max(results, key=lambda r: len(r.entries))
     labels = list(head.entries)
-    for r in results[1:]:
-        if list(r.entries) != labels:
+    for r in results:
+        ran = list(r.entries)
+        # a fast suite's unit without a warning sign stops before its escalation stages
+        escalates = "escalation" in r.config and not r.config["escalation"]["escalated"]
+        if ran != labels and not (escalates and ran == labels[:len(ran)]):
             raise AdvDefenseError("units ran different attacks; delete the unit folder and "
                                   "run again")
     clean = _merge_entries([r.clean for r in results], starts, sizes, n)
-    entries = {lab: _merge_entries([r.entries[lab] for r in results], starts, sizes, n)
+    entries = {lab: _merge_entries([r.entries.get(lab) or _not_run(head.entries[lab], r)
+                                    for r in results], starts, sizes, n)
                for lab in labels}
     config = {k: v for k, v in head.config.items() if k != "state_path"}
     config["n"] = n
+    if "escalation" in config:
+        config["escalation"] = _merge_escalations(parts)
     if "specs" in config:
         config["specs"] = [dict(s, **({"passes": entries[s["label"]].passes}
                                       if s.get("label") in entries else {}))

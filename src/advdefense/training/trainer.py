@@ -85,10 +85,10 @@ from ..errors import AdvDefenseError, CheckpointError, ConfigError
 from ..layout import to_channels_last
 from ..models.heads import forward_with_aux
 from ..precision import warn_if_bf16_emulated
+from ..provenance import machine_line
 from ..randomness import seeded, stochastic_modules
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, make_checkpoint, restore_rng, save_checkpoint
-from ..provenance import machine_line
 from .early_stopping import lr_decays, monitor_plan, stopping_state
 from .optim import build_optimizer, build_schedule
 from .recipes import Recipe, StandardRecipe, build_recipe, recipe_defaults
