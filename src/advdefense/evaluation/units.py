@@ -293,8 +293,8 @@ def merge_results(parts: Sequence[tuple[int, EvalResult]]) -> EvalResult:
     for r in results:
         ran = list(r.entries)
         # a fast suite's unit without a warning sign stops before its escalation stages
-        escalates = "escalation" in r.config and not r.config["escalation"]["escalated"]
-        if ran != labels and not (escalates and ran == labels[:len(ran)]):
+        calm = "escalation" in r.config and not r.config["escalation"]["escalated"]
+        if ran != labels and not (calm and ran == labels[:len(ran)]):
             raise AdvDefenseError("units ran different attacks; delete the unit folder and "
                                   "run again")
     clean = _merge_entries([r.clean for r in results], starts, sizes, n)
