@@ -144,3 +144,12 @@ def test_units_merge_when_only_some_escalated(standard_model, mnist_test, masked
     assert merged.config["escalation"]["units_escalated"] == 1
     assert not merged.entries["fab-t"].ran[:5].any()
     assert torch.equal(merged.worst.all, torch.cat([calm.worst.all, masked_fast.worst.all]))
+
+
+def test_report_says_the_suite_escalated_and_names_each_stage(masked_fast):
+    from advdefense.evaluation.report import to_markdown
+
+    md = to_markdown(masked_fast)
+    assert "Escalated to the reference suite's apgd-t, fab-t, square (square/1000 broke" in md
+    for label in ("apgd-t/3", "square/1000", "apgd-t", "fab-t", "square"):
+        assert f"| {label} | fresh |" in md

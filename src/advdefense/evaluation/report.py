@@ -129,7 +129,9 @@ def to_markdown(result: EvalResult, *, title: str = "Robustness evaluation",
         sep += "---|"
     lines += [head, sep]
     for r in result.rows():
-        row = f"| {r['attack']} | {r['protocol']} | {_fmt(r['all'])} |"
+        # a suite's stages by their labels, which carry the budget (apgd-t/3, square+eot)
+        name = r["label"] if result.kind == "suite" and r["label"] != "worst" else r["attack"]
+        row = f"| {name} | {r['protocol']} | {_fmt(r['all'])} |"
         if result.stochastic:
             row += f" {_fmt(r['majority'])} | {_fmt(r['single'])} |"
         row += f" {r['all'].n} | {r['seconds']:.1f} |"
