@@ -68,7 +68,16 @@ def test_the_smoothed_classifier_itself_faces_apgd_with_eot_over_its_votes(few, 
     attacks = smoothed_runs[0][1]["attacks"]
     names = {type(a[1]).__name__ for a in attacks}
     assert {"APGD", "APGDDLR"} <= names
-    assert all(a[1].eot_samples >= 2 for a in attacks)  # EOT over its m-sample votes
+    white = [a for a in attacks if a[1].access == "white-box"]
+    assert all(a[1].eot_samples >= 2 for a in white)  # EOT over its m-sample votes
+    # last, the transfer from its base model with EOT over the base's noise and the input
+    # noise: the smooth surrogate of the vote, judged against the attacks on the vote itself
+    transfer = attacks[-1][1]
+    assert type(transfer).__name__ == "TransferAttack"
+    assert transfer.attack.eot_samples >= 2
+    noisy_base = transfer.substitute
+    assert any(m is smoothed_runs[0][0][0].smoothed.base for m in noisy_base.modules())
+    assert any(getattr(m, "sigma", None) == 0.05 for m in noisy_base.modules())
     smoothed = section["verdicts"][1]
     assert smoothed["adaptive"] and "upper" not in smoothed
     assert smoothed["adaptive"] == [a[0] for a in attacks]

@@ -205,28 +205,56 @@ def rand_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
     ]
 
 
-def smoothed_suite_attacks(budget: dict, seed: int, eps: float = EPS) -> list:
+def smoothed_suite_attacks(budget: dict, seed: int, eps: float = EPS, *,
+                           base: nn.Module | None = None, sigma: float = 0.0) -> list:
     """The cascade of the smoothed classifier itself (:class:`SmoothedLogits`), every attack
     with EOT over all of its randomness (each EOT draw is a whole m-sample vote over fresh
-    input and weight noise): PGD-20 (step eps/4), then APGD-CE and APGD-DLR.
+    input and weight noise): PGD-20 (step eps/4), then APGD-CE and APGD-DLR; last, the
+    transfer from its base model (:func:`base_transfer`, given ``base``).
 
     PGD comes first because a hard vote's loss is piecewise constant in the input: APGD's
     step-size rule and best-iterate choice read loss values and stall on it (on an untrained
     width-4 smallcnn smoothed with m = 4, 32 images: APGD-CE left 19% and APGD-DLR 100% where
     PGD-20 with the same gradients left 0%), while PGD's fixed signed steps follow the
-    smoothed classifier's gradient.
+    smoothed classifier's gradient. The transfer comes last, so that the
+    ``blackbox_beats_whitebox`` check says when it breaks points the attacks on the vote
+    itself missed (their gradients through the hard votes then mislead them).
     """
     from .attacks import PGD, build_attack
 
     k = max(2, budget_value(budget, "smooth_eot"))
     it = budget_value(budget, "smooth_iters")
-    return [
+    attacks = [
         (f"pgd-20+eot{k}", PGD(eps=eps, steps=20, step_size=eps / 4, eot_samples=k, seed=seed)),
         (f"apgd-ce+eot{k} ({it} it)",
          build_attack("apgd-ce", eps=eps, eot_samples=k, n_iter=it, seed=seed)),
         (f"apgd-dlr+eot{k} ({it} it)",
          build_attack("apgd-dlr", eps=eps, eot_samples=k, n_iter=it, seed=seed)),
     ]
+    if base is not None:
+        attacks.append(base_transfer(budget, seed, eps, base=base, sigma=sigma))
+    return attacks
+
+
+def base_transfer(budget: dict, seed: int, eps: float, *, base: nn.Module | None,
+                  sigma: float) -> tuple[str, Any]:
+    """``(label, attack)``: APGD-CE with EOT (``budget["eot"]`` draws) over the base model's
+    noise and the smoothing's input noise ``sigma``, whose points the smoothed classifier then
+    classifies: the expectation over one draw is the smooth surrogate of the m-sample vote
+    (BPDA's idea, Athalye et al. 2018). Measured on the mnist5k PNI-W smallcnn (seed 0, 64
+    test images, eps 0.3, smoothed with σ = 0, m = 16): PGD-20 with EOT 2 on the vote itself
+    left 76.6% robust, this transfer 39.1%. ``base=None`` gives the description only (for
+    the evaluation's digest)."""
+    from .attacks import TransferAttack, build_attack
+    from .defenses.noise import GaussianInput, WithInputNoise
+
+    eot = budget_value(budget, "eot")
+    inner = build_attack("apgd-ce", eps=eps, eot_samples=eot, seed=seed)
+    label = f"apgd-ce+eot{eot} on the base model{f' + noise σ {sigma:g}' if sigma else ''}"
+    if base is None:
+        return label, f"TransferAttack(substitute=base model, sigma={sigma:g}, attack={inner!r})"
+    substitute = WithInputNoise(base, GaussianInput(sigma)).eval() if sigma else base
+    return label, TransferAttack(substitute=substitute, attack=inner, seed=seed)
 
 
 def paper_attack_specs(eps: float, seed: int) -> list:
@@ -363,7 +391,7 @@ class Evaluator:
     # no description (such cached sections stay valid, see ``describe``). deterministic 2,
     # cas 3, rna 3, smoothing 3: the probing checks run with the adaptive cascade, and the
     # paper protocol's checks are kept apart (``paper_checks``)
-    VERSIONS = {"deterministic": 2, "cas": 3, "rna": 3, "smoothing": 3}
+    VERSIONS = {"deterministic": 2, "cas": 3, "rna": 3, "smoothing": 4}
 
     def __init__(self, kind: str, budget: dict) -> None:
         if kind not in self.KINDS:
@@ -399,6 +427,7 @@ class Evaluator:
         else:
             out["adaptive"] = [repr(a[1]) for a in rand_suite_attacks(b, seed, eps)]
             out["smoothed"] = [repr(a[1]) for a in smoothed_suite_attacks(b, seed, eps)]
+            out["smoothed"].append(base_transfer(b, seed, eps, base=None, sigma=0.0)[1])
         return out
 
     def describe(self, plan: Plan) -> dict[str, Any]:
@@ -610,7 +639,7 @@ class Evaluator:
         # randomness (each EOT draw is a whole m-sample vote over fresh noise)
         smoothed = SmoothedLogits(SmoothedClassifier(model, sigma=sigma, m=m,
                                                      vote="prediction"))
-        s_attacks = smoothed_suite_attacks(b, seed, eps)
+        s_attacks = smoothed_suite_attacks(b, seed, eps, base=model, sigma=sigma)
         # no probes here: they would attack m-sample votes x EOT over hundreds of steps (too
         # expensive); the base model's cascade ran them
         t, s_checks, s_suite = _suite_table(
