@@ -1,5 +1,6 @@
-"""Whole robustness-evaluation suites: forward+backward passes and seconds, ours against
-AutoAttack, on the same examples, in one run.
+"""Whole evaluation suites, ours against AutoAttack: passes and seconds on the same examples.
+
+Both sides run on the same zoo models and examples, in one run.
 
 What is compared (each side gives a per-example "still correctly classified" mask):
 
@@ -136,7 +137,9 @@ def load_zoo(name: str, n: int, device: str):
     loaded = open_model(name if name.startswith("zoo:") else f"zoo:{name}", device=device)
     eps, norm, _ = resolve_budget(None, "linf", loaded.config, loaded.dataset)
     x, y = load_data(load_split(loaded.dataset, "test", limit=n))
-    return loaded.model.eval(), x.to(device), y.to(device), eps
+    # decoded images come channels_last-strided; torchattacks' FAB reshapes input gradients
+    # with ``view``, which needs contiguous inputs (ours takes either)
+    return loaded.model.eval(), x.contiguous().to(device), y.to(device), eps
 
 
 def load_built(name: str, n: int, device: str):
