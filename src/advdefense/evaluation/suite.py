@@ -391,8 +391,9 @@ def run_suite(
                 "attack_precision": attack_precision, "batch_size": batch_size,
                 "index_offset": index_offset, "randomness": randomness,
                 "plan": [(lab, name, kw) for lab, name, kw in plan] if attacks is None
-                else [(lab, attack_identity(given[lab]), kw) for lab, _, kw in plan],
-                "escalation": escalation}
+                else [(lab, attack_identity(given[lab]), kw) for lab, _, kw in plan]}
+    if escalation:  # (absent otherwise: the fingerprints of the other suites stay as they were)
+        settings["escalation"] = escalation
     fingerprint = run_fingerprint(x_all, y_all, settings, model_hash)
     path = Path(state_path) if state_path is not None else None
     state = SuiteState.load_or_new(path, fingerprint, model_hash, settings)
