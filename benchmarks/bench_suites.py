@@ -50,9 +50,13 @@ Models: zoo entries (``--models``, ``preset/entry``; default three deterministic
 randomized ``cifar10-jpeg`` entries, and the same of ``mnist5k`` where the zoo holds them),
 the first ``--n`` test images of their dataset, eps from their config (8/255 for
 cifar10-jpeg, 0.3 for mnist5k). A name of :data:`common.SHAPES` (``smallcnn``, optionally
-``smallcnn+noise``: Gaussian input noise) is a random-weight model on random images whose
-labels are its own clean predictions. ``--quick``: 2 examples of ``smallcnn`` and
-``smallcnn+noise``, only to check that every path runs (the numbers mean nothing).
+``smallcnn+noise``) is a random-weight model on random images whose labels are its own clean
+predictions. Any name takes a variant: ``+noise`` adds Gaussian input noise (sigma 0.05, a
+declared randomized model), ``+undeclared`` the same noise drawn inside the model's ``forward``,
+outside the library's draw mechanism. Where both ``B+noise`` and ``B+undeclared``
+ran, rows give the undeclared model's seconds over the declared one's for each suite (goal: at
+most 2). ``--quick``: 2 examples of ``smallcnn``, ``smallcnn+noise`` and
+``smallcnn+undeclared``, only to check that every path runs (the numbers mean nothing).
 
 Run: ``OMP_NUM_THREADS=2 python benchmarks/bench_suites.py --threads 2 --n 200 --batch 200``
 """
@@ -76,7 +80,7 @@ from advdefense.errors import AdvDefenseError  # noqa: E402
 from advdefense.evaluation.checks import CheckSettings, run_checks  # noqa: E402
 from advdefense.evaluation.harness import load_data, prepare_model  # noqa: E402
 from advdefense.evaluation.suite import run_suite, suite_plan  # noqa: E402
-from advdefense.randomness import is_stochastic  # noqa: E402
+from advdefense.randomness import probe_randomness  # noqa: E402
 
 DET_ENTRIES = ("standard-s0", "pgd_at-s0", "trades-s0")
 RAND_ENTRIES = ("rna-s0", "pni_w-s0", "cni_w-s0")
@@ -85,6 +89,20 @@ PRESETS = ("cifar10-jpeg", "mnist5k")
 FAMILIES = {"standard": ("fast", "standard"), "rand": ("rand-fast", "rand")}
 PASS_GOALS = {"fast": 0.2, "rand-fast": 1 / 3}  # of the AutoAttack reference's passes
 DIFF_GOAL = 1 / 500  # examples robust under ours but broken by a reference, per example
+UNDECLARED_GOAL = 2.0  # seconds of an undeclared-random model over the declared one's
+
+
+class UndeclaredInputNoise(nn.Module):
+    """``model(x + sigma * N(0, I))`` drawn with ``torch.randn_like`` inside ``forward``: the
+    same randomness as :class:`~advdefense.defenses.noise.GaussianInput`, outside the library's
+    draw mechanism, so every EOT draw of an attack is a separate call of the model."""
+
+    def __init__(self, model: nn.Module, sigma: float) -> None:
+        super().__init__()
+        self.model, self.sigma = model, float(sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x + self.sigma * torch.randn_like(x))
 
 
 # -- counting passes ---------------------------------------------------------------------------
@@ -143,24 +161,29 @@ def load_zoo(name: str, n: int, device: str):
 
 
 def load_built(name: str, n: int, device: str):
-    """``(model, x, y, eps)`` of a random-weight :func:`common.build` model (``+noise``: with
-    Gaussian input noise, a randomized model) on random images labelled by its own clean
-    predictions, so that every example starts correctly classified."""
-    from advdefense.defenses.noise import GaussianInput, WithInputNoise
-
-    base, _, variant = name.partition("+")
-    model = common.build(base)
-    if variant == "noise":
-        model = WithInputNoise(model, GaussianInput(0.05)).eval()
-    elif variant:
-        raise SystemExit(f"unknown model variant {variant!r} (only +noise)")
-    model = model.to(device)
-    x, _ = common.batch(base, n)
+    """``(model, x, y, eps)`` of a random-weight :func:`common.build` model on random images
+    labelled by its own clean predictions, so that every example starts correctly
+    classified."""
+    model = common.build(name).to(device)
+    x, _ = common.batch(name, n)
     x = x.to(device)
     with torch.no_grad():
-        torch.manual_seed(0)
         y = model(x).argmax(1)
-    return model, x, y, 0.3 if common.SHAPES[base][0] == 1 else 8 / 255
+    return model, x, y, 0.3 if common.SHAPES[name][0] == 1 else 8 / 255
+
+
+def with_variant(model: nn.Module, variant: str) -> nn.Module:
+    """``model`` with Gaussian input noise (sigma 0.05) declared (``noise``) or drawn in plain
+    ``forward`` code (``undeclared``); ``""``: as it is."""
+    from advdefense.defenses.noise import GaussianInput, WithInputNoise
+
+    if variant == "noise":
+        return WithInputNoise(model, GaussianInput(0.05)).eval()
+    if variant == "undeclared":
+        return UndeclaredInputNoise(model, 0.05).eval()
+    if variant:
+        raise SystemExit(f"unknown model variant {variant!r} (+noise or +undeclared)")
+    return model
 
 
 def eps_label(eps: float) -> str:
@@ -169,7 +192,11 @@ def eps_label(eps: float) -> str:
 
 
 def load(name: str, n: int, device: str):
-    return load_zoo(name, n, device) if "/" in name else load_built(name, n, device)
+    """``(model, x, y, eps)`` of ``name``: a zoo entry or a built model, optionally with a
+    ``+variant`` (:func:`with_variant`)."""
+    base, _, variant = name.partition("+")
+    model, x, y, eps = (load_zoo if "/" in base else load_built)(base, n, device)
+    return with_variant(model, variant).to(device), x, y, eps
 
 
 # -- the implementations -------------------------------------------------------------------------
@@ -372,10 +399,30 @@ def checks_rows(model_name, setting, n, model, x, y, suite, rec, times, counter)
                        higher_is_better=False, **base)]
 
 
+def undeclared_rows(rows: list[dict]) -> list[dict]:
+    """For every ``B+undeclared`` model run beside ``B+noise``: each suite's seconds per
+    example on the undeclared model over those on the declared one (goal: at most 2)."""
+    seconds = {(r["model"], r["benchmark"]): r["ours"] for r in rows
+               if r["metric"] == "s per example"}
+    out = []
+    for (model, bench), undeclared in seconds.items():
+        base, _, variant = model.partition("+")
+        declared = seconds.get((f"{base}+noise", bench))
+        if variant != "undeclared" or declared is None:
+            continue
+        out.append(common.row(benchmark=bench, model=model, setting="same examples and seed",
+                              metric="s per example, undeclared over declared randomness",
+                              ours=undeclared, reference=f"{base}+noise (declared)",
+                              ref_value=declared, ratio=undeclared / declared,
+                              goal=UNDECLARED_GOAL, higher_is_better=False))
+    return out
+
+
 def bench_model(name: str, args, notes: list[str]) -> list[dict]:
     model, x, y, eps = load(name, args.n, args.device)
     n = x.shape[0]
-    stochastic = is_stochastic(model)
+    # an undeclared-random model reads as deterministic to ``is_stochastic``: probe it
+    stochastic = probe_randomness(model, x[:8]) != "deterministic"
     families = ["rand"] if stochastic else ["standard"]
     if stochastic and args.all_suites:
         families.insert(0, "standard")
@@ -427,7 +474,7 @@ def main(argv=None) -> int:
     common.setup(args)
     if args.quick:
         args.n = args.batch = 2
-        args.models = args.models or "smallcnn,smallcnn+noise"
+        args.models = args.models or "smallcnn,smallcnn+noise,smallcnn+undeclared"
     args.models = args.models or default_models()
     args.suites = [s for s in args.suites.split(",") if s]
     if not args.models:
@@ -436,6 +483,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name, args, notes)
+    rows += undeclared_rows(rows)
     for note in dict.fromkeys(notes):
         print(f"note: {note}")
     common.write("suites", args, rows, {"notes": list(dict.fromkeys(notes)),

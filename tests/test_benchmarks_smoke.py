@@ -137,6 +137,26 @@ def test_suites_quick_standard_counts_the_passes_of_both_libraries(tmp_path, cap
     assert checks[0]["checks_passes"]["forward"] > 0
 
 
+def test_suites_quick_undeclared_randomness_is_benchmarked_as_random(tmp_path, capsys,
+                                                                     one_thread):
+    """A model whose noise is drawn in plain ``forward`` code (outside the draw mechanism)
+    is benchmarked as a random model (the ``rand`` family, against AutoAttack rand), and a
+    row sets its seconds beside the declared model's, against the goal of at most 2x."""
+    bench = _load("bench_suites.py")
+    argv = ["--quick", "--threads", "1", "--models", "smallcnn+noise,smallcnn+undeclared",
+            "--suites", "rand-fast", "--ta-steps", "0", "--no-checks",
+            "--out-dir", str(tmp_path)]
+    assert bench.main(argv) == 0
+    capsys.readouterr()
+    rows = json.loads((tmp_path / "suites.json").read_text())["rows"]
+    assert any(r["model"] == "smallcnn+undeclared" and r["benchmark"] == "suite rand-fast"
+               and "AutoAttack(rand)" in r["reference"] for r in rows)
+    ratio = [r for r in rows if r["metric"].startswith("s per example, undeclared")]
+    assert len(ratio) == 1, ratio
+    assert ratio[0]["goal"] == 2.0 and ratio[0]["ratio"] > 0
+    assert ratio[0]["reference"] == "smallcnn+noise (declared)"
+
+
 # -- the GPU check's CPU smoke run -------------------------------------------------------------
 def test_gpu_check_cpu_smoke_answers_every_phase(tmp_path, capsys):
     gpu_check = _load("gpu_check.py")
