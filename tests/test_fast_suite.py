@@ -153,3 +153,54 @@ def test_report_says_the_suite_escalated_and_names_each_stage(masked_fast):
     assert "Escalated to the reference suite's apgd-t, fab-t, square (square/1000 broke" in md
     for label in ("apgd-t/3", "square/1000", "apgd-t", "fab-t", "square"):
         assert f"| {label} | fresh |" in md
+
+
+def _stage(label: str, all_: list[bool], majority: list[bool], *, protocol: str = "fresh",
+           access: str = "white-box"):
+    from types import SimpleNamespace
+
+    from advdefense.evaluation.protocols import Verdict
+    from advdefense.evaluation.results import EntryResult
+
+    v = Verdict(torch.tensor(all_), torch.tensor(majority), torch.tensor(majority))
+    return EntryResult(label, label, protocol, v, trace=SimpleNamespace(access=access))
+
+
+def _result(*entries):
+    from advdefense.evaluation.protocols import Verdict
+    from advdefense.evaluation.results import EvalResult
+
+    n = entries[0].verdict.all.numel()
+    clean = _stage("clean", [True] * n, [True] * n)
+    return EvalResult(n, True, 10, clean, {e.label: e for e in entries}, Verdict.full(n),
+                      torch.zeros(n, dtype=torch.long))
+
+
+def test_escalation_ignores_boundary_flips_and_scales_with_its_sign():
+    """Point 0 sits at the boundary: the EOT gradient stage already got one of its repeated
+    predictions wrong (majority still right), so a later stage flipping its majority is
+    chance, not a sign. Point 1 stayed right on every repeat of the gradient stage: a
+    transfer breaking it asks for the reference's EOT gradient stages, a gradient-free
+    stage breaking it for the whole escalation (its Square too)."""
+    from advdefense.evaluation.suite import escalation_signs, escalation_stages
+
+    grad = _stage("apgd-ce+eot4", [False, True, True], [True, True, True])
+    boundary = _stage("apgd-ce@frozen", [False, True, True], [False, True, True],
+                      protocol="paper")
+    assert escalation_signs(_result(grad, boundary)) == ([], False)
+    transfer = _stage("apgd-ce@frozen", [False, False, True], [False, False, True],
+                      protocol="paper")
+    reasons, blackbox = escalation_signs(_result(grad, transfer))
+    assert reasons == ["apgd-ce@frozen broke 1 points the EOT gradient stages missed"]
+    assert blackbox is False
+    square = _stage("square+eot2/250", [True, False, True], [True, False, True],
+                    access="gradient-free")
+    reasons, blackbox = escalation_signs(_result(grad, square))
+    assert reasons == ["square+eot2/250 broke 1 points the gradient stages missed"]
+    assert blackbox is True
+
+    up = escalation_plan("rand-fast", eps=0.3, eot_samples=20)
+    assert [lab for lab, *_ in escalation_stages(up, False)] == ["apgd-ce+eot", "apgd-dlr+eot"]
+    assert escalation_stages(up, True) == up
+    det = escalation_plan("fast", eps=0.3, stochastic=False)
+    assert [lab for lab, *_ in escalation_stages(det, False)] == ["apgd-t", "fab-t"]

@@ -111,7 +111,8 @@ def to_markdown(result: EvalResult, *, title: str = "Robustness evaluation",
     lines += [desc, ""]
     escalation = cfg.get("escalation")
     if escalation:
-        lines += [("Escalated to the reference suite's " + ", ".join(escalation["stages"])
+        lines += [("Escalated to the reference suite's "
+                   + ", ".join(escalation.get("ran", escalation["stages"]))
                    + " (" + "; ".join(escalation["reasons"]) + ")") if escalation["escalated"]
                   else ("No warning sign: the escalation stages (" +
                         ", ".join(escalation["stages"]) + ") did not run. A quick first "

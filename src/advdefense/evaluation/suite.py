@@ -87,8 +87,8 @@ from .resume import model_fingerprint, run_fingerprint
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SUITES", "SuiteState", "escalation_plan", "escalation_reasons", "model_fingerprint",
-           "run_suite", "suite_plan"]
+__all__ = ["SUITES", "SuiteState", "escalation_plan", "escalation_reasons", "escalation_signs",
+           "escalation_stages", "model_fingerprint", "run_suite", "suite_plan"]
 
 SUITES = ("fast", "rand-fast", "standard", "rand", "full")
 STATE_VERSION = 3
@@ -533,13 +533,16 @@ def run_suite(
                 t0 = time.perf_counter()
                 result.checks = run_checks(model, (x_all, y_all), result, settings_checks)
                 checks_seconds, checked = time.perf_counter() - t0, True
-            reasons = escalation_reasons(result)
+            reasons, blackbox = escalation_signs(result)
+            ran = escalation_stages(escalation, blackbox) if reasons else []
             if reasons:
-                log.info("suite %s: escalating (%s)", suite_name, "; ".join(reasons))
-                run_stages(escalation, len(plan))
-                result, checked = result_of(plan + escalation), False
+                log.info("suite %s: escalating to %s (%s)", suite_name,
+                         ", ".join(lab for lab, *_ in ran), "; ".join(reasons))
+                run_stages(ran, len(plan))
+                result, checked = result_of(plan + ran), False
             result.config["escalation"] = {"escalated": bool(reasons), "reasons": reasons,
-                                           "stages": [lab for lab, *_ in escalation]}
+                                           "stages": [lab for lab, *_ in escalation],
+                                           "ran": [lab for lab, *_ in ran]}
     if keeper is not None:
         result.adv, result.adv_source = keeper.x, keeper.source
     if settings_checks is not None:
@@ -551,22 +554,48 @@ def run_suite(
     return result
 
 
-def escalation_reasons(result: EvalResult) -> list[str]:
-    """Why a fast suite goes on with its escalation stages (empty: it need not): a
-    gradient-free or transfer stage broke points that every gradient stage before it missed
-    (the sign of masked gradients that AutoAttack's Square is there to catch), judged by the
-    majority vote of the repeated predictions (on a random model, the all-repeats verdict of
-    a point near the boundary fails by chance at any stage), or one of
-    :data:`ESCALATING_CHECKS` failed in ``result.checks``. The other checks are reported as
-    they are; they ask for more draws or iterations, not for the reference's other attacks."""
-    reasons = []
-    robust = result.clean.verdict.majority
+def escalation_signs(result: EvalResult) -> tuple[list[str], bool]:
+    """``(reasons, blackbox)``: why a fast suite goes on with its escalation stages (no
+    reasons: it need not), and whether the reasons call for the reference's gradient-free
+    stages too.
+
+    Signs: a gradient-free stage broke points that every gradient stage before it missed
+    (the sign of masked gradients that AutoAttack's Square is there to catch: the whole
+    escalation runs); a transfer stage (a frozen draw) broke such points (the EOT gradients
+    of the live model were weaker than one draw's: the escalation's gradient stages, with the
+    reference's EOT draws, run); one of :data:`ESCALATING_CHECKS` failed in ``result.checks``
+    (the whole escalation runs). A point counts as broken by a stage if the majority of its
+    repeated predictions is wrong there, and as missed by the gradient stages only if every
+    one of their repeated predictions was right: on a random model a point near the boundary
+    flips by chance at any stage (Athalye et al. 2018, Sec. 4.1 on randomized defenses).
+    The other checks are reported as they are; they ask for more draws or iterations."""
+    reasons, blackbox = [], False
+    steady = result.clean.verdict.all
     for e in result.entries.values():  # in cascade order
-        broke = int((robust & ~e.verdict.majority).sum())
-        robust = robust & e.verdict.majority
-        if broke and (is_blackbox_stage(e) or is_transfer_stage(e)):
+        broke = int((steady & ~e.verdict.majority).sum())
+        steady = steady & e.verdict.all
+        if broke and is_blackbox_stage(e):
             reasons.append(f"{e.label} broke {broke} points the gradient stages missed")
+            blackbox = True
+        elif broke and is_transfer_stage(e):
+            reasons.append(f"{e.label} broke {broke} points the EOT gradient stages missed")
     failed = [c.name for c in result.checks if c.passed is False and c.name in ESCALATING_CHECKS]
     if failed:
         reasons.append("failed checks: " + ", ".join(failed))
-    return reasons
+        blackbox = True
+    return reasons, blackbox
+
+
+def escalation_reasons(result: EvalResult) -> list[str]:
+    """The reasons of :func:`escalation_signs` (empty: no escalation)."""
+    return escalation_signs(result)[0]
+
+
+def escalation_stages(escalation: list[tuple[str, str, dict]], blackbox: bool
+                      ) -> list[tuple[str, str, dict]]:
+    """The stages of ``escalation`` a sign calls for: all of them, or (``blackbox`` false: a
+    transfer beat the EOT gradients) its gradient stages only. Gradient-free stages come last
+    in every escalation plan, so the stages run are always a prefix of it."""
+    if blackbox:
+        return escalation
+    return [st for st in escalation if getattr(ATTACKS[st[1]], "access", "") != "gradient-free"]

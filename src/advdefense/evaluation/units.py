@@ -269,9 +269,11 @@ def _merge_escalations(parts: Sequence[tuple[int, EvalResult]]) -> dict[str, Any
     """A fast suite's escalation over units: escalated where any unit escalated, with the
     reasons of each such unit (named by its first example)."""
     done = [(s, r.config["escalation"]) for s, r in parts if r.config["escalation"]["escalated"]]
+    stages = parts[0][1].config["escalation"]["stages"]
+    ran = {lab for _, e in done for lab in e.get("ran", e["stages"])}
     return {"escalated": bool(done),
             "reasons": [f"examples from {s}: " + "; ".join(e["reasons"]) for s, e in done],
-            "stages": parts[0][1].config["escalation"]["stages"],
+            "stages": stages, "ran": [lab for lab in stages if lab in ran],
             "units_escalated": len(done), "units": len(parts)}
 
 
@@ -292,9 +294,10 @@ def merge_results(parts: Sequence[tuple[int, EvalResult]]) -> EvalResult:
     labels = list(head.entries)
     for r in results:
         ran = list(r.entries)
-        # a fast suite's unit without a warning sign stops before its escalation stages
-        calm = "escalation" in r.config and not r.config["escalation"]["escalated"]
-        if ran != labels and not (calm and ran == labels[:len(ran)]):
+        # a fast suite's unit stops before its escalation stages without a warning sign, or
+        # after their gradient stages on a transfer's sign
+        partial = "escalation" in r.config
+        if ran != labels and not (partial and ran == labels[:len(ran)]):
             raise AdvDefenseError("units ran different attacks; delete the unit folder and "
                                   "run again")
     clean = _merge_entries([r.clean for r in results], starts, sizes, n)
