@@ -457,6 +457,62 @@ def bench_model(name: str, args, notes: list[str]) -> list[dict]:
     return rows
 
 
+def _pick(rows, **want):
+    return next((r for r in rows if all(r.get(k) == v for k, v in want.items())), None)
+
+
+def summary(paths: list[Path]) -> str:
+    """One Markdown line per model and fast suite from result files of this script: passes,
+    seconds and robust accuracy beside the AutoAttack reference of its family, the examples
+    robust under ours but broken by a reference (AutoAttack from parts, as shipped, our own
+    reference suite), whether the suite escalated, and what the checks cost."""
+    import json
+
+    head = ("| model | suite | fwd+bwd rows / example: ours, AutoAttack (ratio; goal) | "
+            "s / example: ours, AutoAttack (ratio) | robust %: ours, AutoAttack, as shipped, "
+            "our reference suite | robust under ours only (vs AutoAttack, as shipped, "
+            "reference; allowed) | escalated | checks: rows / example (of the suite's) | "
+            "run |")
+    lines = [head, "|" + "---|" * 9]
+    for path in paths:
+        payload = json.loads(path.read_text())
+        rows = payload["rows"]
+        for suite, fam in (("fast", "standard"), ("rand-fast", "rand")):
+            bench = f"suite {suite}"
+            aa = [r for r in rows if r["benchmark"] == bench
+                  and r["reference"].startswith(f"AutoAttack {fam}")]
+            if not aa:
+                continue
+            model = aa[0]["model"]
+            passes = _pick(aa, metric="fwd+bwd rows per example")
+            secs = _pick(aa, metric="s per example")
+            rob = next(r for r in aa if r["metric"].startswith("robust"))
+            shipped = next((r for r in rows if r["benchmark"] == bench
+                            and r["reference"].startswith("torchattacks.AutoAttack")
+                            and r["metric"].startswith("robust")), None)
+            own = next((r for r in rows if r["benchmark"] == bench
+                        and r["reference"].startswith("ours, suite")
+                        and r["metric"].startswith("robust")), None)
+            checks = _pick(rows, benchmark=f"checks after {suite}",
+                           metric="fwd+bwd rows per example")
+            esc = passes.get("ours_run", {}).get("escalation") or {}
+            pct = lambda r: "-" if r is None else f"{100 * r['ref_value']:.1f}"  # noqa: E731
+            only = lambda r: "-" if r is None else str(r["robust_only_ours"])  # noqa: E731
+            goal = "met" if passes["met"] else "missed"
+            m = payload["machine"]
+            lines.append(
+                f"| {model} | {suite} | {passes['ours']:.0f}, {passes['ref_value']:.0f} "
+                f"({passes['ratio']:.3f}; ≤ {passes['goal']:.3g}: {goal}) | "
+                f"{secs['ours']:.3f}, {secs['ref_value']:.3f} ({secs['ratio']:.2f}) | "
+                f"{100 * rob['ours']:.1f}, {pct(rob)}, {pct(shipped)}, {pct(own)} | "
+                f"{rob['robust_only_ours']}, {only(shipped)}, {only(own)}; "
+                f"{rob['allowed']:.1f} | "
+                f"{', '.join(esc.get('ran') or []) or 'no'} | "
+                + ("-" if checks is None else f"{checks['ours']:.0f} ({checks['ratio']:.2f})")
+                + f" | commit {m['git_commit']}, load {m['load_avg_1min_at_start']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="test examples per model")
@@ -469,8 +525,13 @@ def main(argv=None) -> int:
                    help="iterations of the AutoAttack reference cascades (0: leave them out)")
     p.add_argument("--no-checks", action="store_true", help="skip the failure-checks rows")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--summarize", type=Path, metavar="DIR",
+                   help="only print the goals table of the result files in DIR")
     p.set_defaults(models=None, repeats=1, warmup=0)
     args = p.parse_args(argv)
+    if args.summarize is not None:
+        print(summary(sorted(args.summarize.glob("*.json"))))
+        return 0
     common.setup(args)
     if args.quick:
         args.n = args.batch = 2
