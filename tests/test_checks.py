@@ -159,6 +159,32 @@ def test_dynamic_model_fires_on_a_changing_model():
     assert run_checks(model, (x, y), None, only("dynamic_model"))[0].passed is True
 
 
+class BatchStatistics(nn.Module):
+    """Inputs normalised by their batch's statistics at test time (BatchNorm without running
+    statistics): an example's logits depend on the rest of its batch."""
+
+    def __init__(self, model, d=16):
+        super().__init__()
+        self.norm, self.model = nn.BatchNorm1d(d, track_running_stats=False), model
+
+    def forward(self, x):
+        return self.model(self.norm(x))
+
+
+def test_batch_dependence_fires_on_batch_statistics_and_not_on_a_per_example_model():
+    model, x, y = linear_task()
+    dependent = BatchStatistics(model).eval()
+    c = run_checks(dependent, (x, y), None, only("batch_dependence"))[0]
+    assert c.passed is False and "other examples of its batch" in c.detail
+    assert run_checks(model, (x, y), None, only("batch_dependence"))[0].passed is True
+    # the same model with running statistics (a per-example eval-mode BatchNorm) passes
+    tracked = nn.Sequential(nn.BatchNorm1d(16), model).eval()
+    assert run_checks(tracked, (x, y), None, only("batch_dependence"))[0].passed is True
+    # a random model is not judged (its calls differ anyway)
+    noisy = UndeclaredNoise(model).eval()
+    assert run_checks(noisy, (x, y), None, only("batch_dependence"))[0].passed is None
+
+
 # -- probes ----------------------------------------------------------------------------------
 def test_unbounded_attack_starts_from_x_and_fires_on_a_masked_model():
     """Quantized inputs have zero gradients: from the clean point the attack cannot move, so

@@ -23,6 +23,8 @@ output_range            the model's outputs are probabilities (non-negative rows
                         one) instead of logits
 dynamic_model           the model's parameters or buffers change during forward passes in
                         eval mode
+batch_dependence        a deterministic model's logits for an example change with the other
+                        examples of its batch (batch statistics at test time)
 unbounded_attack        PGD from the clean point (no random start) with eps covering the
                         whole input box leaves more than ``unbounded.max_accuracy`` accuracy
 eps_monotone            robust accuracy rises with eps or does not fall over the sweep
@@ -356,6 +358,42 @@ def check_dynamic(ctx: Context) -> CheckResult:
     return CheckResult("dynamic_model", True, "parameters and buffers unchanged by forward passes")
 
 
+def check_batch_dependence(ctx: Context) -> CheckResult:
+    """A model whose output for an example depends on the other examples of its batch
+    (BatchNorm on batch statistics at test time, per-batch input normalisation, test-time
+    adaptation over the batch) answers the attack's batch one way and the verdict's batch
+    another: the figure then measures batch compositions, not examples, and can read too high.
+    Compared on the first 8 probe examples: their logits in one batch, in two halves, and in
+    reversed order. Judged on deterministic models only (a random model's calls differ anyway;
+    its draws depend on the batch by design)."""
+    name = "batch_dependence"
+    x = ctx.x[:8]
+    if len(x) < 2:
+        return CheckResult(name, None, "needs at least 2 probe examples")
+    half = len(x) // 2
+    with eval_mode(ctx.model), torch.inference_mode():
+        whole = ctx.model(x).float()
+        again = ctx.model(x).float()
+        if is_stochastic(ctx.model) or not torch.allclose(whole, again, rtol=1e-5, atol=1e-6):
+            return CheckResult(name, None, "random model: not judged (its calls differ anyway)")
+        halves = torch.cat([ctx.model(x[:half]), ctx.model(x[half:])]).float()
+        reversed_ = ctx.model(x.flip(0)).float().flip(0)
+    # kernels for other batch sizes round differently; batch statistics move logits by O(1)
+    tol = 1e-2 * max(1.0, float(whole.abs().max()))
+    gap = max(float((whole - halves).abs().max()), float((whole - reversed_).abs().max()))
+    if gap > tol:
+        flipped = int(((whole.argmax(1) != halves.argmax(1))
+                       | (whole.argmax(1) != reversed_.argmax(1))).sum())
+        return CheckResult(name, False, f"logits of an example change by up to {gap:.3g} with "
+                           f"the other examples of its batch (prediction changed on {flipped} "
+                           f"of {len(x)})", "evaluate a model whose eval-mode output is per "
+                           "example (BatchNorm with running statistics, no per-batch "
+                           "normalisation), or with batch size 1; the figure is an upper "
+                           "bound until then")
+    return CheckResult(name, True, f"logits unchanged by the rest of the batch (largest change "
+                       f"{gap:.2g}, tolerance {tol:.2g})")
+
+
 def check_unbounded(ctx: Context) -> CheckResult:
     """Accuracy must reach ~0 when eps covers the whole input box (Carlini et al. 2019);
     the attack starts from the clean point, since a random start in such a ball is already
@@ -609,6 +647,7 @@ CHECKS: tuple[tuple[str, Callable[[Context], CheckResult], bool, bool], ...] = (
     ("zero_gradients", check_zero_gradients, False, False),
     ("output_range", check_output_range, False, False),
     ("dynamic_model", check_dynamic, False, False),
+    ("batch_dependence", check_batch_dependence, False, False),
     ("unbounded_attack", check_unbounded, False, True),
     ("eps_monotone", check_eps_monotone, False, True),
     ("more_iterations", check_more_iterations, False, True),
