@@ -445,3 +445,19 @@ def test_every_check_runs_on_a_real_evaluation(standard_model, mnist_test):
         CHECK_NAMES)
     for c in res.checks:
         assert c.passed in (True, False, None) and c.detail
+
+
+def test_a_failed_check_marks_the_evaluation_report_an_upper_bound():
+    from advdefense.evaluation.report import robustbench_fields, to_json, to_markdown
+
+    model, x, y = linear_task()
+    specs = [AttackSpec("pgd", PGD(eps=0.05, steps=3, seed=0))]
+    settings = only("batch_dependence", "output_range")
+    flagged = evaluate(BatchStatistics(model).eval(), (x, y), specs, checks=settings)
+    sound = evaluate(model, (x, y), specs, checks=settings)
+    text = to_markdown(flagged)
+    assert "**Upper bound:**" in text and "batch_dependence" in text.split("Upper bound")[1]
+    assert to_json(flagged)["upper_bound"] is True
+    rb = robustbench_fields(flagged, dataset="toy", eps=0.05, norm="linf")
+    assert rb["upper_bound"] is True and rb["failed_checks"] == ["batch_dependence"]
+    assert "Upper bound" not in to_markdown(sound) and to_json(sound)["upper_bound"] is False

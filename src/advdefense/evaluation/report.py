@@ -83,7 +83,8 @@ def to_json(result: EvalResult, *, extra: dict[str, Any] | None = None) -> dict[
     out = {"kind": result.kind, "n": result.n, "stochastic": result.stochastic,
            "repeats": result.repeats, "seed": result.config.get("seed"),
            "seconds": result.seconds, "config": result.config, "accuracies": rows,
-           "checks": [c.as_dict() for c in result.checks], "versions": versions(),
+           "checks": [c.as_dict() for c in result.checks],
+           "upper_bound": bool(failed_check_names(result)), "versions": versions(),
            "per_example": per_example}
     if extra:
         out.update(extra)
@@ -92,6 +93,21 @@ def to_json(result: EvalResult, *, extra: dict[str, Any] | None = None) -> dict[
 
 def _fmt(a) -> str:
     return str(a)
+
+
+def failed_check_names(result: EvalResult) -> list[str]:
+    """Names of the attack-failure checks that failed on ``result``: while any is listed, its
+    worst case is only an upper bound (docs/verdicts.md)."""
+    return [c.name for c in result.checks if c.passed is False]
+
+
+def _upper_bound_line(result: EvalResult) -> list[str]:
+    failed = failed_check_names(result)
+    if not failed:
+        return []
+    return ["", f"**Upper bound:** the worst case ({result.accuracy('worst')}) is only an "
+            f"upper bound: the attack-failure check(s) {', '.join(failed)} failed (remedies "
+            "below). Do not publish it as the model's robust accuracy."]
 
 
 def to_markdown(result: EvalResult, *, title: str = "Robustness evaluation",
@@ -139,6 +155,7 @@ def to_markdown(result: EvalResult, *, title: str = "Robustness evaluation",
         if result.kind == "suite":
             row += f" {'' if r['ran'] is None else r['ran']} |"
         lines.append(row)
+    lines += _upper_bound_line(result)
     if sweep and len(sweep) > 1:
         lines += ["", "## Accuracy against eps (worst case over attacks)", "",
                   "| eps | clean | worst case [95% CI] |", "|---|---|---|"]
@@ -226,7 +243,8 @@ def robustbench_fields(result: EvalResult, *, dataset: str, eps: float, norm: st
            "autoattack_acc": None if aa is None else _pct(aa),
            "autoattack_acc_source": AUTOATTACK_SOURCE if aa is not None else None,
            "number_forward_passes": result.repeats if result.stochastic else 1,
-           "attacks": attacks}
+           "attacks": attacks, "upper_bound": bool(failed_check_names(result)),
+           "failed_checks": failed_check_names(result)}
     if model is not None:
         out["model"] = model
     return out
